@@ -1,0 +1,3 @@
+from datamodules.synthetic import SyntheticDataModule
+
+__all__ = ["SyntheticDataModule"]

@@ -1,0 +1,3 @@
+from .diffusion_classifier import DiffusionClassifier
+
+__all__ = ["DiffusionClassifier"]

@@ -1,0 +1,34 @@
+"""Training objective: v-prediction MSE with min-SNR-gamma weighting (Hang et al. 2023, ref. [24]).
+
+The paper's weighting is min(snr, gamma) on the x-error. Since x - x_hat = sigma * (v_hat - v) and
+sigma^2 = 1 / (snr + 1), the same weighting on the v-error is min(snr, gamma) / (snr + 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def min_snr_weight(logsnr: Tensor, gamma: float = 5.0) -> Tensor:
+    snr = torch.exp(logsnr)
+    return torch.clamp(snr, max=gamma) / (snr + 1.0)
+
+
+def weighted_v_loss(v_pred: Tensor, v_true: Tensor, logsnr: Tensor, gamma: float | None = 5.0) -> Tensor:
+    """Per-sample mean squared error over (C, H, W), weighted, averaged over the batch.
+
+    gamma=None disables the weighting (plain v-MSE).
+    """
+    per_sample = (v_pred.float() - v_true.float()).pow(2).flatten(1).mean(dim=1)
+    if gamma is not None:
+        per_sample = per_sample * min_snr_weight(logsnr.float(), gamma)
+    return per_sample.mean()
+
+
+def drop_labels(labels: Tensor, null_label: int, p: float, generator: torch.Generator | None = None) -> Tensor:
+    """Classifier-free-guidance label dropout: each label becomes `null_label` with probability p."""
+    if p <= 0.0:
+        return labels
+    drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
+    return torch.where(drop, torch.full_like(labels, null_label), labels)

@@ -1,0 +1,184 @@
+"""DiffusionClassifier: a class-conditional diffusion model trained as a generator, used as a classifier.
+
+Thin Lightning glue around the maths in `diffusion/` (schedule, wavelet, loss, classify, voting):
+  fit:       t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight
+  val/test:  N shared (eps, t) pairs x C classes -> error matrix -> votes -> prediction
+EMA weights come from Lightning's EMAWeightAveraging callback (see configs), which swaps them in
+for validation and writes them to the checkpoint's state_dict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from torch import Tensor, nn
+from torchmetrics import MetricCollection, SumMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .diffusion.classify import ERROR_SPACES, error_matrix, shared_noise
+from .diffusion.loss import drop_labels, weighted_v_loss
+from .diffusion.parameterization import diffuse, v_target
+from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
+from .diffusion.voting import RULES, predict, vote_counts, vote_entropy
+from .diffusion.wavelet import HaarWavelet, IdentityTransform
+
+# (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
+NetworkFactory = Callable[[int, int, int], nn.Module]
+
+
+class DiffusionClassifier(L.LightningModule):
+    """Class-conditional v-prediction diffusion model that classifies by per-class denoising error.
+
+    Args:
+        network: the denoiser, built as `network(num_classes, in_channels, sample_size)`; give its
+            `class_path` and its own options in the config (e.g. `lightning_modules.networks.ClassConditionalUNet`).
+        num_classes: number of classes; linked from the datamodule by cli.py.
+        class_names: class names, for logs and outputs; linked from the datamodule.
+        image_size: side of the (square) input images; linked from the datamodule.
+        image_channels: channels of the input images; linked from the datamodule.
+        wavelet: model single-stage Haar wavelet coefficients (4C x H/2 x W/2) instead of pixels.
+        schedule_base: base resolution of the shifted-cosine schedule (paper: 64); the shift uses
+            the side of the model input (image_size / 2 with the wavelet).
+        min_snr_gamma: gamma of the min-SNR loss weight (paper: 5); null for a plain v-loss.
+        label_dropout: probability of replacing a training label by the null label, for
+            classifier-free guidance (paper: 0.1).
+        learning_rate: Adam learning rate (paper B.1: 1e-4).
+        warmup_steps: steps of linear learning-rate warm-up (paper B.1: 250).
+        val_steps: (eps, t) pairs per image when classifying during validation; small, it runs every epoch.
+        test_steps: (eps, t) pairs per image when testing and predicting (paper: 501).
+        rule: "majority" (paper, Appendix A) or "mean" (mean error, Li et al.); ties go to the lowest class index.
+        error_space: where the reconstruction error is measured: "eps" (paper), "x" or "v".
+        classification_seed: seed of the shared (eps, t) pairs; an image's pairs depend only on
+            this seed, its id and the step index.
+        max_forward_batch: most inputs in one denoiser forward while classifying (bounds memory).
+    """
+
+    def __init__(
+        self,
+        network: NetworkFactory,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        image_size: int = 256,
+        image_channels: int = 3,
+        wavelet: bool = True,
+        schedule_base: int = 64,
+        min_snr_gamma: float | None = 5.0,
+        label_dropout: float = 0.1,
+        learning_rate: float = 1e-4,
+        warmup_steps: int = 250,
+        val_steps: int = 16,
+        test_steps: int = 501,
+        rule: str = "majority",
+        error_space: str = "eps",
+        classification_seed: int = 0,
+        max_forward_batch: int = 256,
+    ):
+        super().__init__()
+        if rule not in RULES:
+            raise ValueError(f"model.rule={rule!r} is not one of {RULES}")
+        if error_space not in ERROR_SPACES:
+            raise ValueError(f"model.error_space={error_space!r} is not one of {ERROR_SPACES}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names {class_names} for num_classes={num_classes}")
+        self.save_hyperparameters(ignore=["network"])
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        self.transform = HaarWavelet() if wavelet else IdentityTransform()
+        model_channels = image_channels * 4 if wavelet else image_channels
+        model_size = image_size // 2 if wavelet else image_size
+        self.network = network(num_classes, model_channels, model_size)
+        self.schedule = ShiftedCosineSchedule(model_size, base=schedule_base)
+        metrics = lambda: MetricCollection(
+            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+        )
+        self.val_metrics, self.test_metrics = metrics(), metrics()
+        self.test_images = SumMetric()
+
+    # ---- training -------------------------------------------------------------------------
+    def diffusion_loss(self, images: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
+        x = self.transform.encode(images)
+        alpha, sigma = (broadcast_like(value, x) for value in self.schedule.alpha_sigma(t))
+        z = diffuse(x, eps, alpha, sigma)
+        labels = drop_labels(labels, self.network.null_label, dropout)
+        v_hat = self.network(z, t, labels)
+        return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = batch["image"]
+        t = torch.rand(images.shape[0], device=self.device)
+        eps = torch.randn_like(self.transform.encode(images))
+        loss = self.diffusion_loss(images, batch["label"], t, eps, self.hparams.label_dropout)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    # ---- classification -------------------------------------------------------------------
+    def classify(self, images: Tensor, ids: Tensor, num_steps: int) -> dict[str, Tensor]:
+        errors = error_matrix(
+            self.network,
+            self.transform.encode(images),
+            ids,
+            self.hparams.num_classes,
+            num_steps,
+            self.schedule,
+            seed=self.hparams.classification_seed,
+            space=self.hparams.error_space,
+            max_forward_batch=self.hparams.max_forward_batch,
+        )
+        counts = vote_counts(errors)
+        return {
+            "prediction": predict(errors, self.hparams.rule),
+            "votes": counts,
+            "entropy": vote_entropy(counts),
+            "mean_error": errors.mean(dim=2),
+            "errors": errors,
+        }
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # Runs with EMA weights: EMAWeightAveraging swaps them in at validation epoch start.
+        images, labels, ids = batch["image"], batch["label"], batch["id"]
+        t, eps = shared_noise(ids, range(1), tuple(self.transform.encode(images[:1]).shape[1:]), seed=-1)
+        loss = self.diffusion_loss(images, labels, t[:, 0].to(self.device), eps[:, 0].to(self.device), dropout=0.0)
+        self.log("val/loss", loss, batch_size=len(images), sync_dist=True)
+        self.val_metrics.update(self.classify(images, ids, self.hparams.val_steps)["prediction"], labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        result = self.classify(batch["image"], batch["id"], self.hparams.test_steps)
+        self.test_metrics.update(result["prediction"], batch["label"])
+        self.test_images.update(torch.tensor(float(len(batch["label"])), device=self.device))
+
+    def on_test_epoch_end(self) -> None:
+        metrics = {k: float(v) for k, v in self.test_metrics.compute().items()}
+        self.log_dict({f"test/{k}": v for k, v in metrics.items()})
+        metrics |= {"n_images": int(self.test_images.compute()), "n_steps": self.hparams.test_steps, "rule": self.hparams.rule}
+        self.test_metrics.reset()
+        self.test_images.reset()
+        self._write_metrics(metrics)
+
+    @rank_zero_only
+    def _write_metrics(self, metrics: dict) -> None:
+        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, "metrics.json")
+        with open(path, "w") as handle:
+            json.dump(metrics, handle, indent=2)
+        rank_zero_info(f"test metrics written to {path}")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        result = self.classify(batch["image"], batch["id"], self.hparams.test_steps)
+        result.pop("errors")
+        return {"id": batch["id"], **result} | ({"label": batch["label"]} if "label" in batch else {})
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.hparams.learning_rate)
+        warmup = max(1, self.hparams.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from lightning_modules.diffusion.classify import error_matrix, reconstruction_error, shared_noise, step_seed
+from lightning_modules.diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
+from lightning_modules.diffusion.schedule import ShiftedCosineSchedule, broadcast_like
+
+SCHEDULE = ShiftedCosineSchedule(8)
+
+
+class ToyDenoiser(torch.nn.Module):
+    """A fixed, class-dependent, deterministic function of (z, t, label)."""
+
+    def __init__(self, num_classes=3, channels=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.mix = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        self.class_bias = torch.nn.Parameter(torch.randn(num_classes, channels, 1, 1))
+        self.calls = []
+
+    def forward(self, z, t, labels):
+        self.calls.append(len(z))
+        return self.mix(z) * t.view(-1, 1, 1, 1) + self.class_bias[labels]
+
+
+def test_step_seed_is_deterministic_and_separates_id_and_step():
+    assert step_seed(0, 5, 7) == step_seed(0, 5, 7)
+    seeds = {step_seed(0, i, k) for i in range(50) for k in range(50)}
+    assert len(seeds) == 2500
+    assert step_seed(0, 1, 0) != step_seed(0, 0, 1)
+    assert step_seed(1, 0, 0) != step_seed(0, 0, 0)
+
+
+def test_shared_noise_depends_only_on_seed_id_and_step():
+    t_all, eps_all = shared_noise(torch.tensor([3, 9]), range(0, 4), (2, 4, 4), seed=1)
+    t_one, eps_one = shared_noise(torch.tensor([9]), range(2, 4), (2, 4, 4), seed=1)
+    torch.testing.assert_close(t_one[0], t_all[1, 2:])
+    torch.testing.assert_close(eps_one[0], eps_all[1, 2:])
+    t_other, _ = shared_noise(torch.tensor([3]), range(0, 4), (2, 4, 4), seed=2)
+    assert not torch.equal(t_other[0], t_all[0])
+    assert ((t_all >= 0) & (t_all < 1)).all()
+
+
+def reference_errors(denoiser, x, ids, num_classes, num_steps, space):
+    """Second code path: the paper's Appendix A loops, one image, one step, one class at a time."""
+    out = torch.empty(len(x), num_classes, num_steps)
+    for i in range(len(x)):
+        t, eps = shared_noise(ids[i : i + 1], range(num_steps), tuple(x.shape[1:]), seed=0)
+        for k in range(num_steps):
+            alpha, sigma = (s.view(1, 1, 1, 1) for s in SCHEDULE.alpha_sigma(t[0, k : k + 1]))
+            z = diffuse(x[i : i + 1], eps[0, k : k + 1], alpha, sigma)
+            for c in range(num_classes):
+                v_hat = denoiser(z, t[0, k : k + 1], torch.tensor([c]))
+                out[i, c, k] = reconstruction_error(v_hat, z, x[i : i + 1], eps[0, k : k + 1], alpha, sigma, space)[0]
+    return out
+
+
+@pytest.mark.parametrize("space", ["eps", "x", "v"])
+def test_batched_classes_match_the_loop_reference(space):
+    denoiser = ToyDenoiser()
+    x, ids = torch.randn(3, 4, 8, 8), torch.tensor([10, 11, 12])
+    with torch.no_grad():
+        expected = reference_errors(denoiser, x, ids, 3, 5, space)
+    got = error_matrix(denoiser, x, ids, 3, 5, SCHEDULE, space=space, max_forward_batch=18)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_all_classes_go_through_one_forward():
+    denoiser = ToyDenoiser()
+    error_matrix(denoiser, torch.randn(4, 4, 8, 8), torch.arange(4), 3, 6, SCHEDULE, max_forward_batch=24)
+    assert denoiser.calls == [24, 24, 24]  # 2 steps x 3 classes x 4 images per forward
+
+
+def test_errors_do_not_depend_on_batch_composition_or_chunking():
+    denoiser = ToyDenoiser()
+    x, ids = torch.randn(4, 4, 8, 8), torch.tensor([7, 1, 42, 3])
+    together = error_matrix(denoiser, x, ids, 3, 7, SCHEDULE, max_forward_batch=1000)
+    one_by_one = torch.cat([error_matrix(denoiser, x[i : i + 1], ids[i : i + 1], 3, 7, SCHEDULE, max_forward_batch=3) for i in range(4)])
+    torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-6)
+    reordered = error_matrix(denoiser, x.flip(0), ids.flip(0), 3, 7, SCHEDULE)
+    torch.testing.assert_close(reordered.flip(0), together, rtol=1e-5, atol=1e-6)
+
+
+def test_error_spaces_are_related_by_alpha_and_sigma():
+    # eps_hat - eps = alpha * (v_hat - v) and x_hat - x = -sigma * (v_hat - v)
+    torch.manual_seed(3)
+    x, eps, v_hat = torch.randn(3, 5, 4, 8, 8, dtype=torch.float64)
+    alpha, sigma = (broadcast_like(s, x) for s in SCHEDULE.alpha_sigma(torch.rand(5, dtype=torch.float64)))
+    z = diffuse(x, eps, alpha, sigma)
+    errors = {space: reconstruction_error(v_hat, z, x, eps, alpha, sigma, space) for space in ("eps", "x", "v")}
+    torch.testing.assert_close(errors["eps"].double(), (alpha.flatten() ** 2 * errors["v"]).double(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(errors["x"].double(), (sigma.flatten() ** 2 * errors["v"]).double(), rtol=1e-5, atol=0)
+    assert torch.allclose(eps_from_v(z, v_target(x, eps, alpha, sigma), alpha, sigma), eps)
+    assert torch.allclose(x_from_v(z, v_target(x, eps, alpha, sigma), alpha, sigma), x)
+
+
+def test_a_perfect_class_model_wins_every_vote():
+    """A denoiser that knows the clean image of class 1 only: class 1 gets all votes."""
+    x = torch.randn(1, 4, 8, 8)
+
+    def denoiser(z, t, labels):
+        alpha, sigma = (broadcast_like(s, z) for s in SCHEDULE.alpha_sigma(t))
+        eps = (z - alpha * x) / sigma
+        v_true = v_target(x.expand_as(z), eps, alpha, sigma)
+        return torch.where(broadcast_like(labels == 1, z), v_true, torch.zeros_like(z))
+
+    errors = error_matrix(denoiser, x, torch.tensor([0]), 2, 9, SCHEDULE)
+    assert (errors[0, 1] < errors[0, 0]).all()
+    assert errors[0, 1].max() < 1e-6
+
+
+def test_unknown_error_space_is_refused():
+    with pytest.raises(ValueError, match="error space"):
+        reconstruction_error(*torch.zeros(6, 1, 2), space="l1")
