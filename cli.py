@@ -17,9 +17,11 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_modules.callbacks import RunCheckpoint
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 
@@ -28,7 +30,7 @@ class ExperimentCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in LINKED_DATA_PROPERTIES:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
 
     def before_instantiate_classes(self) -> None:
@@ -44,6 +46,11 @@ class ExperimentCLI(LightningCLI):
             kwargs["logger"] = TensorBoardLogger(
                 save_dir=run_root(trainer_config.get("default_root_dir")), name="tensorboard", default_hp_metric=False
             )
+        callbacks = list(trainer_config.get("callbacks") or [])
+        wants_bar = trainer_config.get("enable_progress_bar") is not False
+        if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+            # Lightning >= 2.6 defaults to the Rich bar, whose redraws flood SLURM log files.
+            kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=10)]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -53,7 +60,6 @@ def run_root(default_root_dir: str | None) -> str:
 
 def main(args: list[str] | None = None) -> ExperimentCLI:
     return ExperimentCLI(
-        trainer_defaults={"callbacks": [TQDMProgressBar(refresh_rate=10)]},
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,

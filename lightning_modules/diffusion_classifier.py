@@ -9,8 +9,6 @@ for validation and writes them to the checkpoint's state_dict.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Callable
 
 import lightning as L
@@ -26,6 +24,7 @@ from .diffusion.parameterization import diffuse, v_target
 from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from .diffusion.voting import RULES, predict, vote_counts, vote_entropy
 from .diffusion.wavelet import HaarWavelet, IdentityTransform
+from .evaluation import write_metrics
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
 NetworkFactory = Callable[[int, int, int], nn.Module]
@@ -164,11 +163,7 @@ class DiffusionClassifier(L.LightningModule):
 
     @rank_zero_only
     def _write_metrics(self, metrics: dict) -> None:
-        directory = self.trainer.log_dir or self.trainer.default_root_dir
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "metrics.json")
-        with open(path, "w") as handle:
-            json.dump(metrics, handle, indent=2)
+        path = write_metrics(self.trainer.log_dir or self.trainer.default_root_dir, metrics)
         rank_zero_info(f"test metrics written to {path}")
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:

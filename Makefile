@@ -1,0 +1,31 @@
+# Each user-facing target installs what it needs first, so it is one command on a fresh clone.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: help install demo test test-all tensorboard clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+install:  ## install the pinned requirements (idempotent: pip skips what is there)
+	$(PIP) install -q -r requirements.txt
+
+demo: install  ## train + test the tiny UNet on the embedded synthetic data (CPU, <10 min)
+	rm -rf runs/demo
+	@start=$$(date +%s); \
+	$(PYTHON) cli.py fit --config configs/demo.yaml && \
+	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
+	$(PYTHON) -c 'from lightning_modules.evaluation import main; main()' runs/demo --seconds $$(( $$(date +%s) - start ))
+
+test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cores)
+	$(PYTHON) -m pytest -m "not slow" -q
+
+test-all: install  ## every test, the slow ones too
+	$(PYTHON) -m pytest -q
+
+tensorboard:  ## watch the runs under runs/
+	$(PYTHON) -m tensorboard.main --logdir runs
+
+clean:  ## remove runs and caches
+	rm -rf runs .pytest_cache

@@ -1,0 +1,125 @@
+"""The DiffusionClassifier through the real CLI: fit, test, resume, EMA, links from the data."""
+
+import json
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from cli import main
+from lightning_modules import DiffusionClassifier
+
+TINY_UNET = [
+    "--model.network.class_path=lightning_modules.networks.ClassConditionalUNet",
+    "--model.network.init_args.block_out_channels=[16, 32]",
+    "--model.network.init_args.layers_per_block=1",
+    "--model.network.init_args.cross_attention_resolution=8",
+    "--model.network.init_args.cross_attention_dim=32",
+    "--model.network.init_args.attention_heads=2",
+    "--model.network.init_args.norm_num_groups=8",
+]
+
+
+def tiny_args(root, *extra):
+    return [
+        "--config=configs/demo.yaml",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.val_check_interval=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
+        "--data.init_args.image_size=16",
+        "--data.init_args.num_train=24",
+        "--data.init_args.num_val=8",
+        "--data.init_args.num_test=7",
+        "--data.init_args.batch_size=4",
+        "--model.init_args.val_steps=2",
+        "--model.init_args.test_steps=3",
+        *TINY_UNET,
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(repo_root, monkeypatch):
+    monkeypatch.chdir(repo_root)
+
+
+def test_fit_then_test_writes_checkpoints_logs_and_metrics(tmp_path):
+    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=3")])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "tensorboard").rglob("config.yaml"))
+
+    cli = main(["test", *tiny_args(tmp_path), "--ckpt_path=last"])
+    metrics_file = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}" / "metrics.json"
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["n_images"] == 7 and metrics["n_steps"] == 3
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
+    logged = cli.trainer.callback_metrics
+    assert metrics["accuracy"] == pytest.approx(float(logged["test/accuracy"]))
+
+
+def test_data_properties_are_linked_into_the_model(tmp_path):
+    cli = main(["fit", *tiny_args(tmp_path, "--data.init_args.kind=skin"), "--trainer.max_steps=1"])
+    model = cli.model
+    assert model.hparams.num_classes == 2 and model.class_names == ["benign", "melanoma"]
+    assert model.hparams.image_size == 16 and model.network.sample_size == 8 and model.network.in_channels == 12
+
+
+def test_resume_from_last_continues_the_global_step(tmp_path):
+    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2")])
+    first = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["global_step"] == 2
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=5"), "--ckpt_path=last"])
+    assert cli.trainer.global_step == 5  # 3 more steps, not 5 from scratch
+    resumed = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 5
+    # the learning-rate warm-up continued too: its scheduler counted all 5 steps
+    assert resumed["lr_schedulers"][0]["last_epoch"] == 5
+
+
+class EMARecorder(DiffusionClassifier):
+    """Keeps an independent EMA of the weights and what validation_step saw."""
+
+    decay = 0.5
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        current = torch.nn.utils.parameters_to_vector(self.network.parameters()).detach().clone()
+        previous = getattr(self, "reference_ema", None)
+        self.reference_ema = current if previous is None else self.decay * previous + (1 - self.decay) * current
+        self.raw_weights = current
+
+    def validation_step(self, batch, batch_idx):
+        if not self.trainer.sanity_checking:
+            self.seen_in_validation = torch.nn.utils.parameters_to_vector(self.network.parameters()).detach().clone()
+        return super().validation_step(batch, batch_idx)
+
+
+def test_validation_and_checkpoint_use_the_ema_weights(tmp_path):
+    ema_config = tmp_path / "ema.yaml"
+    ema_config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging\n"
+        "      init_args: {decay: 0.5, update_starting_at_step: 0, update_every_n_steps: 1}\n"
+        "model:\n  class_path: tests.test_diffusion_classifier.EMARecorder\n"
+    )
+    cli = main(["fit", *tiny_args(tmp_path, f"--config={ema_config}", "--trainer.max_steps=3")])
+    model = cli.model
+    assert any(isinstance(c, EMAWeightAveraging) for c in cli.trainer.callbacks)
+    # validation ran at step 3 with the EMA weights, which differ from the raw ones
+    torch.testing.assert_close(model.seen_in_validation, model.reference_ema)
+    assert not torch.allclose(model.seen_in_validation, model.raw_weights)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    ema_state = {k[len("network."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    raw_state = {k[len("network."):]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("network.")}
+    names = [name for name, _ in model.network.named_parameters()]
+    to_vector = lambda state: torch.cat([state[name].flatten() for name in names])  # noqa: E731
+    torch.testing.assert_close(to_vector(ema_state), model.reference_ema)
+    torch.testing.assert_close(to_vector(raw_state), model.raw_weights)
+
+
+def test_bad_options_are_refused_with_their_name(tmp_path):
+    with pytest.raises(ValueError, match="model.rule"):
+        main(["fit", *tiny_args(tmp_path, "--model.init_args.rule=median"), "--trainer.max_steps=1"])
