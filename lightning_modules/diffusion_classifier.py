@@ -14,7 +14,7 @@ from typing import Callable
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
@@ -25,9 +25,10 @@ from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from .diffusion.voting import RULES, predict, vote_counts, vote_entropy
 from .diffusion.wavelet import HaarWavelet, IdentityTransform
 from .evaluation import write_metrics
+from .networks.base import Denoiser
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
-NetworkFactory = Callable[[int, int, int], nn.Module]
+NetworkFactory = Callable[[int, int, int], Denoiser]
 
 
 class DiffusionClassifier(L.LightningModule):

@@ -123,3 +123,22 @@ def test_validation_and_checkpoint_use_the_ema_weights(tmp_path):
 def test_bad_options_are_refused_with_their_name(tmp_path):
     with pytest.raises(ValueError, match="model.rule"):
         main(["fit", *tiny_args(tmp_path, "--model.init_args.rule=median"), "--trainer.max_steps=1"])
+
+
+def test_wavelet_switch_off_models_pixels(tmp_path):
+    cli = main(["fit", *tiny_args(tmp_path, "--model.init_args.wavelet=false"), "--trainer.max_steps=1"])
+    network = cli.model.network
+    assert (network.in_channels, network.sample_size) == (3, 16)
+    assert cli.model.schedule.image_size == 16
+
+
+def test_predict_returns_votes_for_every_image(tmp_path):
+    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1")])
+    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", "--return_predictions=true"])
+    batches = cli.trainer.predict_loop.predictions
+    ids = torch.cat([b["id"] for b in batches])
+    votes = torch.cat([b["votes"] for b in batches])
+    assert sorted(ids.tolist()) == list(range(32, 39))  # the 7 test images: ids after 24 train + 8 val
+    assert (votes.sum(dim=1) == 3).all()  # test_steps votes per image
+    predictions = torch.cat([b["prediction"] for b in batches])
+    assert torch.equal(predictions, votes.argmax(dim=1))  # 3 votes, 2 classes: no ties

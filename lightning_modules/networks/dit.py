@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .base import Denoiser
+
 # DiT paper Table 1 (model sizes) x patch sizes 2, 4, 8; the paper uses DiT-B/4 (Appendix B.4).
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 DIT_VARIANTS = {
@@ -122,7 +124,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class DiT(nn.Module):
+class DiT(Denoiser):
     """Class-conditional DiT denoiser: ``forward(z, t, labels) -> tensor shaped like z``.
 
     ``variant`` (a key of ``DIT_VARIANTS``, e.g. ``"DiT-B/4"``) overrides patch_size, hidden_size,
@@ -145,7 +147,6 @@ class DiT(nn.Module):
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         self.num_classes, self.in_channels, self.sample_size = num_classes, in_channels, sample_size
-        self.null_label = num_classes
         self.patch_size, self.grid_size = patch_size, sample_size // patch_size
 
         # DiT uses timm's PatchEmbed, which is exactly this conv.

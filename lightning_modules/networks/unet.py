@@ -15,8 +15,10 @@ from __future__ import annotations
 from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
 
+from .base import Denoiser
 
-class ClassConditionalUNet(nn.Module):
+
+class ClassConditionalUNet(Denoiser):
     """Denoiser `f(z, t, labels) -> v` on (B, in_channels, sample_size, sample_size) inputs.
 
     Args:
@@ -62,7 +64,6 @@ class ClassConditionalUNet(nn.Module):
                 f"{sample_size // 2 ** (levels - 1)}: the class would never reach the model"
             )
         self.num_classes = num_classes
-        self.null_label = num_classes
         self.in_channels = in_channels
         self.sample_size = sample_size
         self.class_tokens = class_tokens
