@@ -17,11 +17,11 @@ from __future__ import annotations
 import os
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_modules.callbacks import RunCheckpoint
+from lightning_modules.callbacks import PredictionsWriter, RunCheckpoint
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 
@@ -50,7 +50,10 @@ class ExperimentCLI(LightningCLI):
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             # Lightning >= 2.6 defaults to the Rich bar, whose redraws flood SLURM log files.
-            kwargs["callbacks"] = [*callbacks, TQDMProgressBar(refresh_rate=10)]
+            callbacks.append(TQDMProgressBar(refresh_rate=10))
+        if not any(isinstance(callback, BasePredictionWriter) for callback in callbacks):
+            callbacks.append(PredictionsWriter())
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
 

@@ -1,34 +1,37 @@
 """DiffusionClassifier: a class-conditional diffusion model trained as a generator, used as a classifier.
 
-Thin Lightning glue around the maths in `diffusion/` (schedule, wavelet, loss, classify, voting):
+Thin Lightning glue around the maths in `diffusion/` (schedule, wavelet, loss, noise, classify,
+voting, early_exit):
   fit:       t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight
-  val/test:  N shared (eps, t) pairs x C classes -> error matrix -> votes -> prediction
+  val/test:  N shared (eps, t) pairs x C classes -> error matrix -> votes -> prediction, entropy
 EMA weights come from Lightning's EMAWeightAveraging callback (see configs), which swaps them in
 for validation and writes them to the checkpoint's state_dict.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor
-from torchmetrics import MetricCollection, SumMetric
+from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .diffusion.classify import ERROR_SPACES, error_matrix, shared_noise
+from .diffusion.classify import ClassifierSettings, classify_images
 from .diffusion.loss import drop_labels, weighted_v_loss
+from .diffusion.noise import shared_noise
 from .diffusion.parameterization import diffuse, v_target
 from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
-from .diffusion.voting import RULES, predict, vote_counts, vote_entropy
+from .diffusion.voting import summarize
 from .diffusion.wavelet import HaarWavelet, IdentityTransform
-from .evaluation import write_metrics
+from .evaluation import TestOutputs
 from .networks.base import Denoiser
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
 NetworkFactory = Callable[[int, int, int], Denoiser]
+VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
 
 
 class DiffusionClassifier(L.LightningModule):
@@ -49,13 +52,12 @@ class DiffusionClassifier(L.LightningModule):
             classifier-free guidance (paper: 0.1).
         learning_rate: Adam learning rate (paper B.1: 1e-4).
         warmup_steps: steps of linear learning-rate warm-up (paper B.1: 250).
-        val_steps: (eps, t) pairs per image when classifying during validation; small, it runs every epoch.
-        test_steps: (eps, t) pairs per image when testing and predicting (paper: 501).
-        rule: "majority" (paper, Appendix A) or "mean" (mean error, Li et al.); ties go to the lowest class index.
-        error_space: where the reconstruction error is measured: "eps" (paper), "x" or "v".
-        classification_seed: seed of the shared (eps, t) pairs; an image's pairs depend only on
-            this seed, its id and the step index.
-        max_forward_batch: most inputs in one denoiser forward while classifying (bounds memory).
+        classification: how test and predict classify (N = num_steps, rule, error space, seed,
+            early exit, pruning); see ClassifierSettings.
+        val_steps: (eps, t) pairs per image when classifying during validation (same settings,
+            no early exit); small, since it runs at every validation.
+        save_errors: also save every image's full C x N error matrix (`errors.pt` beside
+            metrics.json after test, in each predictions batch during predict), for research.
     """
 
     def __init__(
@@ -71,32 +73,26 @@ class DiffusionClassifier(L.LightningModule):
         label_dropout: float = 0.1,
         learning_rate: float = 1e-4,
         warmup_steps: int = 250,
+        classification: ClassifierSettings = ClassifierSettings(),
         val_steps: int = 16,
-        test_steps: int = 501,
-        rule: str = "majority",
-        error_space: str = "eps",
-        classification_seed: int = 0,
-        max_forward_batch: int = 256,
+        save_errors: bool = False,
     ):
         super().__init__()
-        if rule not in RULES:
-            raise ValueError(f"model.rule={rule!r} is not one of {RULES}")
-        if error_space not in ERROR_SPACES:
-            raise ValueError(f"model.error_space={error_space!r} is not one of {ERROR_SPACES}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names {class_names} for num_classes={num_classes}")
         self.save_hyperparameters(ignore=["network"])
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        self.classification = classification
+        self.val_classification = dataclasses.replace(classification, num_steps=val_steps, early_exit="none", prune_after=0)
         self.transform = HaarWavelet() if wavelet else IdentityTransform()
         model_channels = image_channels * 4 if wavelet else image_channels
         model_size = image_size // 2 if wavelet else image_size
         self.network = network(num_classes, model_channels, model_size)
         self.schedule = ShiftedCosineSchedule(model_size, base=schedule_base)
-        metrics = lambda: MetricCollection(
+        self.val_metrics = MetricCollection(
             {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
         )
-        self.val_metrics, self.test_metrics = metrics(), metrics()
-        self.test_images = SumMetric()
+        self.test_outputs = TestOutputs(self.class_names)
 
     # ---- training -------------------------------------------------------------------------
     def diffusion_loss(self, images: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
@@ -116,61 +112,42 @@ class DiffusionClassifier(L.LightningModule):
         return loss
 
     # ---- classification -------------------------------------------------------------------
-    def classify(self, images: Tensor, ids: Tensor, num_steps: int) -> dict[str, Tensor]:
-        errors = error_matrix(
-            self.network,
-            self.transform.encode(images),
-            ids,
-            self.hparams.num_classes,
-            num_steps,
-            self.schedule,
-            seed=self.hparams.classification_seed,
-            space=self.hparams.error_space,
-            max_forward_batch=self.hparams.max_forward_batch,
+    def classify(self, batch: dict, settings: ClassifierSettings) -> dict[str, Tensor]:
+        """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label."""
+        run = classify_images(
+            self.network, self.transform.encode(batch["image"]), batch["id"], self.hparams.num_classes, self.schedule, settings
         )
-        counts = vote_counts(errors)
-        return {
-            "prediction": predict(errors, self.hparams.rule),
-            "votes": counts,
-            "entropy": vote_entropy(counts),
-            "mean_error": errors.mean(dim=2),
-            "errors": errors,
-        }
+        outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
+        outputs |= {key: batch[key] for key in ("id", "label", "path") if key in batch}
+        return outputs
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Runs with EMA weights: EMAWeightAveraging swaps them in at validation epoch start.
         images, labels, ids = batch["image"], batch["label"], batch["id"]
-        t, eps = shared_noise(ids, range(1), tuple(self.transform.encode(images[:1]).shape[1:]), seed=-1)
+        t, eps = shared_noise(ids, range(1), tuple(self.transform.encode(images[:1]).shape[1:]), VALIDATION_LOSS_SEED)
         loss = self.diffusion_loss(images, labels, t[:, 0].to(self.device), eps[:, 0].to(self.device), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(images), sync_dist=True)
-        self.val_metrics.update(self.classify(images, ids, self.hparams.val_steps)["prediction"], labels)
+        self.val_metrics.update(self.classify(batch, self.val_classification)["prediction"], labels)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         self.val_metrics.reset()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        result = self.classify(batch["image"], batch["id"], self.hparams.test_steps)
-        self.test_metrics.update(result["prediction"], batch["label"])
-        self.test_images.update(torch.tensor(float(len(batch["label"])), device=self.device))
+        outputs = self.classify(batch, self.classification)
+        if not self.hparams.save_errors:
+            outputs.pop("errors")
+        self.test_outputs.add(outputs)
 
     def on_test_epoch_end(self) -> None:
-        metrics = {k: float(v) for k, v in self.test_metrics.compute().items()}
-        self.log_dict({f"test/{k}": v for k, v in metrics.items()})
-        metrics |= {"n_images": int(self.test_images.compute()), "n_steps": self.hparams.test_steps, "rule": self.hparams.rule}
-        self.test_metrics.reset()
-        self.test_images.reset()
-        self._write_metrics(metrics)
-
-    @rank_zero_only
-    def _write_metrics(self, metrics: dict) -> None:
-        path = write_metrics(self.trainer.log_dir or self.trainer.default_root_dir, metrics)
-        rank_zero_info(f"test metrics written to {path}")
+        metrics = self.test_outputs.finish(self.trainer, self.classification)
+        self.log_dict({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)}, rank_zero_only=True)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        result = self.classify(batch["image"], batch["id"], self.hparams.test_steps)
-        result.pop("errors")
-        return {"id": batch["id"], **result} | ({"label": batch["label"]} if "label" in batch else {})
+        outputs = self.classify(batch, self.classification)
+        if not self.hparams.save_errors:
+            outputs.pop("errors")
+        return outputs
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):

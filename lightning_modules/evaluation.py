@@ -1,4 +1,5 @@
-"""Test results on disk: `metrics.json` per run, and a short table of them.
+"""Test results: per-image outputs gathered over ranks, metrics.json, predictions.csv, figures,
+and a short table for the terminal.
 
     python -c "from lightning_modules.evaluation import main; main()" runs/demo [--seconds 312]
 
@@ -8,10 +9,53 @@ prints accuracy, F1, N and (if given) the wall time of the newest metrics.json u
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 from pathlib import Path
 
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from .uncertainty import plot_filtered_accuracy, plot_uncertainty_boxes, uncertainty_report
+
 METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+ERRORS_FILE = "errors.pt"
+
+
+def concat_outputs(batches: list[dict]) -> dict:
+    """Per-batch output dicts -> one dict of per-image tensors (lists for strings such as paths)."""
+    if not batches:
+        return {}
+    joined = {}
+    for key in batches[0]:
+        values = [batch[key] for batch in batches]
+        joined[key] = torch.cat([v.detach().cpu() for v in values]) if isinstance(values[0], Tensor) else sum(map(list, values), [])
+    return joined
+
+
+def select(outputs: dict, index: Tensor) -> dict:
+    return {k: v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()] for k, v in outputs.items()}
+
+
+def gather_unique(outputs: dict, trainer) -> dict:
+    """All ranks' outputs, one row per image id, sorted by id.
+
+    Under DDP, Lightning's test sampler pads ranks to equal length by repeating images; the
+    repeats carry the same id (and, with id-seeded noise, the same results), so dropping repeated
+    ids makes every metric count each image exactly once.
+    """
+    if trainer is not None and trainer.world_size > 1:
+        parts = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, outputs)
+        outputs = concat_outputs([part for part in parts if part])
+    ids = outputs["id"]
+    order = torch.argsort(ids, stable=True)
+    first = torch.ones(len(ids), dtype=torch.bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    return select(outputs, order[first])
 
 
 def write_metrics(directory: str | Path, metrics: dict) -> Path:
@@ -19,6 +63,92 @@ def write_metrics(directory: str | Path, metrics: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
     return path
+
+
+def test_metrics(outputs: dict, num_classes: int, settings) -> dict:
+    """metrics.json for a diffusion classifier: accuracy, F1, AUROC, ECE, Brier, uncertainty curves."""
+    if "label" not in outputs:
+        raise ValueError("the test set has no labels: use `predict` for unlabeled images")
+    labels, predictions = outputs["label"], outputs["prediction"]
+    accuracy = lambda p: float(multiclass_accuracy(p, labels, num_classes, average="micro"))  # noqa: E731
+    report = uncertainty_report(outputs["probs"], labels, predictions, outputs["entropy"])
+    return {
+        **report,
+        "accuracy": accuracy(predictions),
+        "f1": float(multiclass_f1_score(predictions, labels, num_classes, average="macro")),
+        "majority_accuracy": accuracy(outputs["majority_prediction"]),
+        "mean_error_accuracy": accuracy(outputs["mean_error_prediction"]),
+        "mean_forwards": float(outputs["forwards"].float().mean()),
+        "forward_fraction": float(outputs["forwards"].float().mean()) / (num_classes * settings.num_steps),
+        "n_images": len(labels),
+        "n_steps": settings.num_steps,
+        "rule": settings.rule,
+        "early_exit": settings.early_exit,
+    }
+
+
+def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -> Path:
+    """predictions.csv: one row per image, sorted by id (columns documented in the README)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = ["id"] + [k for k in ("path", "label") if k in outputs] + ["prediction"]
+    header += [f"votes_{c}" for c in class_names] + [f"prob_{c}" for c in class_names]
+    header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names] + ["score", "forwards"]
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(len(outputs["id"])):
+            row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if k in outputs]
+            row += [int(outputs["prediction"][i]), *outputs["votes"][i].tolist()]
+            row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
+            row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
+            row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()]
+            row += [f"{float(outputs['score'][i]):.6g}", int(outputs["forwards"][i])]
+            writer.writerow(row)
+    return path
+
+
+def _plain(value):
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def save_errors(path: str | Path, outputs: dict) -> Path:
+    """The full C x N error matrix of every image, keyed by id, for research (NaN = step skipped)."""
+    torch.save({"ids": outputs["id"], "errors": outputs["errors"]}, path)
+    return Path(path)
+
+
+class TestOutputs:
+    """Collects the test stage's per-image outputs and, at the end, writes the run's results:
+    metrics.json, predictions.csv, the uncertainty figures (and errors.pt if collected) in the
+    logger's directory, and the figures to TensorBoard."""
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = class_names
+        self.batches: list[dict] = []
+
+    def add(self, outputs: dict) -> None:
+        self.batches.append({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()})
+
+    def finish(self, trainer, settings) -> dict:
+        outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
+        metrics = test_metrics(outputs, len(self.class_names), settings)
+        if trainer.is_global_zero:
+            directory = Path(trainer.log_dir or trainer.default_root_dir)
+            write_metrics(directory, metrics)
+            write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
+            if "errors" in outputs:
+                save_errors(directory / ERRORS_FILE, outputs)
+            figures = {
+                "accuracy_filtered": plot_filtered_accuracy({"vote entropy": metrics["accuracy_filtered"]}, directory / "accuracy_filtered.png"),
+                "uncertainty_boxes": plot_uncertainty_boxes(outputs["entropy"], outputs["prediction"], outputs["label"], directory / "uncertainty_boxes.png"),
+            }
+            experiment = getattr(trainer.logger, "experiment", None)
+            if hasattr(experiment, "add_figure"):
+                for name, figure in figures.items():
+                    experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
+            print(f"test results written to {directory}")
+        return metrics
 
 
 def newest_metrics(run_dir: str | Path) -> Path:
@@ -32,6 +162,8 @@ def summary_table(metrics: dict, seconds: float | None = None) -> str:
     rows = [
         ("accuracy", f"{metrics['accuracy']:.3f}"),
         ("F1 (macro)", f"{metrics['f1']:.3f}"),
+        ("AUROC", f"{metrics.get('auroc', math.nan):.3f}"),
+        ("mean-error rule accuracy", f"{metrics.get('mean_error_accuracy', math.nan):.3f}"),
         ("test images", str(metrics["n_images"])),
         ("N (eps, t) steps", str(metrics["n_steps"])),
         ("rule", str(metrics.get("rule", "majority"))),

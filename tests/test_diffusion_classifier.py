@@ -36,7 +36,7 @@ def tiny_args(root, *extra):
         "--data.init_args.num_test=7",
         "--data.init_args.batch_size=4",
         "--model.init_args.val_steps=2",
-        "--model.init_args.test_steps=3",
+        "--model.init_args.classification.num_steps=3",
         *TINY_UNET,
         *extra,
     ]
@@ -121,8 +121,8 @@ def test_validation_and_checkpoint_use_the_ema_weights(tmp_path):
 
 
 def test_bad_options_are_refused_with_their_name(tmp_path):
-    with pytest.raises(ValueError, match="model.rule"):
-        main(["fit", *tiny_args(tmp_path, "--model.init_args.rule=median"), "--trainer.max_steps=1"])
+    with pytest.raises(ValueError, match="rule"):
+        main(["fit", *tiny_args(tmp_path, "--model.init_args.classification.rule=median"), "--trainer.max_steps=1"])
 
 
 def test_wavelet_switch_off_models_pixels(tmp_path):

@@ -1,51 +1,27 @@
 """The diffusion classifier's error matrix (paper sec. 2.2, eq. 4, Appendix A).
 
-For each image, N (eps, t) pairs are drawn and shared by every class; the image is noised once per
+For each image, N (eps, t) pairs are drawn (noise.py) and shared by every class; the image is noised once per
 pair and denoised once per class, all classes in one batched forward of C*B inputs. The result
 is an error matrix (B, C, N) that `voting.py` turns into a class.
-
-Reproducibility contract: (eps_k, t_k) of image i come from a generator seeded by
-(seed, id_i, k), so an image gets the same errors whatever the batch it sits in, the data order or
-the number of processes. Noise is drawn on the CPU, so it is also the same on every device.
+Optional early exit and class pruning (early_exit.py) skip steps that cannot change the answer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from .noise import shared_noise, step_seed  # noqa: F401  (step_seed: part of this module's interface)
+from .early_exit import EXIT_RULES, exact_decided, prune_classes, sequential_decided, stratified_times
 from .parameterization import diffuse, eps_from_v, v_target, x_from_v
 from .schedule import ShiftedCosineSchedule, broadcast_like
+from .voting import RULES, vote_counts
 
 ERROR_SPACES = ("eps", "x", "v")
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat
-
-_MASK64 = (1 << 64) - 1
-
-
-def step_seed(seed: int, sample_id: int, step: int) -> int:
-    """A 63-bit seed for (seed, sample id, step): splitmix64 of a mixed key, so nearby ids and
-    steps give unrelated streams (a plain sum would make (id=1, k=0) equal (id=0, k=1))."""
-    key = (seed * 0x9E3779B97F4A7C15 + sample_id * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB) & _MASK64
-    key = ((key ^ (key >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    key = ((key ^ (key >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (key ^ (key >> 31)) & ((1 << 63) - 1)
-
-
-def shared_noise(ids: Tensor, steps: range, shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
-    """t of shape (B, K) in [0, 1) and eps of shape (B, K, *shape), on the CPU, one stream per (id, step)."""
-    times = torch.empty(len(ids), len(steps))
-    noises = torch.empty(len(ids), len(steps), *shape)
-    generator = torch.Generator()
-    for row, sample_id in enumerate(ids.tolist()):
-        for column, step in enumerate(steps):
-            generator.manual_seed(step_seed(seed, int(sample_id), step))
-            times[row, column] = torch.rand((), generator=generator)
-            noises[row, column] = torch.randn(shape, generator=generator)
-    return times, noises
-
 
 def reconstruction_error(v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, space: str) -> Tensor:
     """Per-sample mean squared error in eps space (paper Appendix A), x space or v space."""
@@ -60,7 +36,127 @@ def reconstruction_error(v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha
     return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
 
 
+@dataclass
+class ClassifierSettings:
+    """How an image is classified; every field is a `model.init_args` option of the same name.
+
+    Args:
+        num_steps: N, the (eps, t) pairs per image (paper: 501).
+        rule: "majority" (paper, Appendix A) or "mean" (Li et al.); ties go to the lowest class index.
+        error_space: "eps" (paper), "x" or "v".
+        seed: seed of the shared (eps, t) pairs; with the image id and the step it fixes them.
+        stratified: draw t_k from stratum perm[k] of [0, 1) (one t per stratum, order shuffled
+            per image) instead of uniformly: lower variance at small N.
+        early_exit: "none"; "exact" (stop once no class can overtake the leader: the same
+            majority-vote prediction as the full N); "sequential" (stop once a binomial test says
+            the leader holds with confidence 1 - alpha).
+        alpha: significance of the sequential test.
+        min_steps: steps before the sequential test may stop an image.
+        prune_after: with more than 2 classes, after this many steps keep only the `prune_keep`
+            classes of lowest mean error (Li et al.'s adaptive evaluation); 0 never prunes.
+        prune_keep: classes kept by pruning.
+        max_forward_batch: most inputs per denoiser forward (bounds memory).
+    """
+
+    num_steps: int = 501
+    rule: str = "majority"
+    error_space: str = "eps"
+    seed: int = 0
+    stratified: bool = False
+    early_exit: str = "none"
+    alpha: float = 0.01
+    min_steps: int = 10
+    prune_after: int = 0
+    prune_keep: int = 2
+    max_forward_batch: int = 256
+
+    def __post_init__(self):
+        for name, value, allowed in (("rule", self.rule, RULES), ("error_space", self.error_space, ERROR_SPACES),
+                                     ("early_exit", self.early_exit, EXIT_RULES)):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+        if self.num_steps < 1 or self.max_forward_batch < 1:
+            raise ValueError(f"num_steps={self.num_steps} and max_forward_batch={self.max_forward_batch} must be >= 1")
+        if self.early_exit != "none" and self.rule != "majority":
+            raise ValueError(f"early_exit={self.early_exit!r} decides a majority vote; it needs rule='majority'")
+
+
+def step_errors(
+    denoiser: Denoiser, x: Tensor, ids: Tensor, steps: range, class_sets: Tensor, schedule: ShiftedCosineSchedule,
+    settings: ClassifierSettings,
+) -> Tensor:
+    """Errors (B, K, S) of image b under class class_sets[b, k] at the S steps, all in batched forwards.
+
+    Inputs are stacked image-major ((image, step), class), so a forward of `max_forward_batch`
+    inputs holds every class of the same noised image side by side.
+    """
+    batch, kept = class_sets.shape
+    t, eps = shared_noise(ids, steps, tuple(x.shape[1:]), settings.seed)
+    if settings.stratified:
+        t = torch.stack([stratified_times(settings.seed, int(i), settings.num_steps)[steps.start : steps.stop] for i in ids.tolist()])
+    t, eps = t.to(x.device, x.dtype).flatten(), eps.to(x.device, x.dtype).flatten(0, 1)  # (B*S,), (B*S, ...)
+    x_rep = x.repeat_interleave(len(steps), dim=0)
+    alpha, sigma = (broadcast_like(value, x_rep) for value in schedule.alpha_sigma(t))
+    z = diffuse(x_rep, eps, alpha, sigma)
+    labels = class_sets.to(x.device).repeat_interleave(len(steps), dim=0).flatten()  # (B*S*K,)
+    per_class = lambda tensor: tensor.repeat_interleave(kept, dim=0)  # noqa: E731
+    errors = []
+    for start in range(0, labels.numel(), settings.max_forward_batch):
+        rows = slice(start, start + settings.max_forward_batch)
+        # the rows of one slice map back to (image, step) pairs by integer division by K
+        source = torch.arange(labels.numel(), device=x.device)[rows] // kept
+        v_hat = denoiser(z[source], t[source], labels[rows])
+        errors.append(reconstruction_error(v_hat, z[source], x_rep[source], eps[source], alpha[source], sigma[source], settings.error_space))
+    return torch.cat(errors).view(batch, len(steps), kept).transpose(1, 2)
+
+
 @torch.no_grad()
+def classify_images(
+    denoiser: Denoiser, x: Tensor, ids: Tensor, num_classes: int, schedule: ShiftedCosineSchedule, settings: ClassifierSettings
+) -> dict[str, Tensor]:
+    """Run the diffusion classifier on a batch of model inputs x (already wavelet-transformed).
+
+    Returns `errors` (B, C, N), NaN where a step was not evaluated (early exit) and +inf for
+    classes pruned away, so `voting.summarize` can take votes and means over it directly; and
+    `forwards` (B,), the denoiser inputs each image used. Images still running all share the same
+    step index, so a chunk of steps is one slice for all of them.
+    """
+    batch, total = x.shape[0], settings.num_steps
+    errors = torch.full((batch, num_classes, total), float("nan"), device=x.device)
+    class_sets = torch.arange(num_classes, device=x.device).expand(batch, -1).clone()
+    forwards = torch.zeros(batch, dtype=torch.long, device=x.device)
+    running = torch.ones(batch, dtype=torch.bool, device=x.device)
+    prune_at = settings.prune_after if 0 < settings.prune_after < total and num_classes > settings.prune_keep else 0
+    done = 0
+    while done < total and running.any():
+        index = running.nonzero().flatten()
+        sets = class_sets[index]
+        stop = min(done + max(1, settings.max_forward_batch // sets.numel()), total)
+        if done < prune_at < stop:
+            stop = prune_at  # the first stage ends exactly where pruning happens
+        errors[index.unsqueeze(1), sets, done:stop] = step_errors(
+            denoiser, x[index], ids[index], range(done, stop), sets, schedule, settings
+        )
+        forwards[index] += sets.numel() // len(index) * (stop - done)
+        done = stop
+        if done == prune_at:
+            class_sets = prune_classes(errors[:, :, :done], settings.prune_keep).to(x.device)
+            pruned = torch.ones(batch, num_classes, dtype=torch.bool, device=x.device).scatter(1, class_sets, False)
+            errors[pruned] = float("inf")
+        if settings.early_exit == "none" or done < prune_at:
+            continue  # no exit before pruning: pruning could drop an exited image's leader
+        counts = vote_counts(errors[index, :, :done])
+        # a pruned class can win no more votes: keep it out of the "can anyone overtake?" check
+        counts = counts.masked_fill(errors[index, :, 0].isinf(), -(total + 1))
+        decided = (
+            exact_decided(counts, done, total)
+            if settings.early_exit == "exact"
+            else sequential_decided(counts, settings.alpha, settings.min_steps)
+        )
+        running[index[decided]] = False
+    return {"errors": errors, "forwards": forwards}
+
+
 def error_matrix(
     denoiser: Denoiser,
     x: Tensor,
@@ -72,26 +168,6 @@ def error_matrix(
     space: str = "eps",
     max_forward_batch: int = 256,
 ) -> Tensor:
-    """Errors (B, C, N) of denoising x under each class at N shared (eps, t) pairs.
-
-    Several steps go into one forward when C*B is small, up to `max_forward_batch` inputs; one
-    step (C*B inputs) is the least a forward takes.
-    """
-    batch = x.shape[0]
-    errors = torch.empty(batch, num_classes, num_steps, device=x.device)
-    steps_per_forward = max(1, max_forward_batch // (num_classes * batch))
-    class_labels = torch.arange(num_classes, device=x.device)
-    for start in range(0, num_steps, steps_per_forward):
-        steps = range(start, min(start + steps_per_forward, num_steps))
-        t, eps = shared_noise(ids, steps, tuple(x.shape[1:]), seed)
-        t, eps = t.to(x.device, x.dtype).flatten(), eps.to(x.device, x.dtype).flatten(0, 1)  # (B*K,), (B*K, ...)
-        x_rep = x.repeat_interleave(len(steps), dim=0)
-        alpha, sigma = (broadcast_like(value, x_rep) for value in schedule.alpha_sigma(t))
-        z = diffuse(x_rep, eps, alpha, sigma)
-        # class-major stacking: rows [c * B*K : (c+1) * B*K] are class c
-        repeat = lambda tensor: tensor.repeat(num_classes, *([1] * (tensor.ndim - 1)))
-        labels = class_labels.repeat_interleave(z.shape[0])
-        v_hat = denoiser(repeat(z), repeat(t), labels)
-        err = reconstruction_error(v_hat, repeat(z), repeat(x_rep), repeat(eps), repeat(alpha), repeat(sigma), space)
-        errors[:, :, steps.start : steps.stop] = err.view(num_classes, batch, len(steps)).permute(1, 0, 2)
-    return errors
+    """The full (B, C, N) error matrix: every step, every class (no early exit, no pruning)."""
+    settings = ClassifierSettings(num_steps=num_steps, error_space=space, seed=seed, max_forward_batch=max_forward_batch)
+    return classify_images(denoiser, x, ids, num_classes, schedule, settings)["errors"]

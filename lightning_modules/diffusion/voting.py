@@ -60,3 +60,36 @@ def vote_entropy(counts: Tensor, normalize: bool = False) -> Tensor:
     fractions = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
     entropy = -(fractions * torch.log(fractions.clamp(min=1e-12))).sum(dim=1)
     return entropy / math.log(counts.shape[1]) if normalize else entropy
+
+
+
+def summarize(errors: Tensor, rule: str = "majority") -> dict[str, Tensor]:
+    """Per-image outputs from an error matrix that may hold NaN (steps skipped by early exit) and
+    +inf (classes pruned away).
+
+    Returns prediction (by `rule`), majority_prediction and mean_error_prediction (both rules, for
+    the paper's Fig. 2 ablation), votes (B, C), probs (vote fractions, rows sum to 1), entropy and
+    entropy_normalized (of the vote fractions), mean_error (B, C) over the evaluated steps, steps
+    (B,) evaluated, and score: the vote fraction of class 1 with two classes (the positive class,
+    for ROC analysis), the winning vote fraction with more classes.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown classification rule {rule!r}; choose one of {RULES}")
+    evaluated = ~errors.isnan().all(dim=1)  # (B, N)
+    winners = torch.nn.functional.one_hot(errors.nan_to_num(nan=float("inf")).argmin(dim=1), errors.shape[1])
+    votes = (winners * evaluated.unsqueeze(-1)).sum(dim=1)  # (B, C)
+    mean_error = errors.nanmean(dim=2)
+    by_rule = {"majority": _first_argmax(votes), "mean": _first_argmax(-mean_error.nan_to_num(nan=float("inf")))}
+    probs = votes.float() / votes.sum(dim=1, keepdim=True).clamp(min=1)
+    return {
+        "prediction": by_rule[rule],
+        "majority_prediction": by_rule["majority"],
+        "mean_error_prediction": by_rule["mean"],
+        "votes": votes,
+        "probs": probs,
+        "entropy": vote_entropy(votes),
+        "entropy_normalized": vote_entropy(votes, normalize=True),
+        "mean_error": mean_error,
+        "steps": evaluated.sum(dim=1),
+        "score": probs[:, 1] if errors.shape[1] == 2 else probs.max(dim=1).values,
+    }
