@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all tensorboard clean
+.PHONY: help install demo test test-all bench tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -24,8 +24,12 @@ test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cor
 test-all: install  ## every test, the slow ones too
 	$(PYTHON) -m pytest -q
 
+bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)
+	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
+	$(PYTHON) -m lightning_modules.benchmark
+
 tensorboard:  ## watch the runs under runs/
 	$(PYTHON) -m tensorboard.main --logdir runs
 
 clean:  ## remove runs and caches
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache bench.json

@@ -15,6 +15,11 @@ metrics.json). Run `python cli.py fit --help` for every option.
 from __future__ import annotations
 
 import os
+import sys
+
+# Config class paths (lightning_modules..., datamodules...) resolve from the repo root, whatever
+# the working directory (SLURM jobs, scripts importing load_experiment).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
@@ -36,7 +41,7 @@ class ExperimentCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # Pin the checkpoint folder to the run, not to the logger's version_N folder: otherwise a
         # new process resolves `--ckpt_path last` in an empty fresh version and starts from scratch.
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
             config.checkpoint.dirpath = os.path.join(run_root(config.trainer.default_root_dir), "checkpoints")
 
@@ -59,6 +64,19 @@ class ExperimentCLI(LightningCLI):
 
 def run_root(default_root_dir: str | None) -> str:
     return default_root_dir or os.getcwd()
+
+
+def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[str] = ()) -> ExperimentCLI:
+    """Model, data and trainer of an experiment config, without running anything (for scripts and
+    benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
+    with EMA)."""
+    import torch
+
+    cli = ExperimentCLI(args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0)
+    if ckpt_path is not None:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        cli.model.load_state_dict(checkpoint["state_dict"])
+    return cli
 
 
 def main(args: list[str] | None = None) -> ExperimentCLI:

@@ -112,3 +112,79 @@ def test_a_perfect_class_model_wins_every_vote():
 def test_unknown_error_space_is_refused():
     with pytest.raises(ValueError, match="error space"):
         reconstruction_error(*torch.zeros(6, 1, 2), space="l1")
+
+
+# ---- the engine: early exit, pruning, stratified t, batch-size invariance ---------------------
+from lightning_modules.diffusion.classify import ClassifierSettings, classify_images  # noqa: E402
+from lightning_modules.diffusion.voting import majority_vote, summarize  # noqa: E402
+
+
+def biased_denoiser(num_classes=2, channels=4):
+    """ToyDenoiser whose class biases are small, so votes are split and early exit has work to do."""
+    model = ToyDenoiser(num_classes, channels)
+    with torch.no_grad():
+        model.class_bias.mul_(0.05)
+    return model
+
+
+def test_exact_early_exit_gives_the_full_n_prediction_with_fewer_forwards():
+    denoiser, x, ids = biased_denoiser(), torch.randn(16, 4, 8, 8), torch.arange(16)
+    full = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=41, max_forward_batch=64))
+    fast = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=41, early_exit="exact", max_forward_batch=64))
+    assert torch.equal(summarize(fast["errors"])["prediction"], majority_vote(full["errors"]))
+    assert (full["forwards"] == 2 * 41).all()
+    assert fast["forwards"].sum() < full["forwards"].sum()
+    # the steps it did evaluate are the very same ones as in the full run
+    evaluated = ~fast["errors"].isnan()
+    torch.testing.assert_close(fast["errors"][evaluated], full["errors"][evaluated])
+    assert torch.equal(fast["forwards"], 2 * evaluated[:, 0].sum(dim=1))
+
+
+def test_sequential_early_exit_stops_confident_images():
+    denoiser, x, ids = ToyDenoiser(2), torch.randn(8, 4, 8, 8), torch.arange(8)
+    settings = ClassifierSettings(num_steps=101, early_exit="sequential", alpha=0.01, min_steps=10, max_forward_batch=32)
+    fast = classify_images(denoiser, x, ids, 2, SCHEDULE, settings)
+    full = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=101))
+    summary = summarize(fast["errors"])
+    # with unanimous votes the binomial tail is 2^-n: the first check at >= 10 steps stops it
+    unanimous = summary["votes"].min(dim=1).values == 0
+    assert unanimous.any() and (summary["steps"][unanimous] < 101).all()
+    assert (fast["forwards"] <= full["forwards"]).all()
+
+
+def test_pruning_keeps_the_best_classes_and_counts_forwards():
+    denoiser, x, ids = ToyDenoiser(4), torch.randn(5, 4, 8, 8), torch.arange(5)
+    settings = ClassifierSettings(num_steps=12, prune_after=4, prune_keep=2, max_forward_batch=1000)
+    run = classify_images(denoiser, x, ids, 4, SCHEDULE, settings)
+    assert (run["forwards"] == 4 * 4 + 2 * 8).all()
+    full = error_matrix(denoiser, x, ids, 4, 12, SCHEDULE)
+    kept = full[:, :, :4].mean(dim=2).argsort(dim=1, stable=True)[:, :2]
+    pruned = run["errors"][:, :, 0].isinf()
+    for image in range(5):
+        assert set((~pruned[image]).nonzero().flatten().tolist()) == set(kept[image].tolist())
+    prediction = summarize(run["errors"])["prediction"]
+    assert (~pruned.gather(1, prediction[:, None])).all()  # the answer is one of the kept classes
+    # kept classes have exactly the full run's errors at every step
+    for image in range(5):
+        for c in kept[image].tolist():
+            torch.testing.assert_close(run["errors"][image, c], full[image, c])
+
+
+def test_stratified_times_cover_every_stratum_once():
+    seen = []
+
+    def recording_denoiser(z, t, labels):
+        seen.append(t.clone())
+        return torch.zeros_like(z)
+
+    settings = ClassifierSettings(num_steps=10, stratified=True, max_forward_batch=1000)
+    classify_images(recording_denoiser, torch.randn(1, 4, 8, 8), torch.tensor([3]), 2, SCHEDULE, settings)
+    t = torch.cat(seen)[::2]  # two classes per step share t
+    assert sorted((t * 10).floor().long().tolist()) == list(range(10))
+
+
+def test_settings_refuse_bad_options_by_name():
+    with pytest.raises(ValueError, match="early_exit"):
+        ClassifierSettings(early_exit="sometimes")
+    with pytest.raises(ValueError, match="majority"):
+        ClassifierSettings(early_exit="exact", rule="mean")

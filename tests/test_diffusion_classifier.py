@@ -142,3 +142,29 @@ def test_predict_returns_votes_for_every_image(tmp_path):
     assert (votes.sum(dim=1) == 3).all()  # test_steps votes per image
     predictions = torch.cat([b["prediction"] for b in batches])
     assert torch.equal(predictions, votes.argmax(dim=1))  # 3 votes, 2 classes: no ties
+
+
+def test_same_images_same_results_at_batch_1_7_32_and_with_exact_early_exit(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from lightning_modules.diffusion.classify import ClassifierSettings
+    from lightning_modules.evaluation import concat_outputs
+
+    cli = main(["fit", *tiny_args(tmp_path, "--data.init_args.num_test=40"), "--trainer.max_steps=2"])
+    model, data = cli.model.eval(), cli.datamodule
+    data.setup("test")
+    settings = ClassifierSettings(num_steps=9, max_forward_batch=64)
+
+    def run(batch_size, settings):
+        loader = DataLoader(data.test_dataloader().dataset, batch_size=batch_size, shuffle=False)
+        return concat_outputs([model.classify(batch, settings) for batch in loader])
+
+    reference = run(32, settings)
+    for batch_size in (1, 7):
+        other = run(batch_size, settings)
+        torch.testing.assert_close(other["errors"], reference["errors"], rtol=1e-4, atol=1e-6)
+        assert torch.equal(other["prediction"], reference["prediction"])
+        assert torch.equal(other["votes"], reference["votes"])
+    exact = run(7, ClassifierSettings(num_steps=9, early_exit="exact", max_forward_batch=64))
+    assert torch.equal(exact["prediction"], reference["prediction"])
+    assert exact["forwards"].sum() < reference["forwards"].sum()
