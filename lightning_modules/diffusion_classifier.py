@@ -141,7 +141,9 @@ class DiffusionClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_outputs.finish(self.trainer, self.classification)
-        self.log_dict({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)}, rank_zero_only=True)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        scalars |= {f"accuracy_filtered/{fraction}": v for fraction, v in metrics["accuracy_filtered"].items()}
+        self.log_dict({f"test/{k}": v for k, v in scalars.items()})
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs = self.classify(batch, self.classification)

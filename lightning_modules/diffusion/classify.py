@@ -99,12 +99,10 @@ def step_errors(
     alpha, sigma = (broadcast_like(value, x_rep) for value in schedule.alpha_sigma(t))
     z = diffuse(x_rep, eps, alpha, sigma)
     labels = class_sets.to(x.device).repeat_interleave(len(steps), dim=0).flatten()  # (B*S*K,)
-    per_class = lambda tensor: tensor.repeat_interleave(kept, dim=0)  # noqa: E731
     errors = []
     for start in range(0, labels.numel(), settings.max_forward_batch):
-        rows = slice(start, start + settings.max_forward_batch)
-        # the rows of one slice map back to (image, step) pairs by integer division by K
-        source = torch.arange(labels.numel(), device=x.device)[rows] // kept
+        rows = torch.arange(start, min(start + settings.max_forward_batch, labels.numel()), device=x.device)
+        source = rows // kept  # the (image, step) pair each input row noises
         v_hat = denoiser(z[source], t[source], labels[rows])
         errors.append(reconstruction_error(v_hat, z[source], x_rep[source], eps[source], alpha[source], sigma[source], settings.error_space))
     return torch.cat(errors).view(batch, len(steps), kept).transpose(1, 2)
