@@ -1,3 +1,4 @@
+from .baseline_classifier import BaselineClassifier
 from .diffusion_classifier import DiffusionClassifier
 
-__all__ = ["DiffusionClassifier"]
+__all__ = ["BaselineClassifier", "DiffusionClassifier"]

@@ -65,45 +65,71 @@ def write_metrics(directory: str | Path, metrics: dict) -> Path:
     return path
 
 
-def test_metrics(outputs: dict, num_classes: int, settings) -> dict:
-    """metrics.json for a diffusion classifier: accuracy, F1, AUROC, ECE, Brier, uncertainty curves."""
+def outputs_from_probs(probs: Tensor) -> dict[str, Tensor]:
+    """Per-image outputs of a model that gives class probabilities (softmax, MC-dropout mean),
+    with the meaning the diffusion classifier's vote fractions have: prediction (argmax), probs,
+    entropy (nats) and entropy_normalized (/ log C) of probs, and score (probability of class 1,
+    the positive class, with two classes; the winning probability with more)."""
+    probs = probs.float()
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1)
+    return {
+        "prediction": probs.argmax(dim=1),
+        "probs": probs,
+        "entropy": entropy,
+        "entropy_normalized": entropy / math.log(probs.shape[1]),
+        "score": probs[:, 1] if probs.shape[1] == 2 else probs.max(dim=1).values,
+    }
+
+
+def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
+    """metrics.json: accuracy, F1, AUROC, ECE, Brier and the uncertainty curves of `entropy`, for
+    any model; a diffusion classifier's outputs and ClassifierSettings add both rules' accuracies,
+    the forwards used and N, rule and early exit."""
     if "label" not in outputs:
         raise ValueError("the test set has no labels: use `predict` for unlabeled images")
     labels, predictions = outputs["label"], outputs["prediction"]
     accuracy = lambda p: float(multiclass_accuracy(p, labels, num_classes, average="micro"))  # noqa: E731
     report = uncertainty_report(outputs["probs"], labels, predictions, outputs["entropy"])
-    return {
+    metrics = {
         **report,
         "accuracy": accuracy(predictions),
         "f1": float(multiclass_f1_score(predictions, labels, num_classes, average="macro")),
-        "majority_accuracy": accuracy(outputs["majority_prediction"]),
-        "mean_error_accuracy": accuracy(outputs["mean_error_prediction"]),
-        "mean_forwards": float(outputs["forwards"].float().mean()),
-        "forward_fraction": float(outputs["forwards"].float().mean()) / (num_classes * settings.num_steps),
-        "n_images": len(labels),
-        "n_steps": settings.num_steps,
-        "rule": settings.rule,
-        "early_exit": settings.early_exit,
     }
+    for rule in ("majority", "mean_error"):
+        if f"{rule}_prediction" in outputs:
+            metrics[f"{rule}_accuracy"] = accuracy(outputs[f"{rule}_prediction"])
+    if "forwards" in outputs and settings is not None:
+        metrics["mean_forwards"] = float(outputs["forwards"].float().mean())
+        metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps)
+    metrics["n_images"] = len(labels)
+    if settings is not None:
+        metrics |= {"n_steps": settings.num_steps, "rule": settings.rule, "early_exit": settings.early_exit}
+    return metrics
 
 
 def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -> Path:
-    """predictions.csv: one row per image, sorted by id (columns documented in the README)."""
+    """predictions.csv: one row per image, sorted by id (columns documented in the README).
+
+    Columns a model does not produce are left out: votes_*, error_* and forwards exist for
+    diffusion classifiers only, path and label only when the data has them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = ["id"] + [k for k in ("path", "label") if k in outputs] + ["prediction"]
-    header += [f"votes_{c}" for c in class_names] + [f"prob_{c}" for c in class_names]
-    header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names] + ["score", "forwards"]
+    has = lambda key: key in outputs  # noqa: E731
+    header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction"]
+    header += [f"votes_{c}" for c in class_names if has("votes")] + [f"prob_{c}" for c in class_names]
+    header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
+    header += ["score"] + ["forwards"] * has("forwards")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in range(len(outputs["id"])):
-            row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if k in outputs]
-            row += [int(outputs["prediction"][i]), *outputs["votes"][i].tolist()]
+            row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if has(k)]
+            row += [int(outputs["prediction"][i])] + (outputs["votes"][i].tolist() if has("votes") else [])
             row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
             row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
-            row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()]
-            row += [f"{float(outputs['score'][i]):.6g}", int(outputs["forwards"][i])]
+            row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()] if has("mean_error") else []
+            row += [f"{float(outputs['score'][i]):.6g}"] + ([int(outputs["forwards"][i])] if has("forwards") else [])
             writer.writerow(row)
     return path
 
@@ -121,32 +147,40 @@ def save_errors(path: str | Path, outputs: dict) -> Path:
 class TestOutputs:
     """Collects the test stage's per-image outputs and, at the end, writes the run's results:
     metrics.json, predictions.csv, the uncertainty figures (and errors.pt if collected) in the
-    logger's directory, and the figures to TensorBoard."""
+    logger's directory, and the figures to TensorBoard.
 
-    def __init__(self, class_names: list[str]):
+    uncertainty_name: what `entropy` is (the figures' label), e.g. "vote entropy", "softmax entropy".
+    """
+
+    def __init__(self, class_names: list[str], uncertainty_name: str = "vote entropy"):
         self.class_names = class_names
+        self.uncertainty_name = uncertainty_name
         self.batches: list[dict] = []
 
     def add(self, outputs: dict) -> None:
         self.batches.append({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()})
 
-    def finish(self, trainer, settings) -> dict:
+    def finish(self, trainer, settings=None, info: dict | None = None) -> dict:
+        """`settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
-        metrics = test_metrics(outputs, len(self.class_names), settings)
+        metrics = test_metrics(outputs, len(self.class_names), settings) | (info or {})
         if trainer.is_global_zero:
             directory = Path(trainer.log_dir or trainer.default_root_dir)
             write_metrics(directory, metrics)
             write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
             if "errors" in outputs:
                 save_errors(directory / ERRORS_FILE, outputs)
+            name = self.uncertainty_name
             figures = {
-                "accuracy_filtered": plot_filtered_accuracy({"vote entropy": metrics["accuracy_filtered"]}, directory / "accuracy_filtered.png"),
-                "uncertainty_boxes": plot_uncertainty_boxes(outputs["entropy"], outputs["prediction"], outputs["label"], directory / "uncertainty_boxes.png"),
+                "accuracy_filtered": plot_filtered_accuracy({name: metrics["accuracy_filtered"]}, directory / "accuracy_filtered.png"),
+                "uncertainty_boxes": plot_uncertainty_boxes(
+                    outputs["entropy"], outputs["prediction"], outputs["label"], directory / "uncertainty_boxes.png", ylabel=name
+                ),
             }
             experiment = getattr(trainer.logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
-                for name, figure in figures.items():
-                    experiment.add_figure(f"test/{name}", figure, global_step=trainer.global_step)
+                for figure_name, figure in figures.items():
+                    experiment.add_figure(f"test/{figure_name}", figure, global_step=trainer.global_step)
             print(f"test results written to {directory}")
         return metrics
 
@@ -163,11 +197,16 @@ def summary_table(metrics: dict, seconds: float | None = None) -> str:
         ("accuracy", f"{metrics['accuracy']:.3f}"),
         ("F1 (macro)", f"{metrics['f1']:.3f}"),
         ("AUROC", f"{metrics.get('auroc', math.nan):.3f}"),
-        ("mean-error rule accuracy", f"{metrics.get('mean_error_accuracy', math.nan):.3f}"),
-        ("test images", str(metrics["n_images"])),
-        ("N (eps, t) steps", str(metrics["n_steps"])),
-        ("rule", str(metrics.get("rule", "majority"))),
     ]
+    if "n_steps" in metrics:  # a diffusion classifier
+        rows += [
+            ("mean-error rule accuracy", f"{metrics.get('mean_error_accuracy', math.nan):.3f}"),
+            ("test images", str(metrics["n_images"])),
+            ("N (eps, t) steps", str(metrics["n_steps"])),
+            ("rule", str(metrics.get("rule", "majority"))),
+        ]
+    else:
+        rows += [("ECE", f"{metrics.get('ece', math.nan):.3f}"), ("test images", str(metrics["n_images"]))]
     if seconds is not None:
         rows.append(("seconds (fit + test)", f"{seconds:.0f}"))
     width = max(len(name) for name, _ in rows)

@@ -1,0 +1,69 @@
+"""A user's own images, listed in a CSV (`path,label` and optional `patient_id`, `split`)."""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+import pandas as pd
+
+from datamodules.base import SPLITS, DataError, TableDataModule, read_csv
+
+
+class CSVDataModule(TableDataModule):
+    """Images of any size and mode listed in a CSV.
+
+    Columns: `path` (relative to `root`, or absolute), `label` (class name, any string);
+    optional `patient_id` (the split keeps each patient in one split) and `split`
+    (`train`/`val`/`test` for every row: the split is taken as given, nothing is re-split).
+
+    Args:
+        root: folder the image paths are relative to.
+        csv: the CSV file, relative to `root` or absolute.
+        class_names: the classes in class-index order; a label outside them is an error.
+            None: the sorted distinct labels (numerically when they are all numbers).
+        balance: undersample every class to the smallest (within each given split); off by default.
+        **kwargs: the shared options of `TableDataModule` (image_size, batch_size, num_workers,
+            seed, split_fractions, splits_file, cache_dir, verify_images, crop).
+    """
+
+    def __init__(self, root: str, csv: str, class_names: list[str] | None = None, image_size: int = 256,
+                 batch_size: int = 64, num_workers: int = 8, seed: int = 0, balance: bool = False,
+                 split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), splits_file: str | None = None,
+                 cache_dir: str | None = "runs/cache", verify_images: bool = False, crop: bool = False):
+        super().__init__(root, image_size, batch_size, num_workers, seed, balance, split_fractions,
+                         splits_file, cache_dir, verify_images, crop)
+        self.csv = self.root / csv  # an absolute `csv` stays absolute
+        self.name = f"csv-{os.path.splitext(os.path.basename(csv))[0]}"
+        self._given_class_names = None if class_names is None else [str(c) for c in class_names]
+
+    @functools.cached_property
+    def _csv_table(self) -> pd.DataFrame:
+        return read_csv(self.csv, ["path", "label"], "CSV")
+
+    @property
+    def class_names(self) -> list[str]:  # needed at model construction, so read from the CSV then
+        if self._given_class_names is not None:
+            return self._given_class_names
+        labels = self._csv_table["label"].unique()
+        numeric = pd.to_numeric(pd.Series(labels), errors="coerce")
+        return [str(v) for v in (labels[np.argsort(numeric)] if numeric.notna().all() else sorted(labels))]
+
+    def read_table(self):
+        table, names = self._csv_table, self.class_names
+        index = {name: i for i, name in enumerate(names)}
+        unknown = ~table["label"].isin(index)
+        if unknown.any():
+            row = np.flatnonzero(unknown)[0]
+            raise DataError(f"{self.csv}: label {table['label'].iloc[row]!r} (row {row + 2}, {table['path'].iloc[row]}) "
+                            f"is not in the class list {names}")
+        rows = pd.DataFrame({"path": table["path"], "label": table["label"].map(index).astype(int),
+                             "patient": table.get("patient_id", pd.Series("", index=table.index))})
+        if "split" in table.columns:
+            bad = ~table["split"].isin(SPLITS)
+            if bad.any():
+                raise DataError(f"{self.csv}: split {table['split'][bad].iloc[0]!r} (row {np.flatnonzero(bad)[0] + 2}) "
+                                f"is not one of {list(SPLITS)}")
+            rows["split"] = table["split"]
+        return rows, {}

@@ -1,0 +1,90 @@
+"""MedMNIST v2 (Yang et al. 2023): any 2D flag at 28/64/128/224 pixels, with its own splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from datamodules.base import SPLITS, DataError, ImageDataModule, ImageDataset
+
+SIZES = (28, 64, 128, 224)
+TASKS = ("binary-class", "multi-class", "ordinal-regression")  # one label per image
+
+
+class MedMNISTDataModule(ImageDataModule):
+    """MedMNIST from `{root}/{flag}.npz` (size 28) or `{root}/{flag}_{size}.npz`, read with numpy.
+
+    The splits are the file's own (`train_*`, `val_*`, `test_*` arrays): the package's dataset
+    classes are not used because they assert the official split sizes and refuse a subset such
+    as the balanced PneumoniaMNIST in `../shared/data/pneumoniamnist`. The package gives the class
+    names (`INFO`) and, with `download=True`, fetches a missing official file.
+    Sample ids are the row in train, val, test concatenated.
+
+    Args:
+        root: folder of the npz files.
+        flag: MedMNIST 2D data set name, e.g. "pneumoniamnist", "dermamnist", "bloodmnist".
+        size: which published resolution to read (28, 64, 128 or 224).
+        image_size: side the model sees; None = `size`, otherwise resized once in `setup`.
+        batch_size: images per batch in every loader.
+        num_workers: loader worker processes.
+        download: download the official file through the `medmnist` package when it is absent.
+        seed: unused (the splits are the file's); kept so every datamodule takes a seed.
+    """
+
+    def __init__(self, root: str, flag: str = "pneumoniamnist", size: int = 28, image_size: int | None = None,
+                 batch_size: int = 64, num_workers: int = 2, download: bool = False, seed: int = 0):
+        from medmnist import INFO
+
+        if flag not in INFO or flag.endswith("3d"):
+            raise DataError(f"flag {flag!r} is not a 2D MedMNIST data set; choose from "
+                            f"{sorted(f for f in INFO if not f.endswith('3d'))}")
+        if INFO[flag]["task"] not in TASKS:
+            raise DataError(f"flag {flag!r} is a {INFO[flag]['task']} task; only {TASKS} are supported")
+        if size not in SIZES:
+            raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        super().__init__(size if image_size is None else image_size, batch_size, num_workers)
+        self.root, self.flag, self.size, self.download, self.seed = Path(root), flag, size, download, seed
+        self.name = flag
+        self.info = INFO[flag]
+        self.class_names = [self.info["label"][k] for k in sorted(self.info["label"], key=int)]
+        if not download and not self.root.is_dir():
+            raise DataError(f"data.init_args.root: {root!r} is not a directory (expected {self.file.name} in it)")
+
+    @property
+    def file(self) -> Path:
+        return self.root / (f"{self.flag}.npz" if self.size == 28 else f"{self.flag}_{self.size}.npz")
+
+    def prepare_data(self):
+        if self.download and not self.file.is_file():
+            import medmnist
+
+            self.root.mkdir(parents=True, exist_ok=True)
+            getattr(medmnist, self.info["python_class"])(split="train", root=str(self.root), size=self.size, download=True)
+
+    def setup(self, stage: str | None = None):
+        if self.datasets:
+            return
+        if not self.file.is_file():
+            raise DataError(f"MedMNIST file not found: {self.file} (set download: true to fetch the official one)")
+        with np.load(self.file) as npz:
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in npz.files]
+            if missing:
+                raise DataError(f"{self.file} lacks array(s) {missing}; found: {npz.files}")
+            images = [npz[f"{s}_images"] for s in SPLITS]
+            labels = [npz[f"{s}_labels"].reshape(len(npz[f"{s}_labels"]), -1)[:, 0].astype(np.int64) for s in SPLITS]
+        pixels = np.concatenate(images)
+        pixels = pixels[..., None] if pixels.ndim == 3 else pixels  # (N, H, W, C), C = 1 or 3
+        pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # channels first, as ImageDataset reads them
+        if self.image_size != pixels.shape[-1]:  # once, here, not per item
+            pixels = TF.resize(pixels, [self.image_size] * 2, antialias=True)
+        pixels = pixels.contiguous().numpy()
+        offsets = np.cumsum([0] + [len(x) for x in images])
+        for i, split in enumerate(SPLITS):
+            bad = (labels[i] < 0) | (labels[i] >= self.num_classes)
+            if bad.any():
+                raise DataError(f"{self.file}: {split} label {labels[i][bad][0]} is not a class of {self.class_names}")
+            self.datasets[split] = ImageDataset(pixels, np.arange(offsets[i], offsets[i + 1]), labels[i])
+        self.report()

@@ -1,0 +1,157 @@
+"""BaselineClassifier: the paper's discriminative baselines (Table 1, Appendix B) on the same data,
+metrics and output files as the diffusion classifiers.
+
+  fit:      Appendix B.2 augmentations on the batch (per image) -> backbone -> cross-entropy, Adam
+  test:     softmax (or the mean softmax of T MC-dropout passes) -> prediction, probs, entropy,
+            score -> metrics.json, predictions.csv and the uncertainty figures of evaluation.py
+  predict:  the same per-image outputs, written by callbacks.PredictionsWriter
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from .augmentation import BLUR_P, BatchAugmentation, training_augmentation
+from .evaluation import TestOutputs, outputs_from_probs
+from .networks.backbones import BACKBONES, build_backbone
+
+
+class BaselineClassifier(L.LightningModule):
+    """A torchvision / timm image classifier trained with cross-entropy (paper sec. 3.2, App. B).
+
+    Args:
+        backbone: one of resnet18, resnet50, efficientnet_b0, efficientnet_b4, vit_s16, vit_b16, swin_b.
+        num_classes: number of classes; linked from the datamodule by cli.py.
+        class_names: class names, for logs and outputs; linked from the datamodule.
+        image_size: side of the (square) input images; linked from the datamodule (ViT and Swin
+            are built for it).
+        image_channels: channels of the input images; linked from the datamodule.
+        pretrained_path: a local weights file or folder to start from (a classifier head of
+            another size is replaced); null = random initialisation. Nothing is downloaded.
+        drop_rate: dropout before the classification head (0 = none, the official models).
+        learning_rate: Adam learning rate (paper B.1: 1e-4 ResNet/EfficientNet, 1e-5 ViT/Swin).
+        weight_decay: Adam weight decay (paper B.1: 1e-5 on ISIC, 1e-3 on CheXpert for
+            ResNet/EfficientNet; none given for ViT/Swin).
+        augment: apply the Appendix B.2 training augmentations (rotation, flips, blur).
+        blur_p: probability of the Gaussian blur (the paper says only "random"; 0.5 like the flips).
+        mc_dropout_passes: T > 0: test and predict average the softmax of T forwards with the
+            dropout layers active (MC dropout; needs drop_rate > 0) and report the entropy of that
+            mean; 0: a single deterministic forward and its softmax entropy.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        image_size: int = 256,
+        image_channels: int = 3,
+        pretrained_path: str | None = None,
+        drop_rate: float = 0.0,
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.0,
+        augment: bool = True,
+        blur_p: float = BLUR_P,
+        mc_dropout_passes: int = 0,
+    ):
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class_names {class_names} for num_classes={num_classes}")
+        if mc_dropout_passes < 0:
+            raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
+        self.save_hyperparameters()
+        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        self.network = build_backbone(backbone, num_classes, image_size, image_channels, pretrained_path, drop_rate)
+        if mc_dropout_passes and not dropout_layers(self.network):
+            raise ValueError(f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})")
+        self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p)) if augment else nn.Identity()
+        self.val_metrics = MetricCollection(
+            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+        )
+        uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
+        self.test_outputs = TestOutputs(self.class_names, uncertainty_name=uncertainty)
+
+    @property
+    def display_name(self) -> str:
+        return BACKBONES[self.hparams.backbone].display_name
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.network(images)
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        images = self.augmentation(batch["image"])  # the module is in train mode here: augments
+        loss = F.cross_entropy(self(images), batch["label"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["image"])
+        self.log("val/loss", F.cross_entropy(logits, batch["label"]), batch_size=len(logits), sync_dist=True)
+        self.val_metrics.update(logits.argmax(dim=1), batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
+        self.val_metrics.reset()
+
+    # ---- classification -------------------------------------------------------------------
+    def class_probabilities(self, images: Tensor) -> Tensor:
+        """Softmax of one forward, or the mean softmax of T MC-dropout forwards (Gal & Ghahramani 2016)."""
+        passes = self.hparams.mc_dropout_passes
+        if not passes:
+            return self(images).float().softmax(dim=1)
+        with dropout_active(self.network):
+            return torch.stack([self(images).float().softmax(dim=1) for _ in range(passes)]).mean(dim=0)
+
+    def classify(self, batch: dict) -> dict[str, Tensor]:
+        """Per-image outputs (see evaluation.outputs_from_probs) plus id, label and path."""
+        outputs = outputs_from_probs(self.class_probabilities(batch["image"]))
+        return outputs | {key: batch[key] for key in ("id", "label", "path") if key in batch}
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.test_outputs.add(self.classify(batch))
+
+    def on_test_epoch_end(self) -> None:
+        info = {
+            "model": self.display_name,
+            "uncertainty": "mc_dropout_entropy" if self.hparams.mc_dropout_passes else "softmax_entropy",
+            "mc_dropout_passes": self.hparams.mc_dropout_passes,
+        }
+        metrics = self.test_outputs.finish(self.trainer, info=info)
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        scalars |= {f"accuracy_filtered/{fraction}": v for fraction, v in metrics["accuracy_filtered"].items()}
+        self.log_dict({f"test/{k}": v for k, v in scalars.items()})
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self.classify(batch)
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def configure_optimizers(self):
+        # Appendix B.1: plain Adam with weight decay, constant learning rate.
+        return torch.optim.Adam(self.network.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+
+
+def dropout_layers(network: nn.Module) -> list[nn.Module]:
+    """The network's dropout modules that drop something (p > 0)."""
+    return [m for m in network.modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+
+
+@contextmanager
+def dropout_active(network: nn.Module):
+    """Dropout layers in training mode, everything else (BatchNorm above all) as it was."""
+    layers = dropout_layers(network)
+    modes = [layer.training for layer in layers]
+    try:
+        for layer in layers:
+            layer.train()
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.train(mode)
