@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all bench results tensorboard clean
+.PHONY: help install demo test test-all bench bench-data results tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -27,6 +27,9 @@ test-all: install  ## every test, the slow ones too
 bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
 	$(PYTHON) -m lightning_modules.benchmark
+
+bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
+	$(PYTHON) -m datamodules.bench_cache
 
 results: install  ## Table 1 from every run under runs/ with test results: prints it, writes results.md and results.csv
 	$(PYTHON) -m lightning_modules.results_table runs/* --markdown results.md --csv results.csv
