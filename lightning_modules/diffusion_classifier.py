@@ -95,8 +95,8 @@ class DiffusionClassifier(L.LightningModule):
         self.test_outputs = TestOutputs(self.class_names)
 
     # ---- training -------------------------------------------------------------------------
-    def diffusion_loss(self, images: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
-        x = self.transform.encode(images)
+    def diffusion_loss(self, x: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
+        """Min-SNR-weighted v-loss of model inputs x (already wavelet-transformed)."""
         alpha, sigma = (broadcast_like(value, x) for value in self.schedule.alpha_sigma(t))
         z = diffuse(x, eps, alpha, sigma)
         labels = drop_labels(labels, self.network.null_label, dropout)
@@ -104,10 +104,9 @@ class DiffusionClassifier(L.LightningModule):
         return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        images = batch["image"]
-        t = torch.rand(images.shape[0], device=self.device)
-        eps = torch.randn_like(self.transform.encode(images))
-        loss = self.diffusion_loss(images, batch["label"], t, eps, self.hparams.label_dropout)
+        x = self.transform.encode(batch["image"])
+        t = torch.rand(x.shape[0], device=self.device)
+        loss = self.diffusion_loss(x, batch["label"], t, torch.randn_like(x), self.hparams.label_dropout)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -123,10 +122,10 @@ class DiffusionClassifier(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Runs with EMA weights: EMAWeightAveraging swaps them in at validation epoch start.
-        images, labels, ids = batch["image"], batch["label"], batch["id"]
-        t, eps = shared_noise(ids, range(1), tuple(self.transform.encode(images[:1]).shape[1:]), VALIDATION_LOSS_SEED)
-        loss = self.diffusion_loss(images, labels, t[:, 0].to(self.device), eps[:, 0].to(self.device), dropout=0.0)
-        self.log("val/loss", loss, batch_size=len(images), sync_dist=True)
+        x, labels, ids = self.transform.encode(batch["image"]), batch["label"], batch["id"]
+        t, eps = shared_noise(ids, range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
+        loss = self.diffusion_loss(x, labels, t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
+        self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
         self.val_metrics.update(self.classify(batch, self.val_classification)["prediction"], labels)
 
     def on_validation_epoch_end(self) -> None:
