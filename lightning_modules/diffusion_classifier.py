@@ -4,6 +4,8 @@ Thin Lightning glue around the maths in `diffusion/` (schedule, wavelet, loss, n
 voting, early_exit):
   fit:       t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight
   val/test:  N shared (eps, t) pairs x C classes -> error matrix -> votes -> prediction, entropy
+  explain:   noise to t0 -> guided DDIM toward each class -> counterfactuals, difference maps
+             (predict with `explain: true`; monitoring images during fit)
 EMA weights come from Lightning's EMAWeightAveraging callback (see configs), which swaps them in
 for validation and writes them to the checkpoint's state_dict.
 """
@@ -20,6 +22,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from .diffusion.classify import ClassifierSettings, classify_images
+from .diffusion.explain import ExplainSettings
 from .diffusion.loss import drop_labels, weighted_v_loss
 from .diffusion.noise import shared_noise
 from .diffusion.parameterization import diffuse, v_target
@@ -27,10 +30,12 @@ from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from .diffusion.voting import summarize
 from .diffusion.wavelet import HaarWavelet, IdentityTransform
 from .evaluation import TestOutputs
+from .explanations import ExplanationOutputs, explain_batch, plot_explanations, sample_grid
 from .networks.base import Denoiser
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
 NetworkFactory = Callable[[int, int, int], Denoiser]
+ROW_KEYS = ("id", "factual", "images", "reconstructions", "maps", "signed", "label")
 VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
 
 
@@ -58,6 +63,10 @@ class DiffusionClassifier(L.LightningModule):
             no early exit); small, since it runs at every validation.
         save_errors: also save every image's full C x N error matrix (`errors.pt` beside
             metrics.json after test, in each predictions batch during predict), for research.
+        explain: `predict` also explains every image: factual and counterfactual reconstructions,
+            difference maps, PNGs, .npz and explain.json (see lightning_modules/explanations.py).
+        explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
+            how often fit logs monitoring images; see ExplainSettings.
     """
 
     def __init__(
@@ -76,6 +85,8 @@ class DiffusionClassifier(L.LightningModule):
         classification: ClassifierSettings = ClassifierSettings(),
         val_steps: int = 16,
         save_errors: bool = False,
+        explain: bool = False,
+        explanation: ExplainSettings = ExplainSettings(),
     ):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
@@ -93,6 +104,9 @@ class DiffusionClassifier(L.LightningModule):
             {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
         )
         self.test_outputs = TestOutputs(self.class_names)
+        self.explanation = explanation
+        self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
+        self.validations_done = 0
 
     # ---- training -------------------------------------------------------------------------
     def diffusion_loss(self, x: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
@@ -127,10 +141,14 @@ class DiffusionClassifier(L.LightningModule):
         loss = self.diffusion_loss(x, labels, t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
         self.val_metrics.update(self.classify(batch, self.val_classification)["prediction"], labels)
+        if batch_idx == 0 and self.monitoring_due():
+            self.log_monitoring_images(batch)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
         self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.validations_done += 1
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         outputs = self.classify(batch, self.classification)
@@ -148,7 +166,58 @@ class DiffusionClassifier(L.LightningModule):
         outputs = self.classify(batch, self.classification)
         if not self.hparams.save_errors:
             outputs.pop("errors")
+        if self.hparams.explain:
+            self.explanation_outputs.add(self.explain(batch, outputs["prediction"], self.explanation), self.output_dir, batch.get("label"))
         return outputs
+
+    def on_predict_epoch_end(self) -> None:
+        if self.hparams.explain:
+            self.explanation_outputs.finish(self.trainer, self.output_dir)
+
+    # ---- explanation ----------------------------------------------------------------------
+    @property
+    def output_dir(self):
+        return self.trainer.log_dir or self.trainer.default_root_dir
+
+    def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
+        """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers."""
+        if settings.factual == "label" and "label" not in batch:
+            raise ValueError("explanation.factual='label' needs labelled data; use factual: predicted")
+        factual = batch["label"] if settings.factual == "label" else predictions
+        flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
+
+        def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
+            return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
+
+        return explain_batch(
+            self.network, self.transform, self.schedule, batch["image"], batch["id"], factual, self.hparams.num_classes,
+            self.network.null_label, settings, classify_pixels, self.classification.max_forward_batch,
+        )
+
+    def monitoring_due(self) -> bool:
+        every = self.explanation.every_n_epochs
+        due = every > 0 and not self.trainer.sanity_checking and (self.validations_done + 1) % every == 0
+        return due and self.trainer.is_global_zero and hasattr(getattr(self.logger, "experiment", None), "add_figure")
+
+    def log_monitoring_images(self, batch: dict) -> None:
+        """Explanations of a few validation images and samples from noise, to TensorBoard. Called from
+        validation_step, where EMAWeightAveraging has swapped the EMA weights in (its hooks run
+        before the module's, and it swaps back before the module's on_validation_epoch_end)."""
+        settings = dataclasses.replace(self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0)
+        count = settings.monitor_images
+        few = {key: batch[key][:count] for key in ("image", "id", "label")}
+        record = explain_batch(
+            self.network, self.transform, self.schedule, few["image"], few["id"], few["label"], self.hparams.num_classes,
+            self.network.null_label, settings,
+        )
+        rows = [{key: value[i].cpu() for key, value in (record | {"label": few["label"]}).items() if key in ROW_KEYS} for i in range(len(few["id"]))]
+        experiment, step = self.logger.experiment, self.global_step
+        experiment.add_figure("explain/validation", plot_explanations(rows, self.class_names), global_step=step)
+        grid = sample_grid(
+            self.network, self.transform, self.schedule, tuple(self.transform.encode(few["image"][:1]).shape[1:]),
+            self.hparams.num_classes, self.network.null_label, self.explanation,
+        )
+        experiment.add_image("explain/samples_from_noise", grid, global_step=step)
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
