@@ -39,3 +39,14 @@ tensorboard:  ## watch the runs under runs/
 
 clean:  ## remove runs and caches
 	rm -rf runs .pytest_cache bench.json
+
+# make slurm-job CONFIG=configs/unet_chexpert.yaml NODES=2 GPUS=4 [TIME= PARTITION= ACCOUNT= CPUS= MEM= EXTRA="..."] > job.sbatch
+NODES ?= 1
+GPUS ?= 4
+TIME ?= 24:00:00
+.PHONY: slurm-job
+slurm-job:  ## print a SLURM job script (DDP, auto-requeue) for CONFIG on NODES x GPUS: > job.sbatch
+	@test -n "$(CONFIG)" || { echo "usage: make slurm-job CONFIG=configs/<experiment>.yaml NODES=2 GPUS=4 > job.sbatch" >&2; exit 2; }
+	@$(PYTHON) -m lightning_modules.slurm --config "$(CONFIG)" --nodes $(NODES) --gpus-per-node $(GPUS) --time $(TIME) \
+		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
+		$(if $(CPUS),--cpus-per-task $(CPUS)) $(if $(MEM),--mem $(MEM)) $(if $(EXTRA),--extra-args='$(EXTRA)')

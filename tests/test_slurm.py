@@ -1,0 +1,420 @@
+"""SLURM job scripts (lightning_modules/slurm.py): rendering, and real jobs on a one-node SLURM.
+
+The rendering tests are pure and always run. The others start munge, slurmctld and slurmd on
+localhost (Debian's slurm-wlm packages, as root; `.ci/run` installs them) and sbatch rendered job
+scripts: a 2-task DDP run on CPU, then a run that gets SIGUSR1, is requeued and resumes from
+Lightning's hpc checkpoint. Without the packages or root they skip, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_modules.slurm import REPO_ROOT, main, render_from_argv
+
+SLURM_DIR = REPO_ROOT / "configs" / "slurm"
+
+
+def render(*argv: str) -> str:
+    return render_from_argv(list(argv))[0]
+
+
+def directives(script: str) -> dict[str, str | bool]:
+    found = {}
+    for option in re.findall(r"^#SBATCH --(\S+)", script, flags=re.MULTILINE):
+        key, _, value = option.partition("=")
+        found[key] = value or True
+    return found
+
+
+def cli_words(script: str) -> list[str]:
+    """The `python cli.py fit ...` command the job's srun runs, as words."""
+    after_srun = script[script.index("\nsrun "):].split("\n", 2)[2]  # skip srun's own line
+    return shlex.split(after_srun.replace("\\\n", " "))
+
+
+def option_values(words: list[str]) -> dict[str, str]:
+    return {word: value for word, value in zip(words, words[1:]) if word.startswith("--")}
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodes, gpus", [(1, 4), (2, 4), (3, 2)])
+def test_slurm_tasks_and_nodes_mirror_the_trainer(nodes, gpus):
+    script = render("--config", "configs/unet_chexpert.yaml", "--nodes", str(nodes), "--gpus-per-node", str(gpus))
+    sbatch, cli = directives(script), option_values(cli_words(script))
+    assert sbatch["nodes"] == cli["--trainer.num_nodes"] == str(nodes)
+    assert sbatch["ntasks-per-node"] == cli["--trainer.devices"] == str(gpus)
+    assert sbatch["gres"] == f"gpu:{gpus}"
+    assert cli["--trainer.strategy"] == "ddp" and cli["--trainer.accelerator"] == "gpu"
+    assert f"srun --kill-on-bad-exit=1 --cpus-per-task={sbatch['cpus-per-task']}" in script
+
+
+def test_requeue_signal_log_and_job_name():
+    sbatch = directives(render("--config", "configs/unet_chexpert.yaml", "--time", "02:00:00"))
+    assert sbatch["signal"] == "SIGUSR1@90"
+    assert sbatch["requeue"] is True and sbatch["open-mode"] == "append"
+    assert sbatch["time"] == "02:00:00"
+    assert sbatch["job-name"] == "unet_chexpert"  # never "bash"/"interactive": Lightning would ignore SLURM
+    assert sbatch["output"] == f"{REPO_ROOT}/runs/unet_chexpert/slurm-%j.out"
+    assert sbatch["chdir"] == str(REPO_ROOT)
+
+
+def test_each_experiment_gets_the_run_root_of_its_config(tmp_path):
+    script = render("--config", "configs/resnet18_isic.yaml")
+    root = f"{REPO_ROOT}/runs/resnet18_isic"
+    assert option_values(cli_words(script))["--trainer.default_root_dir"] == root
+    assert f"RUN_ROOT={root}\n" in script
+    assert 'echo "TensorBoard: tensorboard --logdir ${RUN_ROOT}/tensorboard"' in script
+
+    nameless = tmp_path / "no_root.yaml"  # a config without default_root_dir: runs/<its name>
+    nameless.write_text(yaml.safe_dump({"trainer": {"max_steps": 1}}))
+    assert f"RUN_ROOT={REPO_ROOT}/runs/no_root\n" in render("--config", str(nameless))
+    assert f"RUN_ROOT={tmp_path}/elsewhere\n" in render("--config", str(nameless), "--root-dir", str(tmp_path / "elsewhere"))
+
+
+def test_gres_only_for_gpus_and_cpus_per_task_from_the_data_workers():
+    gpu = directives(render("--config", "configs/unet_chexpert.yaml", "--gpus-per-node", "4"))
+    cpu = directives(render("--config", "configs/demo.yaml", "--accelerator", "cpu", "--gpus-per-node", "2"))
+    assert gpu["gres"] == "gpu:4" and "gres" not in cpu
+    assert gpu["cpus-per-task"] == "9"  # unet_chexpert: num_workers 8, plus the training process
+    assert cpu["cpus-per-task"] == "1"  # demo: num_workers 0
+
+
+def test_optional_resources_only_when_asked():
+    plain = directives(render("--config", "configs/demo.yaml"))
+    assert not {"partition", "account", "mem"} & plain.keys()
+    full = directives(render("--config", "configs/demo.yaml", "--partition", "gpu", "--account", "lab",
+                             "--mem", "200G", "--cpus-per-task", "6"))
+    assert (full["partition"], full["account"], full["mem"], full["cpus-per-task"]) == ("gpu", "lab", "200G", "6")
+
+
+def test_extra_args_reach_the_cli_and_may_not_override_the_resume():
+    script = render("--config", "configs/demo.yaml", "--extra-args", "--trainer.max_steps 7 --data.init_args.root='/a b'")
+    words = cli_words(script)
+    assert words[-3:] == ["--trainer.max_steps", "7", "--data.init_args.root=/a b"]
+    # No --ckpt_path: it would take precedence over the hpc checkpoint after a requeue.
+    assert not any(word.startswith("--ckpt_path") for word in words)
+    for reserved in ("--ckpt_path last", "--ckpt_path=last", "--trainer.devices 8", "--trainer.num_nodes=2"):
+        with pytest.raises(ValueError, match=reserved.split()[0].split("=")[0]):
+            render("--config", "configs/demo.yaml", "--extra-args", reserved)
+    with pytest.raises(ValueError, match="Lightning ignores SLURM"):
+        render("--config", "configs/demo.yaml", "--job-name", "interactive")
+
+
+@pytest.mark.parametrize("script_path", sorted(SLURM_DIR.glob("*.sbatch")), ids=lambda path: path.name)
+def test_job_scripts_in_the_repository_are_up_to_date(script_path):
+    text = script_path.read_text()
+    command = re.search(r"^#   python -m lightning_modules\.slurm (.*)$", text, flags=re.MULTILINE).group(1)
+    assert render(*shlex.split(command)) == text, f"re-render {script_path.name}: python -m lightning_modules.slurm {command}"
+    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+
+
+def test_committed_scripts_cover_one_and_two_nodes_of_four_gpus():
+    shapes = {(d["nodes"], d["ntasks-per-node"], d["gres"]) for d in map(directives, map(Path.read_text, SLURM_DIR.glob("*.sbatch")))}
+    assert {("1", "4", "gpu:4"), ("2", "4", "gpu:4")} <= shapes
+
+
+def test_main_prints_the_script_and_creates_the_run_root(tmp_path, capsys):
+    main(["--config", "configs/demo.yaml", "--root-dir", str(tmp_path / "run"), "--accelerator", "cpu"])
+    assert capsys.readouterr().out.startswith("#!/bin/bash\n")
+    assert (tmp_path / "run").is_dir()  # SLURM opens --output there and does not create folders
+
+
+def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
+    config = yaml.safe_load((REPO_ROOT / "configs/baseline_demo.yaml").read_text())  # no callbacks of its own
+    config["trainer"]["default_root_dir"] = str(tmp_path / "run")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
+    made = subprocess.run(["make", "-s", "slurm-job", f"CONFIG={tmp_path / 'exp.yaml'}", "NODES=1", "GPUS=2",
+                           f"PYTHON={sys.executable}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    assert directives(made.stdout)["ntasks-per-node"] == "2"
+    # The CLI parses every option the job passes (the callback appended to an absent list too).
+    words = cli_words(made.stdout)
+    printed = subprocess.run([sys.executable, *words[1:], "--trainer.accelerator", "cpu", "--print_config"],
+                             cwd=REPO_ROOT, capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr[-3000:]
+    trainer = yaml.safe_load(printed.stdout)["trainer"]
+    assert (str(trainer["devices"]), trainer["num_nodes"], trainer["strategy"]) == ("2", 1, "ddp")
+    assert [c["class_path"] for c in trainer["callbacks"]] == ["lightning_modules.slurm.LogTrainStart"]
+
+
+# ---- a real one-node SLURM on localhost ---------------------------------------------------------
+
+SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
+FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+# The demo config made tiny: 2 x 8 images a step, no sanity check; `val_steps` 2 noise draws.
+TINY_DEMO = ("--trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1 --trainer.enable_model_summary false "
+             "--data.init_args.num_train 256 --data.init_args.num_val 16 --data.init_args.num_test 16 "
+             "--data.init_args.batch_size 8 --model.init_args.val_steps 2")
+
+
+def why_no_slurm() -> str | None:
+    missing = [program for program in SLURM_PROGRAMS if shutil.which(program) is None]
+    if missing:
+        return (f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
+                "slurm-client munge (Debian), as .ci/run does")
+    if os.geteuid() != 0:
+        return "the local SLURM runs slurmd and slurmctld as root (SlurmUser=root): run as root"
+    try:
+        pwd.getpwnam("munge")
+    except KeyError:
+        return "no 'munge' user to run munged as (the Debian munge package creates it)"
+    if (os.cpu_count() or 1) < 2:
+        return "the 2-task job needs 2 CPUs"
+    return None
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class LocalSlurm:
+    """munged, slurmctld and slurmd on localhost, everything (state, spool, logs, pid files, the
+    munge key and socket) in `folder`, on free ports: independent of any SLURM on the machine."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.conf = folder / "slurm.conf"
+        self.munge = folder / "munge"
+        # Jobs inherit this environment (sbatch --export=ALL): srun, and the `scontrol requeue`
+        # Lightning runs, find this cluster through SLURM_CONF. SLURM_* of an outer job would confuse them.
+        self.env = {key: value for key, value in os.environ.items() if not key.startswith("SLURM_")}
+        self.env["SLURM_CONF"] = str(self.conf)
+
+    # -- daemons
+    def start(self) -> None:
+        self.folder.chmod(0o755)  # munged, as user munge, must reach its socket folder
+        self.start_munged()
+        self.conf.write_text(self.slurm_conf())
+        for daemon in ("slurmctld", "slurmd"):
+            started = subprocess.run([daemon, "-f", str(self.conf)], env=self.env, capture_output=True, text=True)
+            if started.returncode != 0:
+                pytest.fail(f"{daemon} did not start: {started.stderr}\n{self.daemon_logs()}")
+        self.wait_for(lambda: self.slurm("sinfo", "-h", "-o", "%T", check=False) == "idle", 60, "the node to be idle")
+
+    def start_munged(self) -> None:
+        self.munge.mkdir(mode=0o755)
+        key = self.munge / "munge.key"
+        key.write_bytes(os.urandom(1024))
+        key.chmod(0o600)
+        for path in (self.munge, key):
+            shutil.chown(path, "munge", "munge")
+        subprocess.run(["munged", f"--key-file={key}", f"--socket={self.munge}/munge.socket",
+                        f"--pid-file={self.munge}/munged.pid", f"--log-file={self.munge}/munged.log",
+                        f"--seed-file={self.munge}/munged.seed"],
+                       user="munge", group="munge", extra_groups=[], check=True, capture_output=True)
+
+    def slurm_conf(self) -> str:
+        # `slurmd -C` prints this machine as a NodeName line: its real CPUs and RealMemory.
+        node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+        name = re.match(r"NodeName=(\S+)", node).group(1)
+        controller_port, node_port = free_ports(2)
+        return f"""\
+ClusterName=pytest
+SlurmctldHost={name}(127.0.0.1)
+SlurmUser=root
+SlurmctldPort={controller_port}
+SlurmdPort={node_port}
+AuthType=auth/munge
+CredType=cred/munge
+# A requeued job waits cred_expire seconds (default 120) before it may start again.
+AuthInfo=socket={self.munge}/munge.socket,cred_expire=5
+StateSaveLocation={self.folder}/state
+SlurmdSpoolDir={self.folder}/spool
+SlurmctldPidFile={self.folder}/slurmctld.pid
+SlurmdPidFile={self.folder}/slurmd.pid
+SlurmctldLogFile={self.folder}/slurmctld.log
+SlurmdLogFile={self.folder}/slurmd.log
+# No cgroups needed: track processes through /proc, bind no tasks to CPUs.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+# Look at pending jobs every 2 s (default 60), so the requeued job starts soon after it may.
+SchedulerParameters=sched_interval=2
+KillWait=5
+ReturnToService=2
+MinJobAge=600
+{node} NodeAddr=127.0.0.1
+PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
+"""
+
+    def stop(self) -> None:
+        if self.conf.exists():
+            self.slurm("scancel", "--user=root", check=False)
+            self.wait_for(lambda: not self.slurm("squeue", "-h", check=False), 30, "cancelled jobs to end", fail=False)
+        for pid_file in (self.folder / "slurmd.pid", self.folder / "slurmctld.pid", self.munge / "munged.pid"):
+            stop_pid_in(pid_file)
+
+    # -- clients
+    def slurm(self, *command: str, check: bool = True) -> str:
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=60)
+        if check and done.returncode != 0:
+            pytest.fail(f"{shlex.join(command)} failed: {done.stderr}\n{self.daemon_logs()}")
+        return done.stdout.strip()
+
+    def submit(self, script: Path) -> str:
+        return self.slurm("sbatch", "--parsable", str(script)).split(";")[0]
+
+    def job(self, job_id: str) -> dict[str, str]:
+        return dict(re.findall(r"(\w+)=(\S*)", self.slurm("scontrol", "-o", "show", "job", job_id)))
+
+    def wait_until_finished(self, job_id: str, log: Path, timeout: float) -> dict[str, str]:
+        self.wait_for(lambda: self.job(job_id)["JobState"] in FINISHED_STATES, timeout,
+                      f"job {job_id} to finish", log=log)
+        return self.job(job_id)
+
+    def wait_for(self, condition, timeout: float, what: str, log: Path | None = None, fail: bool = True) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.5)
+        if fail:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{read_log(log) if log else ''}"
+                        f"\n{self.daemon_logs()}")
+        return False
+
+    def daemon_logs(self) -> str:
+        logs = [self.folder / "slurmctld.log", self.folder / "slurmd.log", self.munge / "munged.log"]
+        return "\n".join(f"--- {path.name} (end)\n{path.read_text()[-2000:]}" for path in logs if path.exists())
+
+
+def stop_pid_in(pid_file: Path) -> None:
+    """SIGTERM the daemon named by its pid file, SIGKILL it if it is still there after 10 s."""
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 2)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+
+
+def read_log(log: Path) -> str:
+    # tqdm redraws with carriage returns; as lines they read like the terminal showed them.
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else f"(no log at {log})"
+    return re.sub(r"\n\s*\n", "\n", text)
+
+
+KEY_LINES = re.compile(r"^job \d+ |GLOBAL_RANK|Starting with|training starts|auto-requeue|Requeued|"
+                       r"DUE TO JOB REQUEUE|Restor|hpc checkpoints|TensorBoard:|fit` stopped", re.MULTILINE)
+
+
+def print_key_lines(text: str) -> None:
+    """What a reader of the job's log looks for (shown by `pytest -rP` and with failures)."""
+    print("\n".join(line for line in text.splitlines() if KEY_LINES.search(line)))
+
+
+def global_step(checkpoint: Path) -> int:
+    return torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    reason = why_no_slurm()
+    if reason:
+        pytest.skip(reason)
+    # Not pytest's tmp_path: its /tmp/pytest-of-root is private to root, and munged runs as munge.
+    cluster = LocalSlurm(Path(tempfile.mkdtemp(prefix="test-slurm-")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(cluster.folder, ignore_errors=True)
+
+
+def submit_demo(cluster: LocalSlurm, name: str, extra_args: str) -> tuple[str, Path, Path]:
+    """Renders the demo config's job script for 2 CPU tasks on 1 node and sbatches it."""
+    root = cluster.folder / "runs" / name
+    script = cluster.folder / f"{name}.sbatch"
+    script.write_text(render("--config", "configs/demo.yaml", "--accelerator", "cpu", "--gpus-per-node", "2",
+                             "--job-name", name, "--root-dir", str(root), "--time", "10:00",
+                             "--python", sys.executable, "--extra-args", f"{TINY_DEMO} {extra_args}"))
+    root.mkdir(parents=True)
+    job_id = cluster.submit(script)
+    return job_id, root, root / f"slurm-{job_id}.out"
+
+
+def test_real_slurm_runs_the_rendered_job_with_two_ddp_ranks(slurm):
+    job_id, root, log = submit_demo(slurm, "two_ranks", "--trainer.max_steps 4 --trainer.val_check_interval 4 "
+                                                         "--trainer.limit_val_batches 1")
+    job = slurm.wait_until_finished(job_id, log, timeout=240)
+    text = read_log(log)
+    print_key_lines(text)
+    assert job["JobState"] == "COMPLETED", text
+    for line in ("Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2",
+                 "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2",
+                 "All distributed processes registered. Starting with 2 processes",
+                 "training starts at global step 0, epoch 0 (SLURM restart 0, 2 processes)",
+                 f"TensorBoard: tensorboard --logdir {root}/tensorboard"):
+        assert line in text, text
+    assert global_step(root / "checkpoints" / "last.ckpt") == 4
+    assert list((root / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_real_slurm_requeues_on_sigusr1_and_resumes_from_the_hpc_checkpoint(slurm):
+    max_steps = 16
+    job_id, root, log = submit_demo(slurm, "requeue", f"--trainer.max_steps {max_steps} --trainer.limit_val_batches 0 "
+                                                      "--checkpoint.every_n_train_steps 4")
+    # Signal once training has made progress: the first periodic checkpoint shows step 4 is done.
+    slurm.wait_for(lambda: any((root / "checkpoints").glob("*step=*.ckpt")), 180, "step 4 of the training", log=log)
+    # Plain `scancel --signal` signals the job steps (srun's Lightning processes), as
+    # `--signal=SIGUSR1@90` does; --batch/--full would signal the batch shell, which USR1 kills.
+    slurm.slurm("scancel", "--signal=USR1", job_id)
+    hpc_checkpoint = root / "hpc_ckpt_1.ckpt"
+    job = slurm.wait_until_finished(job_id, log, timeout=240)
+    text = read_log(log)
+    print_key_lines(text)
+    print(f"scontrol: JobState={job['JobState']} Restarts={job['Restarts']}; hpc_ckpt_1.ckpt at global step "
+          f"{global_step(hpc_checkpoint) if hpc_checkpoint.exists() else None}; "
+          f"last.ckpt at global step {global_step(root / 'checkpoints' / 'last.ckpt')}")
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
+
+    assert hpc_checkpoint.exists(), text
+    step_at_signal = global_step(hpc_checkpoint)
+    assert 4 <= step_at_signal < max_steps, text
+    restart_header = f"job {job_id} (requeue) restart 1 "
+    assert restart_header in text, text
+    first_run, requeued_run = text.split(restart_header, 1)
+    assert "Handling auto-requeue signal" in first_run and f"Requeued SLURM job: {job_id}" in first_run, text
+    assert "training starts at global step 0, epoch 0 (SLURM restart 0, 2 processes)" in first_run, text
+    assert f"Restored all states from the checkpoint at {hpc_checkpoint}" in requeued_run, text
+    assert f"training starts at global step {step_at_signal}, " in requeued_run, text
+    assert "training starts at global step 0," not in requeued_run, text
+    assert global_step(root / "checkpoints" / "last.ckpt") == max_steps
