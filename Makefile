@@ -11,12 +11,16 @@ help:  ## list the targets
 install:  ## install the pinned requirements (idempotent: pip skips what is there)
 	$(PIP) install -q -r requirements.txt
 
-demo: install  ## train + test the tiny UNet on the embedded synthetic data (CPU, <10 min)
+demo: install  ## train + test the tiny UNet on the embedded synthetic data, explain 8 test images (CPU, <10 min)
 	rm -rf runs/demo
 	@start=$$(date +%s); \
 	$(PYTHON) cli.py fit --config configs/demo.yaml && \
 	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
-	$(PYTHON) -c 'from lightning_modules.evaluation import main; main()' runs/demo --seconds $$(( $$(date +%s) - start ))
+	seconds=$$(( $$(date +%s) - start )) && \
+	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
+		--trainer.limit_predict_batches 1 --data.init_args.batch_size 8 && \
+	$(PYTHON) -c 'from lightning_modules.evaluation import main; main()' runs/demo --seconds $$seconds && \
+	$(PYTHON) -m lightning_modules.explanations runs/demo
 
 test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q

@@ -11,6 +11,11 @@ p = 0.5, "random Gaussian blur" with kernel 5 and sigma in (0.1, 2). It does not
 the blur happens; here it is applied with probability 0.5 (`RandomApply`), like the flips, so
 half of the training images keep their full sharpness (option `blur_p`). Nothing is applied at
 evaluation (`evaluation_augmentation` is the identity).
+
+Beyond B.2, `intensity` > 0 adds brightness and contrast jitter (torchvision's ColorJitter with
+that strength, on the image mapped to [0, 1]): X-rays from another scanner or hospital differ in
+exposure and contrast, which the B.2 geometric augmentations do not cover. Off by default, so the
+paper configs keep the paper's pipeline.
 """
 
 from __future__ import annotations
@@ -38,15 +43,30 @@ def training_augmentation(
     blur_sigma: tuple[float, float] = BLUR_SIGMA,
     blur_p: float = BLUR_P,
     fill: float = FILL,
+    intensity: float = 0.0,
 ) -> v2.Compose:
-    """The Appendix B.2 pipeline for one (C, H, W) image, in the paper's order."""
+    """The Appendix B.2 pipeline for one (C, H, W) image, in the paper's order (then the optional
+    intensity jitter)."""
+    jitter = [IntensityJitter(intensity)] if intensity > 0 else []
     return v2.Compose([
         # bilinear rather than torchvision's default nearest: at 32-64 px nearest turns edges jagged
         v2.RandomRotation(degrees=(-degrees, degrees), interpolation=InterpolationMode.BILINEAR, fill=fill),
         v2.RandomHorizontalFlip(p=flip_p),
         v2.RandomVerticalFlip(p=flip_p),
         v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel, sigma=blur_sigma)], p=blur_p),
+        *jitter,
     ])
+
+
+class IntensityJitter(nn.Module):
+    """Random brightness and contrast (factors in [1 - strength, 1 + strength]) of an image in [-1, 1]."""
+
+    def __init__(self, strength: float):
+        super().__init__()
+        self.jitter = v2.ColorJitter(brightness=strength, contrast=strength)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.jitter((image + 1) / 2) * 2 - 1
 
 
 def evaluation_augmentation() -> v2.Identity:

@@ -41,6 +41,9 @@ class BaselineClassifier(L.LightningModule):
             ResNet/EfficientNet; none given for ViT/Swin).
         augment: apply the Appendix B.2 training augmentations (rotation, flips, blur).
         blur_p: probability of the Gaussian blur (the paper says only "random"; 0.5 like the flips).
+        intensity_jitter: strength of an extra brightness/contrast jitter (not in the paper; 0 = off),
+            for data whose test images come from other scanners (see augmentation.py).
+        label_smoothing: cross-entropy label smoothing (not in the paper; 0 = off).
         mc_dropout_passes: T > 0: test and predict average the softmax of T forwards with the
             dropout layers active (MC dropout; needs drop_rate > 0) and report the entropy of that
             mean; 0: a single deterministic forward and its softmax entropy.
@@ -59,6 +62,8 @@ class BaselineClassifier(L.LightningModule):
         weight_decay: float = 0.0,
         augment: bool = True,
         blur_p: float = BLUR_P,
+        intensity_jitter: float = 0.0,
+        label_smoothing: float = 0.0,
         mc_dropout_passes: int = 0,
     ):
         super().__init__()
@@ -71,7 +76,7 @@ class BaselineClassifier(L.LightningModule):
         self.network = build_backbone(backbone, num_classes, image_size, image_channels, pretrained_path, drop_rate)
         if mc_dropout_passes and not dropout_layers(self.network):
             raise ValueError(f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})")
-        self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p)) if augment else nn.Identity()
+        self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p, intensity=intensity_jitter)) if augment else nn.Identity()
         self.val_metrics = MetricCollection(
             {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
         )
@@ -88,7 +93,7 @@ class BaselineClassifier(L.LightningModule):
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         images = self.augmentation(batch["image"])  # the module is in train mode here: augments
-        loss = F.cross_entropy(self(images), batch["label"])
+        loss = F.cross_entropy(self(images), batch["label"], label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

@@ -213,3 +213,26 @@ def sample_grid(denoiser, transform, schedule, image_shape: tuple[int, ...], num
     samples = ddim_sample(denoiser, z, labels, schedule, 1.0, settings.monitor_steps, settings.guidance_scale, null_label)
     pixels = ((transform.decode(samples).clamp(-1, 1) + 1) / 2).float().cpu()
     return make_grid(pixels, nrow=per_class, padding=1, pad_value=1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Prints where the newest explanations under a run folder are, and their faithfulness numbers."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("run_dir", help="a run's default_root_dir, e.g. runs/demo")
+    args = parser.parse_args(argv)
+    found = sorted(Path(args.run_dir).rglob(EXPLAIN_FILE), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise SystemExit(f"no {EXPLAIN_FILE} under {args.run_dir}: run `python cli.py predict ... --model.init_args.explain true` first")
+    numbers = json.loads(found[-1].read_text())
+    folder = found[-1].parent / EXPLANATIONS_DIR
+    shown = ["flip_rate", "factual_kept_rate", "factual_closer_rate", "l2_input_factual", "l2_input_counterfactual", "concentration_ratio"]
+    lines = [f"  {key:<24} {numbers[key]:.3f}" for key in shown if key in numbers]
+    print(f"\nExplanations of {numbers['n_images']} images (t0 = {numbers['settings']['t0']}, w = "
+          f"{numbers['settings']['guidance_scale']}, {numbers['settings']['sampling_steps']} DDIM steps):\n" + "\n".join(lines))
+    print(f"  open {folder / 'summary.png'} (one row per image) and {folder}/image_<id>.png\n")
+
+
+if __name__ == "__main__":
+    main()

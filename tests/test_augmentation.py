@@ -121,3 +121,15 @@ def test_every_image_is_rotated_by_an_angle_uniform_in_plus_minus_30_degrees():
     assert angles.min() < -25 and angles.max() > 25  # the whole range is used
     assert (angles.abs() > 0.5).float().mean() > 0.95  # applied always, not with some probability
     assert within_binomial_bounds(int((angles.abs() < 15).sum()), 500, 0.5)  # uniform: |angle| < 15 half the time
+
+
+def test_intensity_jitter_is_off_by_default_and_scales_brightness_and_contrast_within_its_strength():
+    from lightning_modules.augmentation import IntensityJitter
+
+    assert not any(isinstance(t, IntensityJitter) for t in training_augmentation().transforms)
+    assert isinstance(training_augmentation(intensity=0.3).transforms[-1], IntensityJitter)
+    image = torch.full((3, 8, 8), 0.0)  # mid-grey: 0.5 in [0, 1]
+    means = torch.stack([IntensityJitter(0.3)(image).mean() for _ in range(200)])
+    # brightness factor b in [0.7, 1.3] on 0.5 (contrast keeps a flat image flat): 0.35..0.65 in [0, 1]
+    assert means.min() >= 2 * 0.35 - 1 - 1e-5 and means.max() <= 2 * 0.65 - 1 + 1e-5
+    assert means.std() > 0.05  # it does change the brightness

@@ -128,7 +128,7 @@ EXPLAIN_ARGS = [
 ]
 
 
-def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path):
+def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):
     main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2")])
     cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS])
     run = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}"
@@ -144,6 +144,10 @@ def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path):
     assert numbers["n_images"] == 7 and numbers["n_counterfactuals"] == 7
     assert 0.0 <= numbers["flip_rate"] <= 1.0 and numbers["settings"]["sampling_steps"] == 3
     assert (run / "predictions.csv").read_text().count("\n") == 8  # predictions are still written
+    from lightning_modules.explanations import main as show_explanations
+
+    show_explanations([str(tmp_path)])  # what `make demo` prints at its end
+    assert str(run / "explanations" / "summary.png") in capsys.readouterr().out
 
 
 def test_fit_logs_monitoring_images_to_tensorboard(tmp_path):
