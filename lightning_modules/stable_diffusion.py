@@ -11,6 +11,10 @@ latent space.
              scheduler says, plain MSE, AdamW.
   val/test:  `DiscreteSchedule` and `PromptDenoiser` present the discrete-time eps- or
              v-prediction UNet to classify_images as the continuous-time v-denoiser it expects.
+  explain:   predict with `explain: true`: the pixel-space models' counterfactuals (explanations.py)
+             in latent space: encode (mean latent) -> noise to t0 -> guided DDIM toward each class
+             prompt, the empty prompt as the null condition -> VAE decode -> difference maps and
+             the flip check by this same classifier (`LatentTransform`, `explain`).
 
 Prompts: one or more per class, keyed by class name. Several prompts of a class are averaged in
 text-embedding space, once, into one embedding per class that training and classification both
@@ -36,17 +40,20 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .diffusion.classify import ClassifierSettings, classify_images
+from .diffusion.explain import ExplainSettings, is_grayscale
 from .diffusion.loss import drop_labels
 from .diffusion.noise import shared_noise
 from .diffusion.schedule import broadcast_like
 from .diffusion.voting import summarize
 from .evaluation import TestOutputs
+from .explanations import ExplanationOutputs, explain_batch
 
 # The file each diffusers sub-folder must hold (an interrupted download leaves empty folders).
 WEIGHT_FOLDERS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -60,6 +67,7 @@ PAPER_PROMPTS = {
     "melanoma": ["a malignant skin lesion, melanoma"],
 }
 VALIDATION_LOSS_SEED = -1  # as in DiffusionClassifier: a noise stream no classification seed uses
+VAE_BATCH = 32  # images per VAE forward when explaining (B x C reconstructions go through the decoder)
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -118,6 +126,60 @@ class PromptDenoiser:
         return (prediction - sigma * z.float()) / alpha
 
 
+def vae_latents(vae: AutoencoderKL, images: Tensor, sample: bool = False) -> Tensor:
+    """Images in [-1, 1] (B, 1 or 3, H, W) -> scaled VAE latents: the latent distribution's mean
+    (mode) unless `sample`. Grayscale (1-channel) images are repeated to the VAE's 3 channels."""
+    images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+    posterior = vae.encode(images.to(vae.dtype)).latent_dist
+    latents = posterior.sample() if sample else posterior.mode()
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@dataclass
+class LatentTransform:
+    """explain_batch's `transform` for Stable Diffusion: pixels in [-1, 1] <-> scaled VAE latents.
+
+    encode: the classifier's own latents (`vae_latents`, the mean latent: explanations are
+        deterministic, and the image the classifier saw is the one explained), in fp32 so the
+        DDIM loop does not run in bf16 under autocast.
+    decode: latents / scaling factor (+ shift) -> VAE decoder -> pixels, `image_channels` of them.
+        The VAE sees and returns 3 channels. A 1-channel input gets the channel mean back; a
+        3-channel input flagged in `grayscale` (B,) (all channels equal, e.g. CheXpert as loaded)
+        gets the channel mean repeated 3 times, so its reconstructions stay grey like the input,
+        and explain.py's "auto" difference mode, which looks at the input, gives it a signed map.
+        `grayscale` is per input image; decode's rows are image-major (image b's C class
+        reconstructions are rows b*C .. b*C + C - 1, as explain_batch decodes them).
+    Both run the VAE `max_batch` images at a time.
+    """
+
+    vae: AutoencoderKL
+    image_channels: int = 3
+    grayscale: Tensor | None = None
+    max_batch: int = VAE_BATCH
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        return torch.cat([vae_latents(self.vae, chunk) for chunk in images.split(self.max_batch)]).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        pixels = torch.cat([
+            self.vae.decode((chunk / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False)[0]
+            for chunk in latents.split(self.max_batch)]).float()
+        grey = pixels.mean(dim=1, keepdim=True)
+        if self.image_channels == 1:
+            return grey
+        if self.grayscale is None:
+            return pixels
+        if len(pixels) % len(self.grayscale):
+            raise ValueError(f"{len(pixels)} latents to decode for {len(self.grayscale)} grayscale flags: "
+                             "expected the same number of rows for every image")
+        rows = self.grayscale.to(pixels.device).repeat_interleave(len(pixels) // len(self.grayscale))
+        return torch.where(rows.view(-1, 1, 1, 1), grey.expand_as(pixels), pixels)
+
+
 class StableDiffusionClassifier(L.LightningModule):
     """Stable Diffusion (diffusers layout on local disk) fine-tuned on class prompts and used as a classifier.
 
@@ -135,6 +197,14 @@ class StableDiffusionClassifier(L.LightningModule):
         classification: how test and predict classify; see ClassifierSettings.
         val_steps: (eps, t) pairs per image when classifying during validation; 0 logs val/loss only.
         save_errors: also save every image's C x N error matrix (errors.pt).
+        explain: `predict` also explains every image (as DiffusionClassifier does): factual and
+            counterfactual reconstructions toward every class prompt, difference maps, PNGs, .npz and
+            explain.json (lightning_modules/explanations.py).
+        explanation: how (ExplainSettings). With this model t0 is the fraction of the checkpoint's
+            T DDPM timesteps the latent is noised to (t0 = 0.5: timestep 500 of 1000, diffusers'
+            img2img strength 0.5); guidance_scale is w of (1 + w) * cond - w * uncond (paper eq. 5),
+            the unconditional prediction being the empty prompt's, so w = 7.5 is diffusers'
+            guidance_scale 8.5. The fit-time monitoring options (every_n_epochs, ...) are not used.
     """
 
     def __init__(self, weights_dir: str, finetuned_checkpoint: str | None = None,
@@ -142,7 +212,8 @@ class StableDiffusionClassifier(L.LightningModule):
                  class_names: list[str] | None = None, image_size: int = 256, image_channels: int = 3,
                  learning_rate: float = 1e-5, weight_decay: float = 1e-2, label_dropout: float = 0.1,
                  gradient_checkpointing: bool = True, classification: ClassifierSettings = ClassifierSettings(),
-                 val_steps: int = 0, save_errors: bool = False):
+                 val_steps: int = 0, save_errors: bool = False, explain: bool = False,
+                 explanation: ExplainSettings = ExplainSettings()):
         super().__init__()
         root = check_weights_dir(weights_dir)  # before any heavy work
         if finetuned_checkpoint and not Path(finetuned_checkpoint).is_file():
@@ -176,6 +247,11 @@ class StableDiffusionClassifier(L.LightningModule):
         self.val_metrics = MetricCollection(
             {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")})
         self.test_outputs = TestOutputs(self.class_names)
+        self.explanation = explanation
+        self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
+        if explanation.every_n_epochs > 0:
+            rank_zero_warn("explanation.every_n_epochs: StableDiffusionClassifier logs no explanations during fit "
+                           "(predict with explain: true explains); the option is ignored")
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -201,12 +277,8 @@ class StableDiffusionClassifier(L.LightningModule):
     @torch.no_grad()
     def encode_images(self, images: Tensor, sample: bool = False) -> Tensor:
         """Images in [-1, 1] (B, 1 or 3, H, W) -> scaled VAE latents; the mean latent unless `sample`
-        (training draws, as the recipe does; classification stays deterministic)."""
-        images = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        latents = posterior.sample() if sample else posterior.mode()
-        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * self.vae.config.scaling_factor
+        (training draws, as the recipe does; classification and explanations stay deterministic)."""
+        return vae_latents(self.vae, images, sample)
 
     # ---- training -------------------------------------------------------------------------
     def diffusion_loss(self, latents: Tensor, labels: Tensor, timesteps: Tensor, noise: Tensor, dropout: float) -> Tensor:
@@ -246,20 +318,60 @@ class StableDiffusionClassifier(L.LightningModule):
         outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
         return outputs | {key: batch[key] for key in ("id", "label", "path") if key in batch}
 
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+    def classify_batch(self, batch: dict) -> dict[str, Tensor]:
+        """Test and predict's per-image outputs (errors only with save_errors)."""
         outputs = self.classify(batch, self.classification)
         if not self.hparams.save_errors:
             outputs.pop("errors")
         return outputs
 
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        outputs = self.classify_batch(batch)
+        if self.hparams.explain:
+            self.explanation_outputs.add(self.explain(batch, outputs["prediction"], self.explanation), self.output_dir,
+                                         batch.get("label"))
+        return outputs
+
+    def on_predict_epoch_end(self) -> None:
+        if self.hparams.explain:
+            self.explanation_outputs.finish(self.trainer, self.output_dir)
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_outputs.add(self.predict_step(batch, batch_idx))
+        self.test_outputs.add(self.classify_batch(batch))
 
     def on_test_epoch_end(self) -> None:
         metrics = self.test_outputs.finish(self.trainer, self.classification, info={"prompts": self.class_prompts})
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
         scalars |= {f"accuracy_filtered/{fraction}": v for fraction, v in metrics["accuracy_filtered"].items()}
         self.log_dict({f"test/{k}": v for k, v in scalars.items()})
+
+    # ---- explanation ----------------------------------------------------------------------
+    @property
+    def output_dir(self):
+        return self.trainer.log_dir or self.trainer.default_root_dir
+
+    def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
+        """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers.
+
+        explain_batch in latent space: `PromptDenoiser` and `DiscreteSchedule` as denoiser and
+        schedule, the empty prompt (row C of the embeddings) as the null label of guidance, and
+        the flip check classifies the decoded counterfactuals (pixels) with `classify`, N = flip_steps.
+        """
+        if settings.factual == "label" and "label" not in batch:
+            raise ValueError("explanation.factual='label' needs labelled data; use factual: predicted")
+        factual = batch["label"] if settings.factual == "label" else predictions
+        images = batch["image"]
+        transform = LatentTransform(self.vae, images.shape[1], is_grayscale(images))
+        denoiser = PromptDenoiser(self.unet, self.text_embeddings(), self.schedule, self.prediction_type)
+        classify_pixels = None  # flip_steps = 0: no flip check
+        if settings.flip_steps > 0:
+            flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
+
+            def classify_pixels(pixels: Tensor, ids: Tensor) -> Tensor:
+                return self.classify({"image": pixels, "id": ids}, flip_settings)["prediction"]
+
+        return explain_batch(denoiser, transform, self.schedule, images, batch["id"], factual, self.hparams.num_classes,
+                             self.hparams.num_classes, settings, classify_pixels, self.classification.max_forward_batch)
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.learning_rate,

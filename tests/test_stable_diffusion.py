@@ -6,6 +6,8 @@ diffusers layout, then read back by the module with `from_pretrained(..., local_
 
 import json
 import shutil
+
+import numpy as np
 from types import SimpleNamespace
 
 import pytest
@@ -17,7 +19,10 @@ from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
 from lightning_modules import StableDiffusionClassifier
 from lightning_modules.diffusion.classify import ClassifierSettings, classify_images
-from lightning_modules.stable_diffusion import PAPER_PROMPTS, DiscreteSchedule, MissingWeightsError, PromptDenoiser
+from lightning_modules.diffusion.explain import ExplainSettings
+from lightning_modules.diffusion.sampler import ddim_sample, noise_to
+from lightning_modules.stable_diffusion import (PAPER_PROMPTS, DiscreteSchedule, LatentTransform, MissingWeightsError,
+                                                PromptDenoiser)
 
 PROMPT_WORDS = sorted({word for prompts in PAPER_PROMPTS.values() for prompt in prompts for word in prompt.replace(",", " ").split()})
 IMAGE_SIZE = 16  # the tiny VAE halves it: 4 x 8 x 8 latents
@@ -313,6 +318,11 @@ def test_classification_configs_parse_and_build_the_model(config, kind, weights,
     expected = ["no_finding", "pleural_effusion"] if kind == "chest" else ["benign", "melanoma"]
     assert model.class_names == expected and model.class_prompts == [PAPER_PROMPTS[name] for name in expected]
     assert model.classification.num_steps == 501 and model.classification.rule == "majority"
+    if config in ("sd_chexpert", "sd_isic"):  # paper Fig. 4: t0 0.5 (CheXpert) / 0.3 (ISIC), w 7.5, 256 DDIM steps
+        assert model.hparams.explain is False
+        explanation = model.explanation
+        assert (explanation.t0, explanation.guidance_scale, explanation.sampling_steps) == (
+            0.5 if kind == "chest" else 0.3, 7.5, 256)
     assert cli.trainer.precision == "32-true"  # overridden here; the configs ask for bf16-mixed
 
 
@@ -349,3 +359,89 @@ def test_configs_without_weights_dir_are_refused(tmp_path, capsys, in_repo_root)
     with pytest.raises((ValueError, FileNotFoundError), match=r"Stable Diffusion weights at .*nowhere"):
         main(["test", "--config=configs/sd_zeroshot_chexpert.yaml", f"--model.init_args.weights_dir={tmp_path / 'nowhere'}",
               *CLI_QUIET, *synthetic_overrides("chest")])
+
+
+# ---- counterfactual explanations (predict with explain: true) ------------------------------
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddim_in_discrete_time_returns_the_clean_latent_of_an_oracle_unet(prediction_type, chest_model):
+    """The sampler's alpha, sigma (DiscreteSchedule at continuous t) and the UNet's timestep agree at
+    every step, the last one (t = t0 / steps -> timestep 1 or 2, then t = 0 -> timestep 0) included:
+    a UNet that knows the clean latent x is sampled back to x exactly, whatever the steps."""
+    scheduler = chest_model.noise_scheduler
+    x = torch.randn(2, 4, 8, 8)
+
+    def oracle(z, timesteps, encoder_hidden_states, return_dict):
+        clean = x.repeat(len(z) // len(x), 1, 1, 1)  # guidance: conditional and unconditional rows of the same z
+        alpha_squared = scheduler.alphas_cumprod[timesteps].double().view(-1, 1, 1, 1)
+        eps = ((z.double() - alpha_squared.sqrt() * clean.double()) / (1 - alpha_squared).sqrt()).float()
+        return (eps if prediction_type == "epsilon" else scheduler.get_velocity(clean, eps, timesteps),)
+
+    schedule = DiscreteSchedule(scheduler.alphas_cumprod)
+    denoiser = PromptDenoiser(oracle, torch.zeros(3, 16, 32), schedule, prediction_type)
+    for t0, steps in ((0.5, 7), (0.3, 256), (0.01, 30)):  # 256 steps over 300 timesteps; 30 over 10 (repeats)
+        z = noise_to(x, torch.randn_like(x), t0, schedule)
+        sample = ddim_sample(denoiser, z, torch.tensor([0, 1]), schedule, t0, steps, guidance_scale=7.5, null_label=2)
+        torch.testing.assert_close(sample, x, atol=1e-4, rtol=1e-4)
+
+
+def test_latent_transform_matches_the_classifier_latents_and_keeps_grey_images_grey(chest_model):
+    vae = chest_model.vae
+    colour, grey = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1, (torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1)
+    images = torch.cat([colour[:1], grey[:1].expand(-1, 3, -1, -1), colour[1:]])
+    transform = LatentTransform(vae, 3, torch.tensor([False, True, False]), max_batch=2)
+    latents = transform.encode(images)
+    torch.testing.assert_close(latents, chest_model.encode_images(images))  # the mean latent, scaled, as classified
+    raw = vae.decode(latents.repeat_interleave(2, dim=0) / vae.config.scaling_factor).sample  # 2 rows per image
+    pixels = transform.decode(latents.repeat_interleave(2, dim=0))
+    torch.testing.assert_close(pixels[[0, 1, 4, 5]], raw[[0, 1, 4, 5]])  # colour: the decoder's 3 channels
+    torch.testing.assert_close(pixels[2:4], raw[2:4].mean(1, keepdim=True).expand(-1, 3, -1, -1))  # grey stays grey
+    one_channel = LatentTransform(vae, 1)
+    assert one_channel.decode(one_channel.encode(grey)).shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_explanations_at_t0_zero_are_the_vae_round_trip_and_the_seed_fixes_them(chest_model):
+    model = chest_model
+    data = tiny_data()
+    data.setup("test")
+    batch = next(iter(data.test_dataloader()))  # grey chest images, 3 equal channels
+    images, predictions = batch["image"], torch.tensor([1, 0])
+    record = model.explain(batch, predictions, ExplainSettings(t0=0.0, flip_steps=2))
+    # the tiny VAE is no identity: compare with decode(encode(x)), grey (channel mean) like the input
+    round_trip = model.vae.decode(model.encode_images(images) / model.vae.config.scaling_factor).sample
+    expected = round_trip.mean(1, keepdim=True).expand(-1, 3, -1, -1).clamp(-1, 1)
+    torch.testing.assert_close(record["reconstructions"], expected.unsqueeze(1).expand(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE))
+    assert record["maps"].abs().max() == 0 and record["signed"].all()  # grey inputs: signed maps
+    assert record["flip"].shape == (2, 2) and torch.equal(record["factual"], predictions)
+
+    settings = ExplainSettings(t0=0.5, sampling_steps=3, flip_steps=0)
+    first, again = (model.explain(batch, predictions, settings)["reconstructions"] for _ in range(2))
+    other_seed = model.explain(batch, predictions, ExplainSettings(t0=0.5, sampling_steps=3, flip_steps=0, seed=1))
+    assert torch.equal(first, again) and not torch.allclose(first, other_seed["reconstructions"])
+    assert "flip" not in other_seed  # flip_steps = 0: no flip check
+    assert not torch.allclose(first[:, 0], first[:, 1])  # the class prompt changes the reconstruction
+    assert (first[:, :, :1] == first).all()  # still grey
+
+
+def test_predict_with_explain_writes_pngs_npz_and_explain_json(weights, tmp_path, in_repo_root):
+    cli = main(["predict", "--config=configs/sd_isic.yaml", f"--model.init_args.weights_dir={weights}",
+                "--model.init_args.finetuned_checkpoint=null", "--model.init_args.classification.num_steps=2",
+                "--model.init_args.explain=true", "--model.init_args.explanation.sampling_steps=2",
+                "--model.init_args.explanation.flip_steps=2", f"--trainer.default_root_dir={tmp_path}",
+                *CLI_QUIET, *synthetic_overrides("skin")])
+    run = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}"
+    folder = run / "explanations"
+    assert sorted(p.name for p in folder.glob("image_*.png")) == ["image_6.png", "image_7.png", "image_8.png"]
+    assert (folder / "summary.png").is_file()
+    arrays = [np.load(path) for path in sorted(folder.glob("ids_*.npz"))]
+    assert sorted(int(i) for a in arrays for i in a["id"]) == [6, 7, 8]
+    assert {"id", "factual", "images", "reconstructions", "maps", "signed", "l1", "l2", "inside", "outside", "flip",
+            "flip_prediction", "label"} <= set(arrays[0].files)
+    assert arrays[0]["reconstructions"].shape[1:] == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert arrays[0]["maps"].shape[1:] == (2, IMAGE_SIZE, IMAGE_SIZE) and not arrays[0]["signed"].any()  # colour
+    numbers = json.loads((run / "explain.json").read_text())
+    assert {"n_images", "n_counterfactuals", "flip_rate", "factual_kept_rate", "flip_rate_by_target", "concentration_ratio",
+            "l1_input_factual", "l2_input_counterfactual", "settings"} <= set(numbers)
+    assert numbers["n_images"] == 3 and numbers["n_counterfactuals"] == 3 and 0 <= numbers["flip_rate"] <= 1
+    assert numbers["settings"]["t0"] == 0.3 and numbers["settings"]["sampling_steps"] == 2  # sd_isic.yaml's t0
+    assert (run / "predictions.csv").read_text().count("\n") == 1 + 3  # predictions are still written
