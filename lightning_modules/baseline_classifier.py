@@ -78,7 +78,8 @@ class BaselineClassifier(L.LightningModule):
             raise ValueError(f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})")
         self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p, intensity=intensity_jitter)) if augment else nn.Identity()
         self.val_metrics = MetricCollection(
-            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
+            prefix="val/",
         )
         uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
         self.test_outputs = TestOutputs(self.class_names, uncertainty_name=uncertainty)
@@ -101,10 +102,8 @@ class BaselineClassifier(L.LightningModule):
         logits = self(batch["image"])
         self.log("val/loss", F.cross_entropy(logits, batch["label"]), batch_size=len(logits), sync_dist=True)
         self.val_metrics.update(logits.argmax(dim=1), batch["label"])
-
-    def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
-        self.val_metrics.reset()
+        # logging the metric objects: Lightning computes them (synchronised over ranks) and resets at epoch end
+        self.log_dict(self.val_metrics, prog_bar=True)
 
     # ---- classification -------------------------------------------------------------------
     def class_probabilities(self, images: Tensor) -> Tensor:

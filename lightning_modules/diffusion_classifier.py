@@ -101,7 +101,8 @@ class DiffusionClassifier(L.LightningModule):
         self.network = network(num_classes, model_channels, model_size)
         self.schedule = ShiftedCosineSchedule(model_size, base=schedule_base)
         self.val_metrics = MetricCollection(
-            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
+            prefix="val/",
         )
         self.test_outputs = TestOutputs(self.class_names)
         self.explanation = explanation
@@ -141,12 +142,12 @@ class DiffusionClassifier(L.LightningModule):
         loss = self.diffusion_loss(x, labels, t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
         self.val_metrics.update(self.classify(batch, self.val_classification)["prediction"], labels)
+        # logging the metric objects: Lightning computes them (synchronised over ranks) and resets at epoch end
+        self.log_dict(self.val_metrics, prog_bar=True)
         if batch_idx == 0 and self.monitoring_due():
             self.log_monitoring_images(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({f"val/{k}": v for k, v in self.val_metrics.compute().items()}, prog_bar=True)
-        self.val_metrics.reset()
         if not self.trainer.sanity_checking:
             self.validations_done += 1
 
