@@ -185,10 +185,12 @@ class DiffusionClassifier(L.LightningModule):
         if settings.factual == "label" and "label" not in batch:
             raise ValueError("explanation.factual='label' needs labelled data; use factual: predicted")
         factual = batch["label"] if settings.factual == "label" else predictions
-        flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
+        classify_pixels = None
+        if settings.flip_steps > 0:
+            flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
 
-        def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
-            return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
+            def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
+                return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
 
         return explain_batch(
             self.network, self.transform, self.schedule, batch["image"], batch["id"], factual, self.hparams.num_classes,

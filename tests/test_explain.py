@@ -123,14 +123,13 @@ def test_bad_settings_are_refused_with_their_name():
 EXPLAIN_ARGS = [
     "--model.init_args.explain=true",
     "--model.init_args.explanation.sampling_steps=3",
-    "--model.init_args.explanation.flip_steps=3",
     "--model.init_args.explanation.summary_images=3",
 ]
 
 
 def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):
     main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2")])
-    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS])
+    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS, "--model.init_args.explanation.flip_steps=3"])
     run = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}"
     pictures = sorted(p.name for p in (run / "explanations").glob("image_*.png"))
     test_ids = [int(i) for i in cli.datamodule.split("test").ids] if hasattr(cli.datamodule.split("test"), "ids") else None
@@ -148,6 +147,11 @@ def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):
 
     show_explanations([str(tmp_path)])  # what `make demo` prints at its end
     assert str(run / "explanations" / "summary.png") in capsys.readouterr().out
+
+    # flip_steps = 0 skips the flip check: the other numbers are still there
+    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS, "--model.init_args.explanation.flip_steps=0"])
+    numbers = json.loads((tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}" / "explain.json").read_text())
+    assert "flip_rate" not in numbers and numbers["n_images"] == 7 and numbers["l2_input_factual"] > 0
 
 
 def test_fit_logs_monitoring_images_to_tensorboard(tmp_path):
