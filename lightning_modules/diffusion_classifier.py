@@ -171,14 +171,16 @@ class DiffusionClassifier(L.LightningModule):
             self.explanation_outputs.add(self.explain(batch, outputs["prediction"], self.explanation), self.output_dir, batch.get("label"))
         return outputs
 
+    def on_predict_epoch_start(self) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
+        # rank, here; ranks can hold different numbers of predict batches
+        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
     def on_predict_epoch_end(self) -> None:
         if self.hparams.explain:
             self.explanation_outputs.finish(self.trainer, self.output_dir)
 
     # ---- explanation ----------------------------------------------------------------------
-    @property
-    def output_dir(self):
-        return self.trainer.log_dir or self.trainer.default_root_dir
 
     def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
         """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers."""

@@ -332,6 +332,10 @@ class StableDiffusionClassifier(L.LightningModule):
                                          batch.get("label"))
         return outputs
 
+    def on_predict_epoch_start(self) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every rank
+        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
     def on_predict_epoch_end(self) -> None:
         if self.hparams.explain:
             self.explanation_outputs.finish(self.trainer, self.output_dir)
@@ -346,10 +350,6 @@ class StableDiffusionClassifier(L.LightningModule):
         self.log_dict({f"test/{k}": v for k, v in scalars.items()})
 
     # ---- explanation ----------------------------------------------------------------------
-    @property
-    def output_dir(self):
-        return self.trainer.log_dir or self.trainer.default_root_dir
-
     def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
         """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers.
 
