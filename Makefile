@@ -20,7 +20,7 @@ demo: install  ## train + test the tiny UNet on the embedded synthetic data, exp
 	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
 		--trainer.limit_predict_batches 1 --data.init_args.batch_size 8 && \
 	$(PYTHON) -c 'from lightning_modules.evaluation import main; main()' runs/demo --seconds $$seconds && \
-	$(PYTHON) -m lightning_modules.explanations runs/demo
+	$(PYTHON) -c 'from lightning_modules.explanations import main; main()' runs/demo
 
 test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q
