@@ -10,25 +10,62 @@ data's number of classes, class names, image size and channels are linked into t
 are written once. Everything a run writes goes under `trainer.default_root_dir`:
 `checkpoints/` (last.ckpt and the best ones), `tensorboard/version_N/` (logs, config.yaml,
 metrics.json). Run `python cli.py fit --help` for every option.
+
+Before anything runs, the CLI checks (and refuses with a message naming the culprit):
+  * the run folders can be created and written, and (fit) the disk has room for checkpoints;
+  * the checkpoint given by `--ckpt_path` was trained for this model class, number of classes
+    and input size (lightning_modules/checkpoint_check.py).
+`fit --ckpt_path last` resumes a stopped run: same global step, optimizer, LR schedule, EMA,
+random states, and logs into the same `tensorboard/version_N` (`--new_log_version true` for a
+new one). A NaN or infinite training loss stops the run naming the last good checkpoint
+(callbacks.NonFiniteLoss; list one with `action: skip` to skip such steps instead).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import sys
+import warnings
+from pathlib import Path
 
 # Config class paths (lightning_modules..., datamodules...) resolve from the repo root, whatever
 # the working directory (SLURM jobs, scripts importing load_experiment).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.callbacks import PredictionsWriter, RunCheckpoint
+from lightning_modules.callbacks import LOGGER_VERSION_KEY, NonFiniteLoss, PredictionsWriter, RunCheckpoint
+from lightning_modules.checkpoint_check import check_checkpoint, resolve_checkpoint_path
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
+LOGGER_NAME = "tensorboard"
+# A checkpoint holds about 4 copies of the parameters (weights, EMA weights, Adam's two moments)
+# and ModelCheckpoint writes the new file before it deletes the old one: room for two.
+CHECKPOINT_PARAMETER_COPIES = 8
+VALIDATION_UNDER_DDP = (
+    "validation under DDP uses Lightning's DistributedSampler, which pads the ranks to equal "
+    "length: up to world_size - 1 = {extra} validation images are counted twice in val/ metrics "
+    "(test and predict count every image exactly once)"
+)
+TEST_UNDER_DDP = (
+    "test under DDP: the DistributedSampler pads the ranks by repeating up to world_size - 1 = "
+    "{extra} images; their results are gathered and kept once per image id, so metrics.json and "
+    "predictions.csv count every image exactly once"
+)
+
+
+LIGHTNING_TEST_SAMPLER_WARNING = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`"
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be written, or its disk is too full; the message names the folder."""
 
 
 class ExperimentCLI(LightningCLI):
@@ -37,6 +74,28 @@ class ExperimentCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_argument(
+            "--min_free_gb", type=float | None, default=None,
+            help="Free disk space (GB) the run folders need before fit starts. Default: room for two "
+            f"checkpoints, {CHECKPOINT_PARAMETER_COPIES} x the model's parameter bytes (weights, EMA weights and "
+            "Adam's two moments, twice). 0 turns the check off; validate, test and predict check only writability.",
+        )
+        parser.add_argument(
+            "--new_log_version", type=bool, default=False,
+            help="fit --ckpt_path: log into a new tensorboard/version_N instead of continuing in the "
+            "resumed run's one (the default, so a resumed run's curves continue where they stopped).",
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the config's model options when `--ckpt_path` names a file.
+
+        LightningCLI (>= 2.4) would overlay the checkpoint's hyperparameters on the parsed config
+        for a file path (not for "last"): a test-time `--model.init_args.classification.num_steps
+        501` would silently become the training config's value, and a checkpoint of another
+        model class would fail with a parser error. Here the config decides, as with "last", and
+        check_checkpoint (before_<subcommand>) refuses a checkpoint that does not fit it. The
+        network is not among the saved hyperparameters anyway, so the config is always needed.
+        """
 
     def before_instantiate_classes(self) -> None:
         # Pin the checkpoint folder to the run, not to the logger's version_N folder: otherwise a
@@ -47,10 +106,9 @@ class ExperimentCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = self._get(self.config_init, "trainer", default={})
-        if trainer_config.get("logger") in (None, True):
-            kwargs["logger"] = TensorBoardLogger(
-                save_dir=run_root(trainer_config.get("default_root_dir")), name="tensorboard", default_hp_metric=False
-            )
+        self.uses_default_logger = trainer_config.get("logger") in (None, True)
+        if self.uses_default_logger:
+            kwargs["logger"] = tensorboard_logger(trainer_config.get("default_root_dir"))
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
@@ -58,22 +116,127 @@ class ExperimentCLI(LightningCLI):
             callbacks.append(TQDMProgressBar(refresh_rate=10))
         if not any(isinstance(callback, BasePredictionWriter) for callback in callbacks):
             callbacks.append(PredictionsWriter())
+        if not any(isinstance(callback, NonFiniteLoss) for callback in callbacks):
+            callbacks.append(NonFiniteLoss(action="stop"))
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
+
+    # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
+    def before_fit(self) -> None:
+        self.check_run_folders(min_free_bytes=self.min_free_bytes())
+        checkpoint = self.check_checkpoint("fit")
+        if checkpoint and self.uses_default_logger and not self.subcommand_option("new_log_version"):
+            self.continue_logging_of(checkpoint)
+        if self.trainer.limit_val_batches != 0:
+            self.note_under_ddp(VALIDATION_UNDER_DDP)
+
+    def before_validate(self) -> None:
+        self.check_run_folders()
+        self.check_checkpoint("validate")
+        self.note_under_ddp(VALIDATION_UNDER_DDP)
+
+    def before_test(self) -> None:
+        self.check_run_folders()
+        self.check_checkpoint("test")
+        if self.note_under_ddp(TEST_UNDER_DDP):
+            # Lightning's advice (test on 1 device) is for metrics that count the padding; ours do not.
+            warnings.filterwarnings("ignore", message=LIGHTNING_TEST_SAMPLER_WARNING)
+
+    def before_predict(self) -> None:
+        self.check_run_folders()
+        self.check_checkpoint("predict")
+
+    def subcommand_option(self, key: str):
+        return self.config_init[self.subcommand].get(key)
+
+    def run_folders(self) -> list[str]:
+        """Where the run writes: its root, the checkpoint folder and the loggers' folders."""
+        folders = [run_root(self.trainer.default_root_dir)]
+        folders += [callback.dirpath for callback in self.trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)]
+        folders += [logger.root_dir for logger in self.trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        return list(dict.fromkeys(map(str, folders)))
+
+    def min_free_bytes(self) -> int:
+        given = self.subcommand_option("min_free_gb")
+        if given is not None:
+            return int(given * 1e9)
+        parameter_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return CHECKPOINT_PARAMETER_COPIES * parameter_bytes
+
+    def check_run_folders(self, min_free_bytes: int = 0) -> None:
+        """Fail now, naming the folder, rather than at the first checkpoint hours later."""
+        for folder in self.run_folders():
+            check_writable(folder)
+            free = shutil.disk_usage(folder).free
+            if free < min_free_bytes:
+                raise RunFolderError(
+                    f"only {free / 1e9:.2f} GB free on the disk of {folder}; this run needs at least "
+                    f"{min_free_bytes / 1e9:.2f} GB (--min_free_gb; default: {CHECKPOINT_PARAMETER_COPIES} x the "
+                    "model's parameter bytes, room for two checkpoints). Free some space, choose another "
+                    "--trainer.default_root_dir, or set --min_free_gb 0 to skip the check"
+                )
+
+    def check_checkpoint(self, stage: str) -> str | None:
+        """The checkpoint file Lightning is about to load, refused now if it does not fit the model."""
+        path = resolve_checkpoint_path(self.trainer, stage, self.subcommand_option("ckpt_path"))
+        if path:
+            check_checkpoint(path, self.model, self.datamodule)
+        return path
+
+    def continue_logging_of(self, checkpoint: str) -> None:
+        """Log a resumed run into the TensorBoard version of the run it resumes, not a new one."""
+        # this run's checkpoints: checkpoints/ and, for SLURM requeues, the run root (hpc_ckpt_N.ckpt)
+        own_folders = {Path(folder).resolve() for folder in self.run_folders()}
+        if Path(checkpoint).resolve().parent not in own_folders:  # another run's: a version of its own
+            return
+        version = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get(LOGGER_VERSION_KEY)
+        if version is None:  # written before RunCheckpoint recorded it: the newest version
+            version = latest_version(self.trainer.logger.root_dir)
+        if version is not None:
+            self.trainer.logger = tensorboard_logger(self.trainer.default_root_dir, version)
+            rank_zero_info(f"resuming {checkpoint}: logging continues in {self.trainer.logger.log_dir}")
+
+    def note_under_ddp(self, note: str) -> bool:
+        world_size = self.trainer.num_devices * self.trainer.num_nodes
+        if world_size > 1:
+            rank_zero_info(note.format(extra=world_size - 1))
+        return world_size > 1
 
 
 def run_root(default_root_dir: str | None) -> str:
     return default_root_dir or os.getcwd()
 
 
+def tensorboard_logger(default_root_dir: str | None, version: int | str | None = None) -> TensorBoardLogger:
+    return TensorBoardLogger(save_dir=run_root(default_root_dir), name=LOGGER_NAME, version=version, default_hp_metric=False)
+
+
+def latest_version(logger_root: str) -> int | None:
+    numbers = [int(m.group(1)) for d in Path(logger_root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", d.name))]
+    return max(numbers, default=None)
+
+
+def check_writable(folder: str) -> None:
+    """Create `folder` and write and delete a probe file in it, or raise RunFolderError naming it."""
+    probe = Path(folder) / f".write_probe_{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise RunFolderError(
+            f"cannot write to the run folder {folder}: {error.strerror or error}; "
+            "choose a writable --trainer.default_root_dir"
+        ) from None
+
+
 def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[str] = ()) -> ExperimentCLI:
     """Model, data and trainer of an experiment config, without running anything (for scripts and
     benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
     with EMA)."""
-    import torch
-
     cli = ExperimentCLI(args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0)
     if ckpt_path is not None:
+        check_checkpoint(ckpt_path, cli.model, cli.datamodule)
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cli.model.load_state_dict(checkpoint["state_dict"])
     return cli

@@ -1,30 +1,105 @@
-"""Lightning callbacks the suite adds to every run."""
+"""Lightning callbacks: those cli.py adds to every run (RunCheckpoint, PredictionsWriter,
+NonFiniteLoss) and the speed switches a config may list under `trainer.callbacks`
+(CompileNetwork, ChannelsLast)."""
 
 from __future__ import annotations
 
+import os
+import random
 from pathlib import Path
+from typing import Literal
 
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
 
 from .evaluation import ERRORS_FILE, PREDICTIONS_FILE, concat_outputs, gather_unique, save_errors, write_predictions
 
+# Extra entries RunCheckpoint writes into every checkpoint, read back when a run is resumed.
+RNG_STATES_KEY = "rng_states"
+LOGGER_VERSION_KEY = "logger_version"
+
 
 class RunCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint whose `last.ckpt` is also written when `max_steps` ends training between
-    two validations.
+    """ModelCheckpoint whose checkpoints resume a run exactly (`fit --ckpt_path last`).
 
-    Lightning saves `last.ckpt` only with the top-k checkpoints (after validation) and, at train
-    end, only if it never saved one; so a run stopped by `max_steps` after a validation kept
-    the weights of that validation as "last". Saving here, in on_train_batch_end, happens after
-    the EMA callback has updated its average (checkpoint callbacks run last) and before it copies
-    the average into the model at train end, so the checkpoint holds raw and EMA weights apart.
+    Three additions to Lightning's ModelCheckpoint:
+
+    * `last.ckpt` is also written in the step or epoch that ends training (`max_steps`,
+      `max_epochs`, or a callback setting `trainer.should_stop`). Lightning saves `last.ckpt`
+      only with the top-k checkpoints (after validation) and, at train end, only if it never
+      saved one: a run stopped by `max_steps` after a validation kept that validation's weights
+      as "last", and a run without a validation at its end saved in on_train_end, after the EMA
+      callback had copied its average into the model, so the checkpoint's "raw" weights were the
+      EMA ones and a resumed run trained on from those. Saving here, in on_train_batch_end /
+      on_train_epoch_end, happens after the EMA callback has updated its average (checkpoint
+      callbacks run last) and before train end, so the checkpoint holds raw and EMA weights apart.
+    * the global random states (torch, CUDA, numpy, Python) go into the checkpoint and are put
+      back when fit resumes. Lightning restores weights, optimizer, schedulers and loops but not
+      these, and they draw the training noise (t, eps, label dropout) and the order of the
+      shuffled training batches (a RandomSampler takes its seed from torch's global generator).
+      Resuming from an end-of-epoch checkpoint then repeats the straight run step for step; from
+      a mid-epoch one Lightning restarts the epoch's data anyway, so it is only approximate.
+      Under DDP the checkpoint holds rank 0's states, which every rank gets back.
+    * the TensorBoard version the run logged to, so that cli.py resumes logging in the same
+      `tensorboard/version_N` folder.
     """
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        stops_now = 0 < trainer.max_steps <= trainer.global_step
-        if self.save_last and stops_now and self._last_global_step_saved != trainer.global_step:
+        if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
+            self._save_last_before_train_end(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        if 0 <= max_epochs <= trainer.current_epoch + 1 or trainer.should_stop:
+            self._save_last_before_train_end(trainer)
+
+    def _save_last_before_train_end(self, trainer) -> None:
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        checkpoint[RNG_STATES_KEY] = random_states()
+        version = getattr(trainer.logger, "version", None)
+        if isinstance(version, (int, str)):
+            checkpoint[LOGGER_VERSION_KEY] = version
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        # Now, before the training DataLoader iterator is made (it draws a seed from torch's
+        # generator); the sanity-check validation in between runs under Lightning's isolate_rng.
+        if trainer.state.fn == TrainerFn.FITTING and RNG_STATES_KEY in checkpoint:
+            set_random_states(checkpoint[RNG_STATES_KEY])
+
+
+def random_states() -> dict:
+    """torch's, CUDA's, numpy's and Python's global random states, in types that a
+    `torch.load(weights_only=True)` (Lightning's default) accepts: tensors, numbers, tuples."""
+    name, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        states["torch.cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, position, has_gauss, cached_gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    cuda = states.get("torch.cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)  # on another number of GPUs CUDA keeps its seeded state
 
 
 class PredictionsWriter(BasePredictionWriter):
@@ -42,8 +117,10 @@ class PredictionsWriter(BasePredictionWriter):
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
         batches = [batch for dataloader in _per_dataloader(predictions) for batch in dataloader]
         outputs = gather_unique(concat_outputs(batches), trainer)
+        # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
+        # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
+        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero and outputs:
-            directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
             path = write_predictions(directory / PREDICTIONS_FILE, outputs, pl_module.class_names)
             if "errors" in outputs:
                 save_errors(directory / ERRORS_FILE, outputs)
@@ -53,3 +130,193 @@ class PredictionsWriter(BasePredictionWriter):
 def _per_dataloader(predictions: list) -> list[list]:
     # Lightning passes a list of batches for one dataloader, a list of such lists for several
     return predictions if predictions and isinstance(predictions[0], list) else [predictions]
+
+
+# ---- faults --------------------------------------------------------------------------------
+
+
+class NonFiniteLossError(RuntimeError):
+    """A NaN or infinite training loss stopped the run (the message says where and what to resume)."""
+
+
+class NonFiniteLoss(Callback):
+    """What a NaN or infinite training loss does: stop the run, or skip the step.
+
+    cli.py adds one with action "stop" to every run whose config lists none; list it under
+    `trainer.callbacks` to choose.
+
+    Args:
+        action: "stop" raises NonFiniteLossError before the optimizer step (the weights are
+            still those of the previous step, and no checkpoint is written after it), naming
+            the global step and the last checkpoint saved, to resume from. "skip" drops that
+            step's gradients (set to None before the optimizer step: the optimizer then leaves
+            weights and its own state, e.g. Adam's moments and step count, unchanged) and goes
+            on; the learning-rate schedule and global step still advance. Skipped steps are
+            counted, logged as `train/skipped_steps` and kept in checkpoints.
+        max_skips: with "skip", stop as "stop" does once more than this many steps were skipped
+            in the run (resumed runs included): a model that keeps producing NaN is broken, not
+            unlucky. null = never stop.
+
+    The check costs one device-to-host copy per step and, under DDP, one all-reduce, so that
+    every rank takes the same decision (a rank stopping alone would leave the others waiting).
+    """
+
+    def __init__(self, action: Literal["stop", "skip"] = "stop", max_skips: int | None = 10):
+        if action not in ("stop", "skip"):
+            raise ValueError(f"NonFiniteLoss action must be 'stop' or 'skip', got {action!r}")
+        self.action, self.max_skips = action, max_skips
+        self.skipped_steps = 0
+        self._drop_gradients = False
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
+            return
+        if self.action == "stop":
+            raise NonFiniteLossError(self._message(trainer, loss, "stopped"))
+        self._drop_gradients = True  # also covers the other micro-batches of an accumulated step
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self._drop_gradients:
+            return
+        optimizer.zero_grad(set_to_none=True)
+        self._drop_gradients = False
+        self.skipped_steps += 1
+        if self.max_skips is not None and self.skipped_steps > self.max_skips:
+            what = f"stopped after {self.skipped_steps} skipped steps (max_skips={self.max_skips})"
+            raise NonFiniteLossError(self._message(trainer, None, what))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped_steps = state_dict.get("skipped_steps", 0)
+
+    @staticmethod
+    def _message(trainer, loss: Tensor | None, what: str) -> str:
+        value = loss.detach().float().item() if loss is not None and loss.numel() == 1 else "non-finite"
+        checkpoint = last_checkpoint(trainer)
+        resume = (f"the last good checkpoint is {checkpoint}: resume with --ckpt_path {checkpoint}"
+                  if checkpoint else "no checkpoint was saved before it")
+        return (f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                f"{what} before the optimizer step, so the weights are those of step {trainer.global_step}. {resume}. "
+                "To skip such steps instead, list lightning_modules.callbacks.NonFiniteLoss with action: skip "
+                "under trainer.callbacks.")
+
+
+def last_checkpoint(trainer) -> str | None:
+    """The newest checkpoint file any checkpoint callback saved (or the run resumed from), if any."""
+    candidates = []
+    for callback in trainer.checkpoint_callbacks:
+        candidates += [callback.last_model_path, callback.best_model_path, *getattr(callback, "best_k_models", {})]
+    candidates.append(trainer.ckpt_path)
+    # ordered: of files written in the same step, last.ckpt is named
+    existing = list(dict.fromkeys(str(path) for path in candidates if path and os.path.isfile(path)))
+    return max(existing, key=os.path.getmtime) if existing else None
+
+
+# ---- speed switches ------------------------------------------------------------------------
+
+
+def _runs_on_cpu(trainer) -> bool:
+    return trainer.strategy.root_device.type == "cpu"
+
+
+class CompileNetwork(Callback):
+    """Compiles the model's network with `torch.compile`, in place (`nn.Module.compile`).
+
+    In place means the module is not wrapped: parameter names, state_dict keys and checkpoints are
+    those of an uncompiled run, so checkpoints move freely between compiled and plain runs. The
+    compilation itself happens lazily, at the first forward of each new input shape; the
+    diffusion classifier's classification forwards (C x B images) have other shapes than its
+    training ones, so expect a recompilation when validation first runs (`dynamic` decides
+    whether later shapes share one graph).
+
+        trainer:
+          callbacks:
+            - class_path: lightning_modules.callbacks.CompileNetwork
+              init_args: {mode: max-autotune-no-cudagraphs}
+
+    or `--trainer.callbacks+=lightning_modules.callbacks.CompileNetwork` on the command line.
+
+    Args:
+        attribute: the LightningModule attribute holding the network (both classifiers: network).
+        mode: torch.compile mode (null = "default"; "reduce-overhead", "max-autotune",
+            "max-autotune-no-cudagraphs").
+        backend: torch.compile backend ("inductor"; "eager" only traces, for tests).
+        fullgraph: fail on graph breaks instead of falling back to Python between graphs.
+        dynamic: compile for dynamic shapes (null = after the first shape change).
+        on_cpu: also compile when running on the CPU. Off by default: there the compile time
+            (tens of seconds to minutes) exceeds what a CPU run gains, so a GPU config that lists
+            this callback still runs unchanged, uncompiled, on a CPU.
+    """
+
+    def __init__(self, attribute: str = "network", mode: str | None = None, backend: str = "inductor",
+                 fullgraph: bool = False, dynamic: bool | None = None, on_cpu: bool = False):
+        self.attribute, self.on_cpu = attribute, on_cpu
+        self.options = {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if _runs_on_cpu(trainer) and not self.on_cpu:
+            rank_zero_info("CompileNetwork: not compiling on the CPU (on_cpu=false)")
+            return
+        network: nn.Module = getattr(pl_module, self.attribute)
+        if getattr(network, "_compiled_call_impl", None) is None:  # setup runs per stage: once is enough
+            network.compile(**self.options)
+            rank_zero_info(f"CompileNetwork: {type(network).__name__} compiled lazily with {self.options}")
+
+
+class ChannelsLast(Callback):
+    """Runs the model's network in the channels-last memory format (NHWC), for CNNs on GPUs.
+
+    Tensor cores convolve NHWC directly; with NCHW tensors cuDNN transposes around convolutions.
+    PyTorch's channels-last tutorial reports speed-ups for CNNs under mixed precision (ResNets,
+    EfficientNets, UNets); ViT and Swin have one convolution (the patch embedding) and gain
+    nothing. Measure on your GPU: not measured here (CPU-only machines). The network's 4-D
+    weights are converted in setup, and a forward pre-hook converts every 4-D tensor the network
+    receives (after the model's own transforms such as the Haar wavelet), so the batch itself is
+    untouched. Parameters keep their identity and names (only their memory layout changes), so
+    optimizers, the EMA callback and checkpoints work unchanged; checkpoints load either way.
+
+        trainer:
+          callbacks:
+            - class_path: lightning_modules.callbacks.ChannelsLast
+
+    Args:
+        attribute: the LightningModule attribute holding the network (both classifiers: network).
+        on_cpu: also convert when running on the CPU. Off by default, as for CompileNetwork: the
+            GPU configs that list this callback run unchanged on a CPU.
+    """
+
+    def __init__(self, attribute: str = "network", on_cpu: bool = False):
+        self.attribute, self.on_cpu = attribute, on_cpu
+        self._hook = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if _runs_on_cpu(trainer) and not self.on_cpu:
+            rank_zero_info("ChannelsLast: keeping the default memory format on the CPU (on_cpu=false)")
+            return
+        if self._hook is not None:  # setup runs per stage: convert once
+            return
+        network: nn.Module = getattr(pl_module, self.attribute)
+        network.to(memory_format=torch.channels_last)
+        self._hook = network.register_forward_pre_hook(_inputs_to_channels_last, with_kwargs=True)
+        rank_zero_info(f"ChannelsLast: {type(network).__name__} runs in channels-last memory format")
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _to_channels_last(value):
+    if isinstance(value, Tensor) and value.dim() == 4 and value.is_floating_point():
+        return value.contiguous(memory_format=torch.channels_last)
+    return value
+
+
+def _inputs_to_channels_last(module, args, kwargs):
+    return tuple(map(_to_channels_last, args)), {key: _to_channels_last(value) for key, value in kwargs.items()}

@@ -43,14 +43,17 @@ def select(outputs: dict, index: Tensor) -> dict:
 def gather_unique(outputs: dict, trainer) -> dict:
     """All ranks' outputs, one row per image id, sorted by id.
 
-    Under DDP, Lightning's test sampler pads ranks to equal length by repeating images; the
-    repeats carry the same id (and, with id-seeded noise, the same results), so dropping repeated
-    ids makes every metric count each image exactly once.
+    Under DDP, Lightning's test sampler (DistributedSampler) pads the ranks to equal length by
+    repeating the first images; the repeats carry the same id (and, with id-seeded noise, the
+    same results), so keeping the first row of each id makes every metric count each image
+    exactly once. Must be called on every rank (all_gather_object is a collective).
     """
     if trainer is not None and trainer.world_size > 1:
         parts = [None] * trainer.world_size
         torch.distributed.all_gather_object(parts, outputs)
         outputs = concat_outputs([part for part in parts if part])
+    if not outputs:  # no images at all (e.g. limit_test_batches=0)
+        return outputs
     ids = outputs["id"]
     order = torch.argsort(ids, stable=True)
     first = torch.ones(len(ids), dtype=torch.bool)
@@ -164,8 +167,10 @@ class TestOutputs:
         """`settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
         metrics = test_metrics(outputs, len(self.class_names), settings) | (info or {})
+        # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
+        # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            directory = Path(trainer.log_dir or trainer.default_root_dir)
             write_metrics(directory, metrics)
             write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
             if "errors" in outputs:

@@ -1,0 +1,224 @@
+"""Scaling out and speeding up, on CPU through the real CLI.
+
+DDP (gloo, 2 processes): test and predict see every image exactly once. One tiny checkpoint is
+trained once; `python cli.py test|predict --trainer.strategy ddp --trainer.devices 2` then runs as
+a subprocess on the same checkpoint as a single-process run, on 7 test images (odd, so Lightning's
+DistributedSampler pads one rank with a repeated image). The metrics must be equal key by key and
+predictions.csv must hold every id once, with equal rows.
+
+Speed switches: bf16-mixed in the GPU paper configs and nowhere on CPU; CompileNetwork and
+ChannelsLast switched on for a tiny CPU run (and off on CPU unless asked).
+"""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from cli import main
+from lightning_modules.callbacks import ChannelsLast, CompileNetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_TEST = 7  # does not divide by 2 processes
+TEST_IDS = list(range(24 + 8, 24 + 8 + NUM_TEST))  # ids follow the 24 train and 8 val images
+
+TINY_UNET = [
+    "--model.network.class_path=lightning_modules.networks.ClassConditionalUNet",
+    "--model.network.init_args.block_out_channels=[16, 32]",
+    "--model.network.init_args.layers_per_block=1",
+    "--model.network.init_args.cross_attention_resolution=8",
+    "--model.network.init_args.cross_attention_dim=32",
+    "--model.network.init_args.attention_heads=2",
+    "--model.network.init_args.norm_num_groups=8",
+]
+
+
+def tiny_args(root, *extra) -> list[str]:
+    """The demo config shrunk to seconds: 16-pixel images, a 2-level UNet, N = 3 steps, no validation."""
+    return [
+        f"--config={ROOT / 'configs/demo.yaml'}",
+        f"--trainer.default_root_dir={root}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--trainer.limit_val_batches=0",  # validation (and its monitoring images) is not what these tests test
+        "--trainer.num_sanity_val_steps=0",
+        "--trainer.log_every_n_steps=1",
+        "--data.init_args.image_size=16",
+        "--data.init_args.num_train=24",
+        "--data.init_args.num_val=8",
+        f"--data.init_args.num_test={NUM_TEST}",
+        "--data.init_args.batch_size=4",
+        "--model.init_args.val_steps=2",
+        "--model.init_args.classification.num_steps=3",
+        *TINY_UNET,
+        *extra,
+    ]
+
+
+def free_port() -> int:
+    # other engineers' DDP tests run on this machine too: never the default 29500
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    """`python cli.py ...` as a user runs it; DDP re-launches this same command for rank 1."""
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
+SINGLE = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ddp_fit")
+    main(["fit", *tiny_args(root, "--trainer.max_steps=4")])
+    return root / "checkpoints" / "last.ckpt"
+
+
+def outputs_of(root: Path) -> Path:
+    (version,) = (root / "tensorboard").glob("version_*")
+    return version
+
+
+def read_rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture
+def one_thread():
+    """The single-process reference runs in this process (no second start-up of Python, torch and
+    Lightning, ~15 s each) with the one thread per process that the DDP ranks get."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_test_metrics_under_ddp_equal_single_process_exactly(checkpoint, tmp_path, one_thread):
+    main(["test", *tiny_args(tmp_path / "single"), *SINGLE, f"--ckpt_path={checkpoint}"])
+    result = run_cli("test", *tiny_args(tmp_path / "ddp"), *DDP, f"--ckpt_path={checkpoint}")
+    assert "test under DDP" in result.stdout + result.stderr  # the note on padding, from rank 0
+    single, ddp = (json.loads((outputs_of(tmp_path / name) / "metrics.json").read_text()) for name in ("single", "ddp"))
+    assert single["n_images"] == ddp["n_images"] == NUM_TEST
+    assert set(single) == set(ddp)
+    for key in single:
+        assert ddp[key] == single[key], key  # exactly: every image once, the same votes
+    print(f"\nsingle-process and DDP test metrics: accuracy {single['accuracy']}, f1 {single['f1']}, "
+          f"auroc {single.get('auroc')}, ece {single.get('ece')}, n_images {single['n_images']}")
+
+    single_rows, ddp_rows = (read_rows(outputs_of(tmp_path / name) / "predictions.csv") for name in ("single", "ddp"))
+    assert [int(row["id"]) for row in ddp_rows] == TEST_IDS  # each id once, sorted
+    assert ddp_rows == single_rows
+
+
+def test_predict_under_ddp_writes_every_image_once(checkpoint, tmp_path, one_thread):
+    main(["predict", *tiny_args(tmp_path / "single"), *SINGLE, f"--ckpt_path={checkpoint}"])
+    run_cli("predict", *tiny_args(tmp_path / "ddp"), *DDP, f"--ckpt_path={checkpoint}")
+    single_rows, ddp_rows = (read_rows(outputs_of(tmp_path / name) / "predictions.csv") for name in ("single", "ddp"))
+    assert [int(row["id"]) for row in ddp_rows] == TEST_IDS
+    assert ddp_rows == single_rows
+
+
+# ---- speed switches ------------------------------------------------------------------------
+
+CONFIGS = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((ROOT / "configs").glob("*.yaml"))}
+CPU_CONFIGS = [name for name, config in CONFIGS.items() if config["trainer"].get("accelerator") == "cpu"]
+BACKBONES = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4", "vit_s16", "vit_b16", "swin_b"]
+CNNS = {"unet", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4"}
+GPU_PAPER_CONFIGS = [f"{model}_{data}" for model in ["unet", "dit", *BACKBONES] for data in ("chexpert", "isic")]
+COMPILE, CHANNELS_LAST = "lightning_modules.callbacks.CompileNetwork", "lightning_modules.callbacks.ChannelsLast"
+
+
+def callback_paths(config: dict) -> list[str]:
+    return [callback["class_path"] for callback in config["trainer"].get("callbacks") or []]
+
+
+def test_the_cpu_configs_are_found():
+    assert {"demo", "baseline_demo"} <= set(CPU_CONFIGS)
+
+
+@pytest.mark.parametrize("name", CPU_CONFIGS)
+def test_cpu_configs_switch_no_precision_or_speed_option_on(name):
+    trainer = CONFIGS[name]["trainer"]
+    assert trainer.get("precision") in (None, "32-true", 32, "32")
+    assert not {COMPILE, CHANNELS_LAST} & set(callback_paths(CONFIGS[name]))
+
+
+@pytest.mark.parametrize("name", GPU_PAPER_CONFIGS)
+def test_gpu_paper_configs_use_bf16_and_channels_last_for_cnns(name):
+    config = CONFIGS[name]
+    assert config["trainer"]["precision"] == "bf16-mixed"
+    assert (CHANNELS_LAST in callback_paths(config)) == (name.rsplit("_", 1)[0] in CNNS)
+    assert COMPILE not in callback_paths(config)  # opt-in (compile time), see the configs' comment
+
+
+class ConvInputFormat(Callback):
+    """Records whether the network's first convolution receives channels-last inputs in training."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.channels_last = []
+        first_conv = next(m for m in pl_module.network.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_pre_hook(
+            lambda module, args: self.channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+
+
+def conv_weights(model) -> list[torch.Tensor]:
+    return [m.weight for m in model.network.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+
+
+def test_speed_switches_stay_off_on_cpu_unless_asked(tmp_path):
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1", f"--trainer.callbacks+={CHANNELS_LAST}",
+                                  f"--trainer.callbacks+={COMPILE}")])
+    assert {ChannelsLast, CompileNetwork} <= {type(c) for c in cli.trainer.callbacks}
+    assert getattr(cli.model.network, "_compiled_call_impl", None) is None
+    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
+
+
+def test_channels_last_switched_on_for_a_cpu_run(tmp_path, checkpoint):
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2", f"--trainer.callbacks+={CHANNELS_LAST}",
+                                  "--trainer.callbacks.on_cpu=true", "--trainer.callbacks+=tests.test_ddp.ConvInputFormat")])
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
+    recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ConvInputFormat")
+    assert len(recorder.channels_last) == 2 and all(recorder.channels_last)
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    plain = torch.load(checkpoint, weights_only=False)["state_dict"]
+    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in plain.items()}
+
+
+def test_compile_switched_on_for_a_cpu_run(tmp_path, checkpoint):
+    # backend "eager": TorchDynamo captures the graphs without code generation (inductor's C++
+    # build of even this tiny UNet takes minutes on 2 shared cores; see the slow test below)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2", f"--trainer.callbacks+={COMPILE}",
+                                  "--trainer.callbacks.on_cpu=true", "--trainer.callbacks.backend=eager")])
+    assert getattr(cli.model.network, "_compiled_call_impl", None) is not None
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled lazily, at the first forward
+    # compiled in place: the same state_dict keys as an uncompiled run, so checkpoints mix freely
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert saved.keys() == torch.load(checkpoint, weights_only=False)["state_dict"].keys()
+
+
+@pytest.mark.slow
+def test_compile_with_inductor_trains_and_matches_eager(tmp_path):
+    losses = {}
+    for name, extra in [("eager", []), ("inductor", [f"--trainer.callbacks+={COMPILE}", "--trainer.callbacks.on_cpu=true"])]:
+        cli = main(["fit", *tiny_args(tmp_path / name, "--trainer.max_steps=2", "--trainer.deterministic=true", *extra)])
+        losses[name] = float(cli.trainer.callback_metrics["train/loss"])
+    assert losses["inductor"] == pytest.approx(losses["eager"], rel=1e-3)

@@ -1,0 +1,168 @@
+"""Faults meet a clear message: a NaN loss (stop or skip), a checkpoint of another model / task /
+input size, an unwritable run folder and a full disk, through the real CLI on a tiny model."""
+
+import copy
+import re
+import shutil
+from collections import namedtuple
+
+import pytest
+import torch
+from torch.nn.utils import parameters_to_vector
+
+from cli import RunFolderError, main
+from datamodules import SyntheticDataModule
+from lightning_modules import DiffusionClassifier
+from lightning_modules.callbacks import NonFiniteLoss, NonFiniteLossError
+from lightning_modules.checkpoint_check import IncompatibleCheckpoint
+from test_ddp import ROOT, tiny_args
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+# ---- NaN / inf loss ------------------------------------------------------------------------
+
+
+class NaNLossAt(DiffusionClassifier):
+    """Returns a NaN training loss in the step that starts at global step 2, and records the
+    weights and Adam's state after every step."""
+
+    nan_at_step = 2
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.nan_at_step else loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if not hasattr(self, "after_step"):
+            self.after_step = {}
+        weights = parameters_to_vector(self.network.parameters()).detach().clone()
+        self.after_step[self.global_step] = (weights, copy.deepcopy(self.trainer.optimizers[0].state_dict()["state"]))
+
+
+NAN_MODEL = "--model.class_path=tests.test_faults.NaNLossAt"
+
+
+def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    # no NonFiniteLoss in the config: the CLI adds one with action "stop"
+    args = tiny_args(tmp_path, NAN_MODEL, "--trainer.max_steps=4", "--checkpoint.every_n_train_steps=1")
+    with pytest.raises(NonFiniteLossError) as raised:
+        main(["fit", *args])
+    message = str(raised.value)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert "training loss is nan at global step 2" in message
+    assert f"last good checkpoint is {last}" in message and f"--ckpt_path {last}" in message
+    saved = torch.load(last, weights_only=False)
+    assert saved["global_step"] == 2  # the step before the NaN, and nothing after it
+    assert all(torch.isfinite(t).all() for t in saved["state_dict"].values() if t.is_floating_point())
+
+
+def test_nan_loss_skip_leaves_weights_and_optimizer_unchanged_and_counts_it(tmp_path):
+    skip = tmp_path / "skip.yaml"
+    skip.write_text("trainer:\n  callbacks:\n    - class_path: lightning_modules.callbacks.NonFiniteLoss\n"
+                    "      init_args: {action: skip, max_skips: 2}\n")
+    cli = main(["fit", *tiny_args(tmp_path, NAN_MODEL, f"--config={skip}", "--trainer.max_steps=4")])
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteLoss)]
+    assert [g.action for g in guards] == ["skip"]  # the config's, no default one beside it
+    after = cli.model.after_step
+    assert cli.trainer.global_step == 4 and sorted(after) == [1, 2, 3, 4]
+    (weights_2, adam_2), (weights_3, adam_3), (weights_4, _) = after[2], after[3], after[4]
+    assert torch.equal(weights_3, weights_2)  # the NaN step (global step 2 -> 3) changed nothing
+    assert adam_3.keys() == adam_2.keys()
+    for index in adam_2:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(adam_3[index][name], adam_2[index][name]), (index, name)
+    assert torch.isfinite(weights_4).all() and not torch.equal(weights_4, weights_3)  # training went on
+    assert float(cli.trainer.callback_metrics["train/skipped_steps"]) == 1.0
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(state == {"skipped_steps": 1} for state in saved["callbacks"].values())
+
+
+# ---- checkpoints of another model, task or input -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 2-class, 16-pixel diffusion-classifier checkpoint."""
+    root = tmp_path_factory.mktemp("faults_fit")
+    main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
+    return root / "checkpoints" / "last.ckpt"
+
+
+class ThreeClassSynthetic(SyntheticDataModule):
+    """The synthetic data announcing three classes (the refusal happens before any image is read)."""
+
+    num_classes = property(lambda self: 3)
+    class_names = property(lambda self: ["none", "effusion", "other"])
+
+
+def test_checkpoint_of_another_model_class_is_refused(checkpoint, tmp_path):
+    baseline = [f"--config={ROOT / 'configs/baseline_demo.yaml'}", f"--trainer.default_root_dir={tmp_path}",
+                "--data.init_args.image_size=16", "--model.init_args.mc_dropout_passes=0"]
+    with pytest.raises(IncompatibleCheckpoint) as raised:
+        main(["test", *baseline, f"--ckpt_path={checkpoint}"])
+    assert str(raised.value).startswith(
+        f"checkpoint {checkpoint} holds a lightning_modules.DiffusionClassifier, "
+        "this config has model.class_path lightning_modules.baseline_classifier.BaselineClassifier")
+
+
+def test_checkpoint_with_another_number_of_classes_is_refused(checkpoint, tmp_path):
+    with pytest.raises(IncompatibleCheckpoint) as raised:
+        main(["test", *tiny_args(tmp_path, "--data=tests.test_faults.ThreeClassSynthetic", "--data.init_args.image_size=16"),
+              f"--ckpt_path={checkpoint}"])
+    assert str(raised.value).startswith(
+        f"checkpoint {checkpoint} was trained with num_classes=2, this config has num_classes=3 "
+        "(model.init_args.num_classes, linked from the data, data ThreeClassSynthetic)")
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_checkpoint_for_another_input_size_is_refused(checkpoint, tmp_path, subcommand):
+    with pytest.raises(IncompatibleCheckpoint) as raised:
+        main([subcommand, *tiny_args(tmp_path, "--data.init_args.image_size=32"), f"--ckpt_path={checkpoint}"])
+    assert str(raised.value).startswith(
+        f"checkpoint {checkpoint} was trained with image_size=16, this config has image_size=32 "
+        "(model.init_args.image_size, linked from data.init_args.image_size")
+
+
+def test_checkpoint_with_other_network_options_is_refused(checkpoint, tmp_path):
+    expected = rf"checkpoint {re.escape(str(checkpoint))} does not fit this model: \d+ tensors differ, e\.g\. network\."
+    with pytest.raises(IncompatibleCheckpoint, match=expected):
+        main(["test", *tiny_args(tmp_path, "--model.network.init_args.block_out_channels=[8, 16]"), f"--ckpt_path={checkpoint}"])
+
+
+def test_last_is_resolved_like_lightning_before_the_check(checkpoint, tmp_path):
+    # `--ckpt_path last` in the checkpoint's own run folder, with a config for 32-pixel images
+    with pytest.raises(IncompatibleCheckpoint, match=f"checkpoint {re.escape(str(checkpoint))} was trained with image_size=16"):
+        main(["test", *tiny_args(checkpoint.parent.parent, "--data.init_args.image_size=32"), "--ckpt_path=last"])
+
+
+# ---- run folders ---------------------------------------------------------------------------
+
+
+def test_unwritable_run_folder_fails_before_training(tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file where the run folder should go")  # root ignores chmod; mkdir under a file fails
+    root = blocker / "run"
+    with pytest.raises(RunFolderError, match=f"cannot write to the run folder {re.escape(str(root))}: Not a directory"):
+        main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
+
+
+def test_full_disk_fails_before_training(tmp_path, monkeypatch):
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12 - 10**6, 10**6))  # 1 MB free
+    expected = rf"only 0\.00 GB free on the disk of {re.escape(str(tmp_path))}; this run needs at least 0\.\d\d GB"
+    with pytest.raises(RunFolderError, match=expected):
+        main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1")])
+    assert not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    with pytest.raises(RunFolderError, match=r"needs at least 5\.00 GB"):
+        main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1"), "--min_free_gb=5"])
+
+
+def test_the_config_not_the_checkpoint_decides_the_model_options(checkpoint, tmp_path):
+    # LightningCLI would overlay the checkpoint's hyperparameters (num_steps=3) for a file path
+    cli = main(["predict", *tiny_args(tmp_path, "--model.init_args.classification.num_steps=5"),
+                "--trainer.limit_predict_batches=1", f"--ckpt_path={checkpoint}"])
+    assert cli.model.classification.num_steps == 5

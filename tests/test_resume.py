@@ -1,0 +1,125 @@
+"""`fit --ckpt_path last` continues a stopped run exactly, through the real CLI on CPU.
+
+Two runs of the same tiny experiment on a small CSV image folder (so that the datamodule writes
+splits.csv): one trains 2 epochs straight; the other trains 1 epoch, stops, and is resumed with
+`--ckpt_path last --trainer.max_epochs 2`. With deterministic settings they must end with the same
+global step, the same data order, the same raw and EMA weights, the same Adam state and the same
+learning-rate schedule; the resumed run must reuse its split and its TensorBoard version.
+"""
+
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cli import main
+from lightning_modules import DiffusionClassifier
+from test_ddp import ROOT, tiny_args
+
+STEPS_PER_EPOCH = 8  # 32 training images (80 % of 40) in batches of 4
+
+
+class BatchRecorder(DiffusionClassifier):
+    """Records the image ids of every training batch, in order."""
+
+    def training_step(self, batch, batch_idx):
+        self.__dict__.setdefault("seen_ids", []).append(batch["id"].tolist())
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory) -> Path:
+    """40 small grayscale PNGs in two classes (bright or dark disc), and a config for them."""
+    folder = tmp_path_factory.mktemp("resume")
+    rows = ["path,label,patient_id"]
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[:16, :16]
+    disc = (y - 8) ** 2 + (x - 8) ** 2 < 25
+    for i in range(40):
+        label = i % 2
+        pixels = rng.integers(0, 60, (16, 16)) + disc * (180 if label else 60)
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+        rows.append(f"{i:02d}.png,{'effusion' if label else 'clear'},p{i}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    (folder / "experiment.yaml").write_text(f"""
+trainer:
+  deterministic: true
+  max_steps: -1
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.EMAWeightAveraging
+      init_args: {{decay: 0.9, update_starting_at_step: 0, update_every_n_steps: 1}}
+model:
+  class_path: tests.test_resume.BatchRecorder
+data:
+  class_path: datamodules.CSVDataModule
+  init_args: {{root: {folder}, csv: labels.csv, image_size: 16, batch_size: 4, num_workers: 0, cache_dir: null}}
+""")
+    return folder / "experiment.yaml"
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(monkeypatch):
+    monkeypatch.chdir(ROOT)
+
+
+def fit(config: Path, root: Path, epochs: int, *extra: str):
+    return main(["fit", *tiny_args(root, f"--config={config}", f"--trainer.max_epochs={epochs}"), *extra])
+
+
+def versions(root: Path) -> list[str]:
+    return sorted(p.name for p in (root / "tensorboard").glob("version_*"))
+
+
+def assert_same_tensors(a, b, what):
+    """Nested dicts/lists of tensors and numbers equal to float tolerance."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), what
+        for key in a:
+            assert_same_tensors(a[key], b[key], f"{what}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tensors(x, y, f"{what}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=what)
+    else:
+        assert a == b, what
+
+
+def test_resume_from_last_equals_straight_training(experiment, tmp_path):
+    straight = fit(experiment, tmp_path / "straight", epochs=2)
+
+    resumed_root = tmp_path / "resumed"
+    first = fit(experiment, resumed_root, epochs=1)  # the run "killed" after epoch 1
+    assert first.trainer.global_step == STEPS_PER_EPOCH
+    split = resumed_root / "splits.csv"
+    split_written = split.stat().st_mtime_ns
+    assert versions(resumed_root) == ["version_0"]
+
+    resumed = fit(experiment, resumed_root, 2, "--ckpt_path=last")
+
+    # the same steps on the same batches in the same order
+    assert resumed.trainer.global_step == straight.trainer.global_step == 2 * STEPS_PER_EPOCH
+    assert first.model.seen_ids == straight.model.seen_ids[:STEPS_PER_EPOCH]
+    assert resumed.model.seen_ids == straight.model.seen_ids[STEPS_PER_EPOCH:]
+    # the same split, reused rather than rewritten; the same TensorBoard version, continued
+    assert filecmp.cmp(split, tmp_path / "straight" / "splits.csv", shallow=False)
+    assert split.stat().st_mtime_ns == split_written
+    assert versions(resumed_root) == ["version_0"]
+    assert len(list((resumed_root / "tensorboard/version_0").glob("events.out.tfevents.*"))) == 2  # both runs
+
+    # the same raw weights, EMA weights and EMA count, Adam state and LR schedule
+    end_straight, end_resumed = (torch.load(root / "checkpoints/last.ckpt", weights_only=False)
+                                 for root in (tmp_path / "straight", resumed_root))
+    assert end_resumed["global_step"] == end_straight["global_step"] == 2 * STEPS_PER_EPOCH
+    for key in ("state_dict", "current_model_state", "averaging_state", "optimizer_states", "lr_schedulers"):
+        assert_same_tensors(end_resumed[key], end_straight[key], key)
+    ema, raw = end_resumed["state_dict"], end_resumed["current_model_state"]
+    assert any(not torch.equal(ema[name], raw[name]) for name in ema)  # the EMA is not the raw weights
+
+    # asked for, a new version: here a fit with nothing left to train, which still writes its config
+    fit(experiment, resumed_root, 2, "--ckpt_path=last", "--new_log_version=true")
+    assert versions(resumed_root) == ["version_0", "version_1"]
