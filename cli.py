@@ -78,7 +78,8 @@ class ExperimentCLI(LightningCLI):
             "--min_free_gb", type=float | None, default=None,
             help="Free disk space (GB) the run folders need before fit starts. Default: room for two "
             f"checkpoints, {CHECKPOINT_PARAMETER_COPIES} x the model's parameter bytes (weights, EMA weights and "
-            "Adam's two moments, twice). 0 turns the check off; validate, test and predict check only writability.",
+            "Adam's two moments, twice), or 0 when no checkpoint is saved. 0 turns the check off; validate, test "
+            "and predict check only that the folders are writable.",
         )
         parser.add_argument(
             "--new_log_version", type=bool, default=False,
@@ -160,8 +161,9 @@ class ExperimentCLI(LightningCLI):
         given = self.subcommand_option("min_free_gb")
         if given is not None:
             return int(given * 1e9)
+        saves = any(c.save_top_k != 0 or c.save_last for c in self.trainer.checkpoint_callbacks)
         parameter_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return CHECKPOINT_PARAMETER_COPIES * parameter_bytes
+        return CHECKPOINT_PARAMETER_COPIES * parameter_bytes if saves else 0
 
     def check_run_folders(self, min_free_bytes: int = 0) -> None:
         """Fail now, naming the folder, rather than at the first checkpoint hours later."""

@@ -84,8 +84,11 @@ SINGLE = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
+    """Trained under DDP too: the suite's callbacks (NaN check, checkpoint, logger) work there."""
     root = tmp_path_factory.mktemp("ddp_fit")
-    main(["fit", *tiny_args(root, "--trainer.max_steps=4")])
+    run_cli("fit", *tiny_args(root, "--trainer.max_steps=4"), *DDP)
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 4 and saved["logger_version"] == 0 and "rng_states" in saved
     return root / "checkpoints" / "last.ckpt"
 
 
