@@ -137,6 +137,29 @@ def test_predict_under_ddp_writes_every_image_once(checkpoint, tmp_path, one_thr
     assert ddp_rows == single_rows
 
 
+EXPLAIN = ["--model.init_args.explain=true", "--model.init_args.explanation.sampling_steps=3",
+           "--model.init_args.explanation.flip_steps=3"]
+
+
+def test_explanations_under_ddp_are_written_once_per_image_and_equal_single_process(checkpoint, tmp_path, one_thread):
+    main(["predict", *tiny_args(tmp_path / "single"), *SINGLE, *EXPLAIN, f"--ckpt_path={checkpoint}"])
+    run_cli("predict", *tiny_args(tmp_path / "ddp"), *DDP, *EXPLAIN, f"--ckpt_path={checkpoint}")
+    for name in ("single", "ddp"):
+        folder = outputs_of(tmp_path / name) / "explanations"
+        assert sorted(p.name for p in folder.glob("image_*.png")) == sorted(f"image_{i}.png" for i in TEST_IDS)
+        ids = [int(i) for path in folder.glob("ids_*.npz") for i in __import__("numpy").load(path)["id"]]
+        assert sorted(ids) == TEST_IDS  # the raw tensors of each image once, whichever rank had it
+    single, ddp = (json.loads((outputs_of(tmp_path / name) / "explain.json").read_text()) for name in ("single", "ddp"))
+    # the same seeded noise per image: the same numbers on any number of processes; counts and flips
+    # exactly, pixel distances to float32 rounding (a rank's batches hold other images, and a
+    # convolution's summation order depends on the batch)
+    assert set(ddp) == set(single)
+    for key in ("n_images", "n_counterfactuals", "flip_rate", "factual_kept_rate", "flip_rate_by_target", "settings"):
+        assert ddp[key] == single[key], key
+    for key, value in single.items():
+        assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
 # ---- speed switches ------------------------------------------------------------------------
 
 CONFIGS = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((ROOT / "configs").glob("*.yaml"))}
