@@ -26,7 +26,12 @@ LOGGER_VERSION_KEY = "logger_version"
 class RunCheckpoint(ModelCheckpoint):
     """ModelCheckpoint whose checkpoints resume a run exactly (`fit --ckpt_path last`).
 
-    Three additions to Lightning's ModelCheckpoint:
+    Four additions to Lightning's ModelCheckpoint:
+
+    * `last.ckpt` is written at every checkpointing point (each validation, or each epoch end
+      without validation), also when the monitored metric did not improve. Lightning 2.6 writes
+      it only when a top-k checkpoint was written at the same step, so with `monitor` set "last"
+      stayed at the best epoch and `--ckpt_path last` resumed from there, redoing later epochs.
 
     * `last.ckpt` is also written in the step or epoch that ends training (`max_steps`,
       `max_epochs`, or a callback setting `trainer.should_stop`). Lightning saves `last.ckpt`
@@ -53,11 +58,23 @@ class RunCheckpoint(ModelCheckpoint):
         if 0 < trainer.max_steps <= trainer.global_step or trainer.should_stop:
             self._save_last_before_train_end(trainer)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._keep_last_current(trainer)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if 0 <= max_epochs <= trainer.current_epoch + 1 or trainer.should_stop:
             self._save_last_before_train_end(trainer)
+
+    def _keep_last_current(self, trainer) -> None:
+        # _should_skip_saving_checkpoint: not fitting, sanity check, or already saved at this step
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_last_before_train_end(self, trainer) -> None:
         if self.save_last and self._last_global_step_saved != trainer.global_step:

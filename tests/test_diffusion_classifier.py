@@ -37,6 +37,7 @@ def tiny_args(root, *extra):
         "--data.init_args.batch_size=4",
         "--model.init_args.val_steps=2",
         "--model.init_args.classification.num_steps=3",
+        "--model.init_args.explanation.every_n_epochs=0",  # monitoring images: tested in test_explain.py
         *TINY_UNET,
         *extra,
     ]

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from cli import main
@@ -123,3 +124,28 @@ def test_resume_from_last_equals_straight_training(experiment, tmp_path):
     # asked for, a new version: here a fit with nothing left to train, which still writes its config
     fit(experiment, resumed_root, 2, "--ckpt_path=last", "--new_log_version=true")
     assert versions(resumed_root) == ["version_0", "version_1"]
+
+
+class LastCheckpointSteps(Callback):
+    """The global step stored in last.ckpt at the start of every epoch after the first."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch > 0:
+            path = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt"
+            self.__dict__.setdefault("steps", []).append(torch.load(path, weights_only=False)["global_step"])
+
+
+def test_last_checkpoint_follows_the_run_when_the_monitored_metric_stops_improving(tmp_path):
+    """With `monitor`, Lightning 2.6 rewrites last.ckpt only together with a new best; "epoch" in
+    mode min is best at epoch 0 and never again, so only RunCheckpoint keeps last.ckpt current (a
+    run killed in epoch 3 must resume from the end of epoch 2, not of epoch 1)."""
+    from test_diffusion_classifier import tiny_args as tiny_with_validation
+
+    cli = main(["fit", *tiny_with_validation(
+        tmp_path, "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=null",
+        "--trainer.check_val_every_n_epoch=1", "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
+        "--checkpoint.save_top_k=1", "--trainer.callbacks+=tests.test_resume.LastCheckpointSteps")])
+    steps_per_epoch = 6  # 24 synthetic training images in batches of 4
+    assert [p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt")] == [f"epoch=0-step={steps_per_epoch}.ckpt"]
+    recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LastCheckpointSteps")  # imported as tests.test_resume
+    assert recorder.steps == [steps_per_epoch, 2 * steps_per_epoch]
