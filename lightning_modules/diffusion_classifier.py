@@ -118,6 +118,14 @@ class DiffusionClassifier(L.LightningModule):
         v_hat = self.network(z, t, labels)
         return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
 
+    def on_train_start(self) -> None:
+        # seed_everything gives every DDP rank the same seed, so each rank would draw the same t and
+        # eps for its different images: one more seed per rank (DiT does seed * world + rank), drawn
+        # from the common state so a run stays reproducible; a single process is left untouched
+        if self.trainer.world_size > 1:
+            common = int(torch.randint(2**62, (1,)))
+            torch.manual_seed(common + self.global_rank)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = self.transform.encode(batch["image"])
         t = torch.rand(x.shape[0], device=self.device)

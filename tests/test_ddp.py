@@ -160,6 +160,23 @@ def test_explanations_under_ddp_are_written_once_per_image_and_equal_single_proc
         assert ddp[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
 
 
+class TrainingNoiseRecorder(Callback):
+    """Writes the first training step's random draw of each rank to <root>/noise_rank<r>.txt."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            state = torch.get_rng_state()
+            draw = torch.rand(4).tolist()
+            torch.set_rng_state(state)  # leave the run's own draws alone
+            Path(trainer.default_root_dir, f"noise_rank{trainer.global_rank}.txt").write_text(repr(draw))
+
+
+def test_ddp_ranks_draw_different_training_noise(tmp_path):
+    run_cli("fit", *tiny_args(tmp_path, "--trainer.max_steps=1", "--trainer.callbacks+=tests.test_ddp.TrainingNoiseRecorder"), *DDP)
+    rank0, rank1 = ((tmp_path / f"noise_rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0 != rank1  # seed_everything alone gives both ranks the same t and eps
+
+
 # ---- speed switches ------------------------------------------------------------------------
 
 CONFIGS = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((ROOT / "configs").glob("*.yaml"))}
