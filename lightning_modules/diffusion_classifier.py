@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from .diffusion.classify import ClassifierSettings, classify_images
 from .diffusion.explain import ExplainSettings
 from .diffusion.loss import drop_labels, weighted_v_loss
-from .diffusion.noise import shared_noise
+from .diffusion.noise import seed_per_rank, shared_noise
 from .diffusion.parameterization import diffuse, v_target
 from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from .diffusion.voting import summarize
@@ -119,12 +119,7 @@ class DiffusionClassifier(L.LightningModule):
         return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
 
     def on_train_start(self) -> None:
-        # seed_everything gives every DDP rank the same seed, so each rank would draw the same t and
-        # eps for its different images: one more seed per rank (DiT does seed * world + rank), drawn
-        # from the common state so a run stays reproducible; a single process is left untouched
-        if self.trainer.world_size > 1:
-            common = int(torch.randint(2**62, (1,)))
-            torch.manual_seed(common + self.global_rank)
+        seed_per_rank(self.trainer.world_size, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = self.transform.encode(batch["image"])

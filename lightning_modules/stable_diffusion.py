@@ -49,7 +49,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from .diffusion.classify import ClassifierSettings, classify_images
 from .diffusion.explain import ExplainSettings, is_grayscale
 from .diffusion.loss import drop_labels
-from .diffusion.noise import shared_noise
+from .diffusion.noise import seed_per_rank, shared_noise
 from .diffusion.schedule import broadcast_like
 from .diffusion.voting import summarize
 from .evaluation import TestOutputs
@@ -287,6 +287,9 @@ class StableDiffusionClassifier(L.LightningModule):
         condition = self.text_embeddings()[drop_labels(labels, self.hparams.num_classes, dropout)]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=condition, return_dict=False)[0]
         return F.mse_loss(prediction.float(), target.float())
+
+    def on_train_start(self) -> None:
+        seed_per_rank(self.trainer.world_size, self.global_rank)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         latents = self.encode_images(batch["image"], sample=True)

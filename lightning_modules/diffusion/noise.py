@@ -34,3 +34,13 @@ def shared_noise(ids: Tensor, steps: range, shape: tuple[int, ...], seed: int) -
             times[row, column] = torch.rand((), generator=generator)
             noises[row, column] = torch.randn(shape, generator=generator)
     return times, noises
+
+
+def seed_per_rank(world_size: int, rank: int) -> None:
+    """Give each DDP rank its own training noise: seed_everything seeds every rank alike, so each
+    would draw the same t and eps for its different images. One seed per rank (DiT does
+    seed * world + rank), drawn from the common state so a run stays reproducible; a single
+    process is left untouched."""
+    if world_size > 1:
+        common = int(torch.randint(2**62, (1,)))
+        torch.manual_seed(common + rank)
