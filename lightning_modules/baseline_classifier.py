@@ -44,6 +44,9 @@ class BaselineClassifier(L.LightningModule):
         intensity_jitter: strength of an extra brightness/contrast jitter (not in the paper; 0 = off),
             for data whose test images come from other scanners (see augmentation.py).
         label_smoothing: cross-entropy label smoothing (not in the paper; 0 = off).
+        standardize: give the backbone each image minus its own mean, divided by its own standard
+            deviation (not in the paper; off): removes global exposure and contrast, which differ
+            between scanners and sites, in training and evaluation alike.
         mc_dropout_passes: T > 0: test and predict average the softmax of T forwards with the
             dropout layers active (MC dropout; needs drop_rate > 0) and report the entropy of that
             mean; 0: a single deterministic forward and its softmax entropy.
@@ -64,6 +67,7 @@ class BaselineClassifier(L.LightningModule):
         blur_p: float = BLUR_P,
         intensity_jitter: float = 0.0,
         label_smoothing: float = 0.0,
+        standardize: bool = False,
         mc_dropout_passes: int = 0,
     ):
         super().__init__()
@@ -89,6 +93,9 @@ class BaselineClassifier(L.LightningModule):
         return BACKBONES[self.hparams.backbone].display_name
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.hparams.standardize:
+            mean = images.mean(dim=(1, 2, 3), keepdim=True)
+            images = (images - mean) / images.std(dim=(1, 2, 3), keepdim=True).clamp(min=1e-3)
         return self.network(images)
 
     # ---- training -------------------------------------------------------------------------

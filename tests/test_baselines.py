@@ -172,6 +172,20 @@ def test_augmentation_only_in_training():
     assert not BaselineClassifier("resnet18", num_classes=2, image_size=32, augment=False).train().augmentation(images).ne(images).any()
 
 
+def test_standardize_feeds_each_image_with_zero_mean_and_unit_std():
+    model = BaselineClassifier("resnet18", num_classes=2, image_size=32, standardize=True).eval()
+    seen = []
+    model.network.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(3, 3, 32, 32) * torch.tensor([0.2, 1.0, 1.8]).view(3, 1, 1, 1) - 0.5  # three exposures
+    with torch.no_grad():
+        model(images)
+    by_image = seen[0].flatten(1)
+    torch.testing.assert_close(by_image.mean(1), torch.zeros(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_image.std(1), torch.ones(3), atol=1e-4, rtol=0)
+    expected = (images[1] - images[1].mean()) / images[1].std()
+    torch.testing.assert_close(seen[0][1], expected)
+
+
 # ---- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(BACKBONES))
 @pytest.mark.parametrize("dataset", list(DATASETS))
