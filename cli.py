@@ -46,9 +46,11 @@ from lightning_modules.checkpoint_check import check_checkpoint, resolve_checkpo
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 LOGGER_NAME = "tensorboard"
-# A checkpoint holds about 4 copies of the parameters (weights, EMA weights, Adam's two moments)
-# and ModelCheckpoint writes the new file before it deletes the old one: room for two.
+# A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
+# moments) and one of the frozen ones (e.g. Stable Diffusion's VAE and text encoder), and
+# ModelCheckpoint writes the new file before it deletes the old one: room for two.
 CHECKPOINT_PARAMETER_COPIES = 8
+CHECKPOINT_FROZEN_COPIES = 2
 VALIDATION_UNDER_DDP = (
     "validation under DDP uses Lightning's DistributedSampler, which pads the ranks to equal "
     "length: up to world_size - 1 = {extra} validation images are counted twice in val/ metrics "
@@ -162,8 +164,9 @@ class ExperimentCLI(LightningCLI):
         if given is not None:
             return int(given * 1e9)
         saves = any(c.save_top_k != 0 or c.save_last for c in self.trainer.checkpoint_callbacks)
-        parameter_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        return CHECKPOINT_PARAMETER_COPIES * parameter_bytes if saves else 0
+        trained = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
+        frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
+        return CHECKPOINT_PARAMETER_COPIES * trained + CHECKPOINT_FROZEN_COPIES * frozen if saves else 0
 
     def check_run_folders(self, min_free_bytes: int = 0) -> None:
         """Fail now, naming the folder, rather than at the first checkpoint hours later."""

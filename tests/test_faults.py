@@ -166,3 +166,18 @@ def test_the_config_not_the_checkpoint_decides_the_model_options(checkpoint, tmp
     cli = main(["predict", *tiny_args(tmp_path, "--model.init_args.classification.num_steps=5"),
                 "--trainer.limit_predict_batches=1", f"--ckpt_path={checkpoint}"])
     assert cli.model.classification.num_steps == 5
+
+
+def test_free_space_rule_counts_frozen_parameters_once_per_checkpoint(repo_root, monkeypatch):
+    from cli import load_experiment
+
+    monkeypatch.chdir(repo_root)
+    cli = load_experiment("configs/baseline_demo.yaml")
+    monkeypatch.setattr(cli, "subcommand_option", lambda key: None)  # no --min_free_gb given
+    parameters = list(cli.model.parameters())
+    nbytes = lambda group: sum(p.numel() * p.element_size() for p in group)  # noqa: E731
+    assert cli.min_free_bytes() == 8 * nbytes(parameters)
+    for p in parameters[: len(parameters) // 2]:  # e.g. Stable Diffusion's frozen VAE and text encoder
+        p.requires_grad_(False)
+    frozen, trained = parameters[: len(parameters) // 2], parameters[len(parameters) // 2 :]
+    assert cli.min_free_bytes() == 8 * nbytes(trained) + 2 * nbytes(frozen)
