@@ -25,20 +25,11 @@ from lightning.pytorch.callbacks import Callback
 
 from cli import main
 from lightning_modules.callbacks import ChannelsLast, CompileNetwork
+from tests.test_diffusion_classifier import TINY_UNET  # the same tiny UNet (a package path: DDP ranks import this file too)
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TEST = 7  # does not divide by 2 processes
 TEST_IDS = list(range(24 + 8, 24 + 8 + NUM_TEST))  # ids follow the 24 train and 8 val images
-
-TINY_UNET = [
-    "--model.network.class_path=lightning_modules.networks.ClassConditionalUNet",
-    "--model.network.init_args.block_out_channels=[16, 32]",
-    "--model.network.init_args.layers_per_block=1",
-    "--model.network.init_args.cross_attention_resolution=8",
-    "--model.network.init_args.cross_attention_dim=32",
-    "--model.network.init_args.attention_heads=2",
-    "--model.network.init_args.norm_num_groups=8",
-]
 
 
 def tiny_args(root, *extra) -> list[str]:
