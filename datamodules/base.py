@@ -211,7 +211,38 @@ def check_root(root) -> Path:
     return Path(root)
 
 
-class ImageDataModule(L.LightningDataModule):
+class SplitLoaders:
+    """The four dataloader hooks of a datamodule, over its `split_dataset(split)`: the training
+    split shuffled (its last partial batch dropped), validation and test in order; predict reads
+    the test split. Needs `batch_size` and `num_workers` attributes."""
+
+    batch_size: int
+    num_workers: int
+
+    def split_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        dataset = self.split_dataset(split)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
+                          drop_last=shuffle and len(dataset) >= self.batch_size,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self):
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
+
+
+class ImageDataModule(SplitLoaders, L.LightningDataModule):
     """Loaders, the properties linked into the model, and the count report."""
 
     name = "data"
@@ -240,24 +271,8 @@ class ImageDataModule(L.LightningDataModule):
             logger.log_metrics({key: float(n) for key, n in counts.items()}, step=0)
         return counts
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(dataset) >= self.batch_size,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("test")
+    def split_dataset(self, split: str) -> Dataset:
+        return self.datasets[split]
 
 
 class TableDataModule(ImageDataModule):

@@ -17,7 +17,9 @@ the fine-tuning and the test configs, as configs/sd_*.yaml do).
 from __future__ import annotations
 
 import lightning as L
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, Dataset
+
+from datamodules.base import SplitLoaders
 
 ID_STRIDE = 1_000_000_000
 LOADERS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
@@ -41,7 +43,7 @@ class RelabeledDataset(Dataset):
                        "source": self.source, "path": item.get("path", "")}
 
 
-class CombinedDataModule(L.LightningDataModule):
+class CombinedDataModule(SplitLoaders, L.LightningDataModule):
     """The concatenation of `datamodules`, every split, with the classes of all of them.
 
     Args:
@@ -89,19 +91,5 @@ class CombinedDataModule(L.LightningDataModule):
                 RelabeledDataset(getattr(source, LOADERS[split])().dataset, k, offset)
                 for k, (source, offset) in enumerate(zip(self.sources, self.label_offsets()))])
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.datasets[split]
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) >= self.batch_size,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("test")
+    def split_dataset(self, split: str) -> Dataset:
+        return self.datasets[split]

@@ -15,7 +15,9 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from datamodules.base import SplitLoaders
 
 KINDS = {"chest": ["no_finding", "pleural_effusion"], "skin": ["benign", "melanoma"]}
 SPLITS = ("train", "val", "test")
@@ -147,7 +149,7 @@ class SyntheticSplit(Dataset):
         return {"image": image, "label": self.labels[i], "id": torch.tensor(self.id_offset + i)}
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
     """Procedural two-class medical-like images (no files, no download), reproducible per seed.
 
     Args:
@@ -204,22 +206,8 @@ class SyntheticDataModule(L.LightningDataModule):
         for name in wanted.get(stage, SPLITS):
             self.split(name)
 
-    def _loader(self, name, shuffle=False, drop_last=False):
-        return DataLoader(self.split(name), batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self):
-        return self._loader("train", shuffle=True, drop_last=self.sizes["train"] >= self.batch_size)
-
-    def val_dataloader(self):
-        return self._loader("val")
-
-    def test_dataloader(self):
-        return self._loader("test")
-
-    def predict_dataloader(self):
-        return self._loader("test")
+    def split_dataset(self, split: str) -> SyntheticSplit:
+        return self.split(split)
 
     def preview(self, split: str = "train", n: int = 16) -> torch.Tensor:
         """Grid in [0, 1] of the first n // 2 images of each class: one row per class."""

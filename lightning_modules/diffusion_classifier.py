@@ -30,16 +30,15 @@ from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from .diffusion.voting import summarize
 from .diffusion.wavelet import HaarWavelet, IdentityTransform
 from .evaluation import TestOutputs
-from .explanations import ExplanationOutputs, explain_batch, plot_explanations, sample_grid
+from .explanations import ExplainsPredictions, ExplanationOutputs, explain_batch, explanation_rows, plot_explanations, sample_grid
 from .networks.base import Denoiser
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
 NetworkFactory = Callable[[int, int, int], Denoiser]
-ROW_KEYS = ("id", "factual", "images", "reconstructions", "maps", "signed", "label")
 VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
 
 
-class DiffusionClassifier(L.LightningModule):
+class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
     """Class-conditional v-prediction diffusion model that classifies by per-class denoising error.
 
     Args:
@@ -170,18 +169,8 @@ class DiffusionClassifier(L.LightningModule):
         outputs = self.classify(batch, self.classification)
         if not self.hparams.save_errors:
             outputs.pop("errors")
-        if self.hparams.explain:
-            self.explanation_outputs.add(self.explain(batch, outputs["prediction"], self.explanation), self.output_dir, batch.get("label"))
+        self.explain_predictions(batch, outputs["prediction"])
         return outputs
-
-    def on_predict_epoch_start(self) -> None:
-        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
-        # rank, here; ranks can hold different numbers of predict batches
-        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
-
-    def on_predict_epoch_end(self) -> None:
-        if self.hparams.explain:
-            self.explanation_outputs.finish(self.trainer, self.output_dir)
 
     # ---- explanation ----------------------------------------------------------------------
 
@@ -218,12 +207,13 @@ class DiffusionClassifier(L.LightningModule):
             self.network, self.transform, self.schedule, few["image"], few["id"], few["label"], self.hparams.num_classes,
             self.network.null_label, settings,
         )
-        rows = [{key: value[i].cpu() for key, value in (record | {"label": few["label"]}).items() if key in ROW_KEYS} for i in range(len(few["id"]))]
+        rows = explanation_rows(record | {"label": few["label"]})
         experiment, step = self.logger.experiment, self.global_step
         experiment.add_figure("explain/validation", plot_explanations(rows, self.class_names), global_step=step)
+        model_input = (self.network.in_channels, self.network.sample_size, self.network.sample_size)
         grid = sample_grid(
-            self.network, self.transform, self.schedule, tuple(self.transform.encode(few["image"][:1]).shape[1:]),
-            self.hparams.num_classes, self.network.null_label, self.explanation,
+            self.network, self.transform, self.schedule, model_input, self.hparams.num_classes, self.network.null_label,
+            self.explanation,
         )
         experiment.add_image("explain/samples_from_noise", grid, global_step=step)
 

@@ -25,15 +25,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 from .diffusion.explain import (  # noqa: E402
     ExplainSettings,
     concentration,
     difference_maps,
     distances,
+    explanation_noise,
     reconstruct_all_classes,
     signed_for,
 )
+from .diffusion.sampler import ddim_sample  # noqa: E402
 from .evaluation import concat_outputs, gather_unique  # noqa: E402
 
 EXPLAIN_FILE = "explain.json"
@@ -85,12 +88,13 @@ class ExplanationOutputs:
         folder.mkdir(parents=True, exist_ok=True)
         ids = record["id"].tolist()
         np.savez_compressed(folder / f"ids_{min(ids)}-{max(ids)}.npz", **{k: v.numpy() for k, v in record.items()})
-        for i, image_id in enumerate(ids):
-            figure = plot_explanations([_row(record, i)], self.class_names)
+        rows = explanation_rows(record)
+        for image_id, row in zip(ids, rows):
+            figure = plot_explanations([row], self.class_names)
             figure.savefig(folder / f"image_{image_id}.png", dpi=100, bbox_inches="tight")
             plt.close(figure)
         self.rows.append({k: record[k] for k in PER_IMAGE_KEYS if k in record})
-        self.summary += [_row(record, i) for i in range(len(ids))]
+        self.summary += rows
         self.summary = sorted(self.summary, key=lambda row: row["id"])[: self.settings.summary_images]
 
     def finish(self, trainer, directory: Path) -> dict | None:
@@ -115,6 +119,27 @@ class ExplanationOutputs:
         plt.close(figure)
         print(f"explanations of {numbers['n_images']} images written to {folder} (open summary.png); numbers in {Path(directory) / EXPLAIN_FILE}")
         return numbers
+
+
+class ExplainsPredictions:
+    """Predict-time explanations for a diffusion LightningModule with `hparams.explain`,
+    `explanation` (ExplainSettings), `explanation_outputs` (ExplanationOutputs) and
+    `explain(batch, predictions, settings) -> record`: its predict_step calls
+    `explain_predictions(batch, predictions)`; the epoch hooks are here."""
+
+    def explain_predictions(self, batch: dict, predictions: Tensor) -> None:
+        if self.hparams.explain:
+            record = self.explain(batch, predictions, self.explanation)
+            self.explanation_outputs.add(record, self.output_dir, batch.get("label"))
+
+    def on_predict_epoch_start(self) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
+        # rank, here; ranks can hold different numbers of predict batches
+        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
+    def on_predict_epoch_end(self) -> None:
+        if self.hparams.explain:
+            self.explanation_outputs.finish(self.trainer, self.output_dir)
 
 
 def faithfulness(rows: dict, class_names: list[str]) -> dict:
@@ -147,9 +172,11 @@ def faithfulness(rows: dict, class_names: list[str]) -> dict:
     return numbers
 
 
-def _row(record: dict, i: int) -> dict:
+def explanation_rows(record: dict) -> list[dict]:
+    """One dict per image of a batch record, on the CPU, with what `plot_explanations` draws."""
     keys = ("id", "factual", "images", "reconstructions", "maps", "signed", "label", "flip_prediction")
-    return {k: record[k][i] for k in keys if k in record}
+    present = {k: record[k].detach().cpu() for k in keys if k in record}
+    return [{k: v[i] for k, v in present.items()} for i in range(len(record["id"]))]
 
 
 def _show_image(axis, image: Tensor) -> None:
@@ -201,11 +228,6 @@ def sample_grid(denoiser, transform, schedule, image_shape: tuple[int, ...], num
     """A (3, H', W') image grid in [0, 1] of class-conditional samples from pure noise (t = 1), one row
     per class, with the guidance of `settings` and `monitor_steps` DDIM steps; the noise is seeded,
     so successive grids show the same draws as the model learns."""
-    from torchvision.utils import make_grid
-
-    from .diffusion.explain import explanation_noise
-    from .diffusion.sampler import ddim_sample
-
     device = next(denoiser.parameters()).device
     ids = torch.arange(per_class).repeat(num_classes) - 1_000_000  # a noise stream no data id uses
     z = explanation_noise(ids, image_shape, settings.seed).to(device)

@@ -53,7 +53,7 @@ from .diffusion.noise import seed_per_rank, shared_noise
 from .diffusion.schedule import broadcast_like
 from .diffusion.voting import summarize
 from .evaluation import TestOutputs
-from .explanations import ExplanationOutputs, explain_batch
+from .explanations import ExplainsPredictions, ExplanationOutputs, explain_batch
 
 # The file each diffusers sub-folder must hold (an interrupted download leaves empty folders).
 WEIGHT_FOLDERS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
@@ -180,7 +180,7 @@ class LatentTransform:
         return torch.where(rows.view(-1, 1, 1, 1), grey.expand_as(pixels), pixels)
 
 
-class StableDiffusionClassifier(L.LightningModule):
+class StableDiffusionClassifier(ExplainsPredictions, L.LightningModule):
     """Stable Diffusion (diffusers layout on local disk) fine-tuned on class prompts and used as a classifier.
 
     Args:
@@ -330,18 +330,8 @@ class StableDiffusionClassifier(L.LightningModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs = self.classify_batch(batch)
-        if self.hparams.explain:
-            self.explanation_outputs.add(self.explain(batch, outputs["prediction"], self.explanation), self.output_dir,
-                                         batch.get("label"))
+        self.explain_predictions(batch, outputs["prediction"])
         return outputs
-
-    def on_predict_epoch_start(self) -> None:
-        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every rank
-        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
-
-    def on_predict_epoch_end(self) -> None:
-        if self.hparams.explain:
-            self.explanation_outputs.finish(self.trainer, self.output_dir)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.test_outputs.add(self.classify_batch(batch))
