@@ -186,6 +186,33 @@ def test_standardize_feeds_each_image_with_zero_mean_and_unit_std():
     torch.testing.assert_close(seen[0][1], expected)
 
 
+def test_test_time_flips_average_the_softmax_of_the_four_flips():
+    from torchvision.transforms.v2 import functional as TF
+
+    torch.manual_seed(0)
+    model = BaselineClassifier("resnet18", num_classes=3, image_size=32, test_time_flips=True).eval()
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        views = [images, TF.horizontal_flip(images), TF.vertical_flip(images), TF.vertical_flip(TF.horizontal_flip(images))]
+        expected = sum(model.network(view).softmax(dim=1) for view in views) / 4
+        torch.testing.assert_close(model.class_probabilities(images), expected)
+        plain = model.network(images).softmax(dim=1)
+    assert not torch.allclose(expected, plain, atol=1e-4)  # the flips do change the answer of an untrained net
+
+
+def test_test_time_flips_with_mc_dropout_run_t_passes_per_view():
+    model = BaselineClassifier("resnet18", num_classes=2, image_size=32, drop_rate=0.5, mc_dropout_passes=3,
+                               test_time_flips=True).eval()
+    calls = []
+    model.network.register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        probabilities = model.class_probabilities(images)
+    assert len(calls) == 12
+    torch.testing.assert_close(calls[3], images.flip(-1))  # passes 4-6 see the horizontal flip
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2))
+
+
 # ---- configs ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(BACKBONES))
 @pytest.mark.parametrize("dataset", list(DATASETS))
@@ -199,6 +226,7 @@ def test_paper_configs_follow_appendix_b(name, dataset):
     assert args["learning_rate"] == (1e-5 if transformer else 1e-4)
     assert args["weight_decay"] == (0.0 if transformer else 1e-3 if dataset == "chexpert" else 1e-5)
     assert args["augment"] is True and args["pretrained_path"] is None
+    assert not args.get("test_time_flips", False)  # the paper's single view
     assert data["class_path"] == DATASETS[dataset] and "root" not in data["init_args"]  # root: required
     assert data["init_args"]["image_size"] == 256 and data["init_args"]["batch_size"] == 64
 
@@ -210,6 +238,20 @@ def test_pneumoniamnist_and_demo_configs():
     assert config["data"]["init_args"]["flag"] == "pneumoniamnist" and config["data"]["init_args"]["size"] == 28
     demo = yaml.safe_load((ROOT / "configs" / "baseline_demo.yaml").read_text())
     assert demo["data"]["class_path"] == "datamodules.SyntheticDataModule" and demo["trainer"]["accelerator"] == "cpu"
+
+
+PNEUMONIAMNIST = ROOT.parent / "shared/data/pneumoniamnist/pneumoniamnist.npz"
+
+
+@pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason=f"{PNEUMONIAMNIST} absent (CI clones shared/ beside the repo)")
+def test_pneumoniamnist_config_trains_and_tests_with_flips_on_the_real_file(tmp_path):
+    args = ["--config=configs/resnet18_pneumoniamnist.yaml", f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.init_args.num_workers=0"]
+    main(["fit", *args, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"])
+    cli = main(["test", *args, "--ckpt_path=last"])
+    assert cli.model.hparams.test_time_flips and cli.model.hparams.image_channels == 3
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["n_images"] == 468 and metrics["model"] == "ResNet-18"
 
 
 # ---- through the CLI: the same metrics and files as the diffusion classifier -------------------
