@@ -92,6 +92,7 @@ class BaselineClassifier(L.LightningModule):
             prefix="val/",
         )
         uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
+        uncertainty += " of the mean over 4 flips" if test_time_flips else ""
         self.test_outputs = TestOutputs(self.class_names, uncertainty_name=uncertainty)
 
     @property
@@ -147,6 +148,7 @@ class BaselineClassifier(L.LightningModule):
             "model": self.display_name,
             "uncertainty": "mc_dropout_entropy" if self.hparams.mc_dropout_passes else "softmax_entropy",
             "mc_dropout_passes": self.hparams.mc_dropout_passes,
+            "test_time_flips": self.hparams.test_time_flips,
         }
         metrics = self.test_outputs.finish(self.trainer, info=info)
         scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}

@@ -56,7 +56,9 @@ def describe_model(model: dict) -> tuple[str, str]:
     name, args = _class_name(model), model.get("init_args") or {}
     if name == "BaselineClassifier":
         spec = BACKBONES.get(args.get("backbone"))
-        return (spec.group, spec.display_name) if spec else ("other", str(args.get("backbone")))
+        group, display = (spec.group, spec.display_name) if spec else ("other", str(args.get("backbone")))
+        # a row of its own: test-time flips are not the paper's protocol
+        return group, display + (" + test-time flips" if args.get("test_time_flips") else "")
     if name == "DiffusionClassifier":
         network = args.get("network") or {}
         return "DM", _network_name(_class_name(network), network.get("init_args") or {})

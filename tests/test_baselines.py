@@ -251,7 +251,7 @@ def test_pneumoniamnist_config_trains_and_tests_with_flips_on_the_real_file(tmp_
     cli = main(["test", *args, "--ckpt_path=last"])
     assert cli.model.hparams.test_time_flips and cli.model.hparams.image_channels == 3
     metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
-    assert metrics["n_images"] == 468 and metrics["model"] == "ResNet-18"
+    assert metrics["n_images"] == 468 and metrics["model"] == "ResNet-18" and metrics["test_time_flips"] is True
 
 
 # ---- through the CLI: the same metrics and files as the diffusion classifier -------------------

@@ -113,6 +113,9 @@ def test_paper_layout_groups_and_order(tmp_path):
 def test_models_and_data_sets_are_named_from_the_config():
     assert describe_model(baseline("vit_s16")) == ("TF", "ViT-S/16")
     assert describe_model(baseline("efficientnet_b4")) == ("CNN", "EfficientNet-B4")
+    flips = baseline("resnet18")
+    flips["init_args"]["test_time_flips"] = True
+    assert describe_model(flips) == ("CNN", "ResNet-18 + test-time flips")
     unet = {"class_path": "lightning_modules.DiffusionClassifier",
             "init_args": {"network": {"class_path": "lightning_modules.networks.ClassConditionalUNet"}}}
     assert describe_model(unet) == ("DM", "UNet")
