@@ -388,6 +388,12 @@ def test_real_slurm_runs_the_rendered_job_with_two_ddp_ranks(slurm):
     assert list((root / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
 
 
+# Quarantined to `make test-all`: it hung in 1 of 3 full runs on 2026-11-25 (no requeue within
+# 240 s of the signal). Lightning saves the hpc checkpoint inside the SIGUSR1 handler, which can run
+# in the middle of a DDP collective (Lightning-AI/pytorch-lightning#21406, fix proposed in #21407);
+# the cure is to only set a flag in the handler and checkpoint at the next batch boundary on all
+# ranks. Until then this test shows the mechanism but can deadlock, which a CI gate must not.
+@pytest.mark.slow
 def test_real_slurm_requeues_on_sigusr1_and_resumes_from_the_hpc_checkpoint(slurm):
     max_steps = 16
     job_id, root, log = submit_demo(slurm, "requeue", f"--trainer.max_steps {max_steps} --trainer.limit_val_batches 0 "
