@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from cli import main
+from tests.shared_data import needs_pneumoniamnist
 from lightning_modules import BaselineClassifier
 from lightning_modules.baseline_classifier import dropout_active, dropout_layers
 from lightning_modules.networks.backbones import BACKBONES, build_backbone
@@ -240,10 +241,7 @@ def test_pneumoniamnist_and_demo_configs():
     assert demo["data"]["class_path"] == "datamodules.SyntheticDataModule" and demo["trainer"]["accelerator"] == "cpu"
 
 
-PNEUMONIAMNIST = ROOT.parent / "shared/data/pneumoniamnist/pneumoniamnist.npz"
-
-
-@pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason=f"{PNEUMONIAMNIST} absent (CI clones shared/ beside the repo)")
+@needs_pneumoniamnist
 def test_pneumoniamnist_config_trains_and_tests_with_flips_on_the_real_file(tmp_path):
     args = ["--config=configs/resnet18_pneumoniamnist.yaml", f"--trainer.default_root_dir={tmp_path}",
             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.init_args.num_workers=0"]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from cli import main
+from tests.shared_data import needs_pneumoniamnist
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
 PAPER_CONFIGS = ["unet_chexpert", "dit_chexpert", "unet_isic", "dit_isic"]
-PNEUMONIAMNIST = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist/pneumoniamnist.npz"
 
 
 @pytest.fixture(autouse=True)
@@ -97,7 +97,7 @@ def test_paper_configs_refuse_a_missing_or_wrong_root(config, tmp_path, capsys):
               f"--data.init_args.root={tmp_path / 'nowhere'}"])
 
 
-@pytest.mark.skipif(not PNEUMONIAMNIST.is_file(), reason=f"{PNEUMONIAMNIST} absent (CI clones shared/ beside the repo)")
+@needs_pneumoniamnist
 def test_pneumoniamnist_config_trains_on_the_real_file(tmp_path):
     cli = main([
         "fit", "--config=configs/unet_pneumoniamnist.yaml", f"--trainer.default_root_dir={tmp_path}",

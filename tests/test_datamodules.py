@@ -20,8 +20,8 @@ from PIL import Image
 
 from datamodules import CheXpertDataModule, CSVDataModule, ISICDataModule, MedMNISTDataModule
 from datamodules.base import DataError, load_image
+from tests.shared_data import PNEUMONIAMNIST, needs_pneumoniamnist
 
-PNEUMONIAMNIST = Path(__file__).resolve().parents[2] / "shared/data/pneumoniamnist/pneumoniamnist.npz"
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
                    "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
                    "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
@@ -313,8 +313,7 @@ def test_cache_gives_the_same_tensors_as_direct_decoding(chexpert_root, tmp_path
 # MedMNIST
 
 
-@pytest.mark.skipif(not PNEUMONIAMNIST.is_file(),
-                    reason=f"{PNEUMONIAMNIST} absent: CI clones the repo next to a copy of shared/")
+@needs_pneumoniamnist
 @pytest.mark.parametrize("image_size", [None, 32])
 def test_medmnist_reads_the_real_pneumoniamnist_subset(image_size):
     dm = MedMNISTDataModule(root=str(PNEUMONIAMNIST.parent), image_size=image_size, num_workers=0)
