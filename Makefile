@@ -18,9 +18,8 @@ demo: install  ## train + test the tiny UNet on the embedded synthetic data, exp
 	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
 	seconds=$$(( $$(date +%s) - start )) && \
 	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
-		--trainer.limit_predict_batches 1 --data.init_args.batch_size 8 && \
-	$(PYTHON) -c 'from lightning_modules.evaluation import main; main()' runs/demo --seconds $$seconds && \
-	$(PYTHON) -c 'from lightning_modules.explanations import main; main()' runs/demo
+		--trainer.limit_predict_batches 1 --global_batch_size 8 && \
+	$(PYTHON) -m tools.summary runs/demo --seconds $$seconds
 
 test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q
@@ -30,13 +29,13 @@ test-all: install  ## every test, the slow ones too
 
 bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
-	$(PYTHON) -m lightning_modules.benchmark
+	$(PYTHON) -m tools.benchmark
 
 bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
-	$(PYTHON) -m datamodules.bench_cache
+	$(PYTHON) -m tools.bench_data
 
 results: install  ## Table 1 from every run under runs/ with test results: prints it, writes results.md and results.csv
-	$(PYTHON) -m lightning_modules.results_table runs/* --markdown results.md --csv results.csv
+	$(PYTHON) -m tools.results_table runs/* --markdown results.md --csv results.csv
 
 tensorboard:  ## watch the runs under runs/
 	$(PYTHON) -m tensorboard.main --logdir runs
@@ -51,6 +50,6 @@ TIME ?= 24:00:00
 .PHONY: slurm-job
 slurm-job:  ## print a SLURM job script (DDP, auto-requeue) for CONFIG on NODES x GPUS: > job.sbatch
 	@test -n "$(CONFIG)" || { echo "usage: make slurm-job CONFIG=configs/<experiment>.yaml NODES=2 GPUS=4 > job.sbatch" >&2; exit 2; }
-	@$(PYTHON) -m lightning_modules.slurm --config "$(CONFIG)" --nodes $(NODES) --gpus-per-node $(GPUS) --time $(TIME) \
+	@$(PYTHON) -m tools.slurm --config "$(CONFIG)" --nodes $(NODES) --gpus-per-node $(GPUS) --time $(TIME) \
 		$(if $(PARTITION),--partition $(PARTITION)) $(if $(ACCOUNT),--account $(ACCOUNT)) \
 		$(if $(CPUS),--cpus-per-task $(CPUS)) $(if $(MEM),--mem $(MEM)) $(if $(EXTRA),--extra-args='$(EXTRA)')

@@ -23,26 +23,27 @@ new one). A NaN or infinite training loss stops the run naming the last good che
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
-import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-# Config class paths (lightning_modules..., datamodules...) resolve from the repo root, whatever
-# the working directory (SLURM jobs, scripts importing load_experiment).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import torch
+import yaml
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar, TQDMProgressBar
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_modules.callbacks import LOGGER_VERSION_KEY, NonFiniteLoss, PredictionsWriter, RunCheckpoint
-from lightning_modules.checkpoint_check import check_checkpoint, resolve_checkpoint_path
+from datamodules.base import DEFAULT_BATCH_SIZE
+from lightning_modules.callbacks import LOGGER_VERSION_KEY, NonFiniteLoss, RunCheckpoint
+from lightning_modules.checkpoint_check import check_checkpoint
+from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 LOGGER_NAME = "tensorboard"
@@ -70,7 +71,7 @@ class RunFolderError(RuntimeError):
     """A run folder cannot be written, or its disk is too full; the message names the folder."""
 
 
-class ExperimentCLI(LightningCLI):
+class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in LINKED_DATA_PROPERTIES:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -84,21 +85,18 @@ class ExperimentCLI(LightningCLI):
             "and predict check only that the folders are writable.",
         )
         parser.add_argument(
+            "--global_batch_size", type=int | None, default=None,
+            help="Images per optimizer step, over all processes and accumulated micro-batches (the paper's batch "
+            "of B.1: 128 for the diffusion models, 64 for the baselines). Each process loads global_batch_size / "
+            "(processes x trainer.accumulate_grad_batches) images per batch, refused when that does not divide, so "
+            "a config means the same optimisation on 1 GPU or 8. null: data.init_args.batch_size is the "
+            f"per-process batch (default {DEFAULT_BATCH_SIZE}); giving both is refused.",
+        )
+        parser.add_argument(
             "--new_log_version", type=bool, default=False,
             help="fit --ckpt_path: log into a new tensorboard/version_N instead of continuing in the "
             "resumed run's one (the default, so a resumed run's curves continue where they stopped).",
         )
-
-    def _parse_ckpt_path(self) -> None:
-        """Keep the config's model options when `--ckpt_path` names a file.
-
-        LightningCLI (>= 2.4) would overlay the checkpoint's hyperparameters on the parsed config
-        for a file path (not for "last"): a test-time `--model.init_args.classification.num_steps
-        501` would silently become the training config's value, and a checkpoint of another
-        model class would fail with a parser error. Here the config decides, as with "last", and
-        check_checkpoint (before_<subcommand>) refuses a checkpoint that does not fit it. The
-        network is not among the saved hyperparameters anyway, so the config is always needed.
-        """
 
     def before_instantiate_classes(self) -> None:
         # Pin the checkpoint folder to the run, not to the logger's version_N folder: otherwise a
@@ -108,7 +106,7 @@ class ExperimentCLI(LightningCLI):
             config.checkpoint.dirpath = os.path.join(run_root(config.trainer.default_root_dir), "checkpoints")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = cli_section(self, self.config_init, "trainer", default={})
         self.uses_default_logger = trainer_config.get("logger") in (None, True)
         if self.uses_default_logger:
             kwargs["logger"] = tensorboard_logger(trainer_config.get("default_root_dir"))
@@ -117,8 +115,6 @@ class ExperimentCLI(LightningCLI):
         if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
             # Lightning >= 2.6 defaults to the Rich bar, whose redraws flood SLURM log files.
             callbacks.append(TQDMProgressBar(refresh_rate=10))
-        if not any(isinstance(callback, BasePredictionWriter) for callback in callbacks):
-            callbacks.append(PredictionsWriter())
         if not any(isinstance(callback, NonFiniteLoss) for callback in callbacks):
             callbacks.append(NonFiniteLoss(action="stop"))
         kwargs["callbacks"] = callbacks
@@ -126,6 +122,7 @@ class ExperimentCLI(LightningCLI):
 
     # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
     def before_fit(self) -> None:
+        self.split_global_batch(accumulate=True)
         self.check_run_folders(min_free_bytes=self.min_free_bytes())
         checkpoint = self.check_checkpoint("fit")
         if checkpoint and self.uses_default_logger and not self.subcommand_option("new_log_version"):
@@ -134,11 +131,13 @@ class ExperimentCLI(LightningCLI):
             self.note_under_ddp(VALIDATION_UNDER_DDP)
 
     def before_validate(self) -> None:
+        self.split_global_batch()
         self.check_run_folders()
         self.check_checkpoint("validate")
         self.note_under_ddp(VALIDATION_UNDER_DDP)
 
     def before_test(self) -> None:
+        self.split_global_batch()
         self.check_run_folders()
         self.check_checkpoint("test")
         if self.note_under_ddp(TEST_UNDER_DDP):
@@ -146,11 +145,23 @@ class ExperimentCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=LIGHTNING_TEST_SAMPLER_WARNING)
 
     def before_predict(self) -> None:
+        self.split_global_batch()
         self.check_run_folders()
         self.check_checkpoint("predict")
 
     def subcommand_option(self, key: str):
-        return self.config_init[self.subcommand].get(key)
+        return (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(key)
+
+    def split_global_batch(self, accumulate: bool = False) -> BatchPlan:
+        """Sets the datamodule's per-process batch from `global_batch_size` and reports the plan."""
+        plan = batch_plan(self.subcommand_option("global_batch_size"), self.datamodule.batch_size,
+                          self.trainer.world_size, self.trainer.accumulate_grad_batches if accumulate else 1)
+        self.datamodule.batch_size = plan.per_process
+        learning_rate = self.model.hparams.get("learning_rate")
+        rank_zero_info(plan.describe() + (f"; learning rate {learning_rate:g}" if learning_rate is not None else ""))
+        if accumulate and self.trainer.logger is not None:
+            self.trainer.logger.log_hyperparams(plan.as_hparams() | {"learning_rate": learning_rate})
+        return plan
 
     def run_folders(self) -> list[str]:
         """Where the run writes: its root, the checkpoint folder and the loggers' folders."""
@@ -208,6 +219,43 @@ class ExperimentCLI(LightningCLI):
         return world_size > 1
 
 
+class BatchConfigError(ValueError):
+    """The batch options contradict each other or do not divide over the processes; the message names them."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    global_batch: int
+    per_process: int
+    world_size: int
+    accumulation: int
+
+    def describe(self) -> str:
+        return (f"batch: global {self.global_batch} = {self.world_size} process(es) x {self.per_process} images"
+                f" x {self.accumulation} accumulated micro-batch(es)")
+
+    def as_hparams(self) -> dict:
+        return {"global_batch_size": self.global_batch, "per_process_batch_size": self.per_process,
+                "world_size": self.world_size, "accumulate_grad_batches": self.accumulation}
+
+
+def batch_plan(global_batch: int | None, per_process: int | None, world_size: int, accumulation: int = 1) -> BatchPlan:
+    """Per-process batch from the global one (or the reverse), refusing what does not fit."""
+    if global_batch is None:
+        per_process = per_process or DEFAULT_BATCH_SIZE
+        return BatchPlan(per_process * world_size * accumulation, per_process, world_size, accumulation)
+    if per_process is not None:
+        raise BatchConfigError(
+            f"data.init_args.batch_size={per_process} and global_batch_size={global_batch} are both set: give one "
+            "(global_batch_size is split over the processes; --global_batch_size null keeps the per-process batch)")
+    share = world_size * accumulation
+    if global_batch < 1 or global_batch % share:
+        raise BatchConfigError(
+            f"global_batch_size={global_batch} does not divide over {world_size} process(es) x "
+            f"{accumulation} accumulated micro-batch(es) = {share}: choose a multiple of {share}")
+    return BatchPlan(global_batch, global_batch // share, world_size, accumulation)
+
+
 def run_root(default_root_dir: str | None) -> str:
     return default_root_dir or os.getcwd()
 
@@ -240,11 +288,26 @@ def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[s
     benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
     with EMA)."""
     cli = ExperimentCLI(args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0)
+    cli.split_global_batch()
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, cli.model, cli.datamodule)
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         cli.model.load_state_dict(checkpoint["state_dict"])
     return cli
+
+
+def resolved_config(config: str | Path, *overrides: str) -> dict:
+    """An experiment config as `fit --print_config` resolves it (includes, data and network files, defaults),
+    without building anything: for tools that need a config's values, e.g. its run folder."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a tool's own argv is no conflict
+            ExperimentCLI(args=["fit", "--config", str(config), *overrides, "--print_config"], seed_everything_default=0)
+    except SystemExit as done:  # --print_config exits after printing; a parse error exits with 2
+        if done.code not in (0, None):
+            raise
+    return yaml.safe_load(printed.getvalue())
 
 
 def main(args: list[str] | None = None) -> ExperimentCLI:

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 SPLITS = ("train", "val", "test")
+DEFAULT_BATCH_SIZE = 64  # per process, when neither data.init_args.batch_size nor global_batch_size is given
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
@@ -216,16 +217,16 @@ class SplitLoaders:
     split shuffled (its last partial batch dropped), validation and test in order; predict reads
     the test split. Needs `batch_size` and `num_workers` attributes."""
 
-    batch_size: int
+    batch_size: int | None
     num_workers: int
 
     def split_dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        dataset = self.split_dataset(split)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(dataset) >= self.batch_size,
+        dataset, batch_size = self.split_dataset(split), self.batch_size or DEFAULT_BATCH_SIZE
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                          drop_last=shuffle and len(dataset) >= batch_size,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
@@ -247,7 +248,7 @@ class ImageDataModule(SplitLoaders, L.LightningDataModule):
 
     name = "data"
 
-    def __init__(self, image_size: int, batch_size: int, num_workers: int):
+    def __init__(self, image_size: int, batch_size: int | None, num_workers: int):
         super().__init__()
         _check_image_size(image_size)
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
@@ -282,7 +283,7 @@ class TableDataModule(ImageDataModule):
     Args:
         root: folder of the data set as published.
         image_size: side of the square images the model sees (paper: 256).
-        batch_size: images per batch in every loader.
+        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes (also used to build the cache).
         seed: seed of the balancing and of the split.
         balance: undersample every class to the size of the smallest (seeded).
@@ -300,7 +301,7 @@ class TableDataModule(ImageDataModule):
     class_names: list[str] = []
     channels = 3
 
-    def __init__(self, root: str, image_size: int = 256, batch_size: int = 64, num_workers: int = 8,
+    def __init__(self, root: str, image_size: int = 256, batch_size: int | None = None, num_workers: int = 8,
                  seed: int = 0, balance: bool = True, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                  splits_file: str | None = None, cache_dir: str | None = "runs/cache",
                  verify_images: bool = False, crop: bool = False):

@@ -35,7 +35,7 @@ class CheXpertDataModule(TableDataModule):
     channels = 1  # grayscale films: cache one channel, repeat to 3 when loading
 
     def __init__(self, root: str, uncertain: str = "drop", both: str = "drop", image_size: int = 256,
-                 batch_size: int = 128, num_workers: int = 8, seed: int = 0, balance: bool = True,
+                 batch_size: int | None = None, num_workers: int = 8, seed: int = 0, balance: bool = True,
                  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), splits_file: str | None = None,
                  cache_dir: str | None = "runs/cache", verify_images: bool = False, crop: bool = False):
         for option, value in [("uncertain", uncertain), ("both", both)]:

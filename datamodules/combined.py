@@ -49,11 +49,11 @@ class CombinedDataModule(SplitLoaders, L.LightningDataModule):
     Args:
         datamodules: the sources, in order (class_path / init_args each in a config); they must
             agree on image_size and have distinct class names.
-        batch_size: images per batch in every loader (the sources' own batch sizes are unused).
+        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE (the sources' own batch sizes are unused).
         num_workers: loader worker processes.
     """
 
-    def __init__(self, datamodules: list[L.LightningDataModule], batch_size: int = 4, num_workers: int = 8):
+    def __init__(self, datamodules: list[L.LightningDataModule], batch_size: int | None = None, num_workers: int = 8):
         super().__init__()
         if not datamodules:
             raise ValueError("CombinedDataModule needs at least one datamodule")

@@ -29,7 +29,7 @@ class CSVDataModule(TableDataModule):
     """
 
     def __init__(self, root: str, csv: str, class_names: list[str] | None = None, image_size: int = 256,
-                 batch_size: int = 64, num_workers: int = 8, seed: int = 0, balance: bool = False,
+                 batch_size: int | None = None, num_workers: int = 8, seed: int = 0, balance: bool = False,
                  split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), splits_file: str | None = None,
                  cache_dir: str | None = "runs/cache", verify_images: bool = False, crop: bool = False):
         super().__init__(root, image_size, batch_size, num_workers, seed, balance, split_fractions,

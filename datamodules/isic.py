@@ -32,7 +32,7 @@ class ISICDataModule(TableDataModule):
     name = "isic"
     class_names = ["benign", "melanoma"]
 
-    def __init__(self, root: str, image_size: int = 256, batch_size: int = 128, num_workers: int = 8,
+    def __init__(self, root: str, image_size: int = 256, batch_size: int | None = None, num_workers: int = 8,
                  seed: int = 0, balance: bool = True, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
                  splits_file: str | None = None, cache_dir: str | None = "runs/cache",
                  verify_images: bool = False, crop: bool = False):

@@ -28,14 +28,14 @@ class MedMNISTDataModule(ImageDataModule):
         flag: MedMNIST 2D data set name, e.g. "pneumoniamnist", "dermamnist", "bloodmnist".
         size: which published resolution to read (28, 64, 128 or 224).
         image_size: side the model sees; None = `size`, otherwise resized once in `setup`.
-        batch_size: images per batch in every loader.
+        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes.
         download: download the official file through the `medmnist` package when it is absent.
         seed: unused (the splits are the file's); kept so every datamodule takes a seed.
     """
 
     def __init__(self, root: str, flag: str = "pneumoniamnist", size: int = 28, image_size: int | None = None,
-                 batch_size: int = 64, num_workers: int = 2, download: bool = False, seed: int = 0):
+                 batch_size: int | None = None, num_workers: int = 2, download: bool = False, seed: int = 0):
         from medmnist import INFO
 
         if flag not in INFO or flag.endswith("3d"):

@@ -163,13 +163,13 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
         num_train: number of training images (half of them per class).
         num_val: number of validation images (half of them per class).
         num_test: number of test images (half of them per class); predict uses the test split.
-        batch_size: images per batch in every dataloader.
+        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: dataloader worker processes (0 loads in the main process).
         seed: seed of the whole data set; image i of a split depends only on (seed, split, i).
     """
 
     def __init__(self, kind: str = "chest", image_size: int = 32, num_train: int = 2000,
-                 num_val: int = 200, num_test: int = 200, batch_size: int = 64,
+                 num_val: int = 200, num_test: int = 200, batch_size: int | None = None,
                  num_workers: int = 0, seed: int = 0):
         super().__init__()
         if kind not in KINDS:
@@ -180,8 +180,8 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
                             ("num_workers", num_workers)]:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be a positive integer or null, got {batch_size!r}")
         self.save_hyperparameters()
         self.kind, self.image_size, self.seed = kind, image_size, seed
         self.batch_size, self.num_workers = batch_size, num_workers

@@ -3,27 +3,26 @@ metrics and output files as the diffusion classifiers.
 
   fit:      Appendix B.2 augmentations on the batch (per image) -> backbone -> cross-entropy, Adam
   test:     softmax (or the mean softmax of T MC-dropout passes) -> prediction, probs, entropy,
-            score -> metrics.json, predictions.csv and the uncertainty figures of evaluation.py
-  predict:  the same per-image outputs, written by callbacks.PredictionsWriter
+            score -> metrics.json, predictions.csv and the uncertainty figures (ClassifierModule)
+  predict:  the same per-image outputs, written the same way
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .augmentation import BLUR_P, BatchAugmentation, training_augmentation
-from .evaluation import TestOutputs, outputs_from_probs
-from .networks.backbones import BACKBONES, build_backbone
+from datamodules.augmentation import BLUR_P, BatchAugmentation, training_augmentation
+from evaluation.results import outputs_from_probs
+from networks.backbones import BACKBONES, build_backbone
+
+from .base import ClassifierModule
 
 
-class BaselineClassifier(L.LightningModule):
+class BaselineClassifier(ClassifierModule):
     """A torchvision / timm image classifier trained with cross-entropy (paper sec. 3.2, App. B).
 
     Args:
@@ -76,24 +75,15 @@ class BaselineClassifier(L.LightningModule):
         test_time_flips: bool = False,
         mc_dropout_passes: int = 0,
     ):
-        super().__init__()
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class_names {class_names} for num_classes={num_classes}")
+        uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
+        super().__init__(num_classes, class_names, uncertainty + (" of the mean over 4 flips" if test_time_flips else ""))
         if mc_dropout_passes < 0:
             raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
         self.save_hyperparameters()
-        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
         self.network = build_backbone(backbone, num_classes, image_size, image_channels, pretrained_path, drop_rate)
         if mc_dropout_passes and not dropout_layers(self.network):
             raise ValueError(f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})")
         self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p, intensity=intensity_jitter)) if augment else nn.Identity()
-        self.val_metrics = MetricCollection(
-            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
-            prefix="val/",
-        )
-        uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
-        uncertainty += " of the mean over 4 flips" if test_time_flips else ""
-        self.test_outputs = TestOutputs(self.class_names, uncertainty_name=uncertainty)
 
     @property
     def display_name(self) -> str:
@@ -115,9 +105,7 @@ class BaselineClassifier(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
         self.log("val/loss", F.cross_entropy(logits, batch["label"]), batch_size=len(logits), sync_dist=True)
-        self.val_metrics.update(logits.argmax(dim=1), batch["label"])
-        # logging the metric objects: Lightning computes them (synchronised over ranks) and resets at epoch end
-        self.log_dict(self.val_metrics, prog_bar=True)
+        self.record_validation(batch, logits.argmax(dim=1))
 
     # ---- classification -------------------------------------------------------------------
     def class_probabilities(self, images: Tensor) -> Tensor:
@@ -135,28 +123,17 @@ class BaselineClassifier(L.LightningModule):
         with dropout_active(self.network):
             return torch.stack([self(images).float().softmax(dim=1) for _ in range(passes)]).mean(dim=0)
 
-    def classify(self, batch: dict) -> dict[str, Tensor]:
-        """Per-image outputs (see evaluation.outputs_from_probs) plus id, label and path."""
-        outputs = outputs_from_probs(self.class_probabilities(batch["image"]))
-        return outputs | {key: batch[key] for key in ("id", "label", "path") if key in batch}
+    def classify_batch(self, batch: dict) -> dict[str, Tensor]:
+        """Per-image outputs (see evaluation.results.outputs_from_probs) plus id, label and path."""
+        return outputs_from_probs(self.class_probabilities(batch["image"])) | self.passed_through(batch)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.test_outputs.add(self.classify(batch))
-
-    def on_test_epoch_end(self) -> None:
-        info = {
+    def results_info(self) -> dict:
+        return {
             "model": self.display_name,
             "uncertainty": "mc_dropout_entropy" if self.hparams.mc_dropout_passes else "softmax_entropy",
             "mc_dropout_passes": self.hparams.mc_dropout_passes,
             "test_time_flips": self.hparams.test_time_flips,
         }
-        metrics = self.test_outputs.finish(self.trainer, info=info)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        scalars |= {f"accuracy_filtered/{fraction}": v for fraction, v in metrics["accuracy_filtered"].items()}
-        self.log_dict({f"test/{k}": v for k, v in scalars.items()})
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        return self.classify(batch)
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):

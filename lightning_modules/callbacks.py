@@ -1,22 +1,21 @@
-"""Lightning callbacks: those cli.py adds to every run (RunCheckpoint, PredictionsWriter,
-NonFiniteLoss) and the speed switches a config may list under `trainer.callbacks`
-(CompileNetwork, ChannelsLast)."""
+"""Lightning callbacks: those cli.py adds to every run (RunCheckpoint, NonFiniteLoss), the speed
+switches a config may list under `trainer.callbacks` (CompileNetwork, ChannelsLast), and the one
+SLURM job scripts add (LogTrainStart)."""
 
 from __future__ import annotations
 
 import os
 import random
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from .evaluation import ERRORS_FILE, PREDICTIONS_FILE, concat_outputs, gather_unique, save_errors, write_predictions
+from .checkpoint_internals import last_saved_step, may_save_now, save_last, saves_on_train_epoch_end
 
 # Extra entries RunCheckpoint writes into every checkpoint, read back when a run is resumed.
 RNG_STATES_KEY = "rng_states"
@@ -60,25 +59,24 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
+        if not saves_on_train_epoch_end(self, trainer):
             self._keep_last_current(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
+        if saves_on_train_epoch_end(self, trainer):
             self._keep_last_current(trainer)
         max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
         if 0 <= max_epochs <= trainer.current_epoch + 1 or trainer.should_stop:
             self._save_last_before_train_end(trainer)
 
     def _keep_last_current(self, trainer) -> None:
-        # _should_skip_saving_checkpoint: not fitting, sanity check, or already saved at this step
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and may_save_now(self, trainer):
+            save_last(self, trainer)
 
     def _save_last_before_train_end(self, trainer) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        if self.save_last and last_saved_step(self) != trainer.global_step:
+            save_last(self, trainer)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[RNG_STATES_KEY] = random_states()
@@ -117,36 +115,6 @@ def set_random_states(states: dict) -> None:
     cuda = states.get("torch.cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)  # on another number of GPUs CUDA keeps its seeded state
-
-
-class PredictionsWriter(BasePredictionWriter):
-    """Writes `predict` results to predictions.csv (and errors.pt when the model saves errors).
-
-    Correct under DDP: every rank hands its rows to all (all_gather_object), rows are made unique
-    by image id and sorted by it, and rank 0 alone writes. The file goes to `output_dir`, or to
-    the logger's directory (beside config.yaml) when not given.
-    """
-
-    def __init__(self, output_dir: str | None = None):
-        super().__init__(write_interval="epoch")
-        self.output_dir = output_dir
-
-    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
-        batches = [batch for dataloader in _per_dataloader(predictions) for batch in dataloader]
-        outputs = gather_unique(concat_outputs(batches), trainer)
-        # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
-        # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
-        directory = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
-        if trainer.is_global_zero and outputs:
-            path = write_predictions(directory / PREDICTIONS_FILE, outputs, pl_module.class_names)
-            if "errors" in outputs:
-                save_errors(directory / ERRORS_FILE, outputs)
-            print(f"{len(outputs['id'])} predictions written to {path}")
-
-
-def _per_dataloader(predictions: list) -> list[list]:
-    # Lightning passes a list of batches for one dataloader, a list of such lists for several
-    return predictions if predictions and isinstance(predictions[0], list) else [predictions]
 
 
 # ---- faults --------------------------------------------------------------------------------
@@ -275,14 +243,16 @@ class CompileNetwork(Callback):
                  fullgraph: bool = False, dynamic: bool | None = None, on_cpu: bool = False):
         self.attribute, self.on_cpu = attribute, on_cpu
         self.options = {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
+        self._compiled: set[int] = set()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if _runs_on_cpu(trainer) and not self.on_cpu:
             rank_zero_info("CompileNetwork: not compiling on the CPU (on_cpu=false)")
             return
         network: nn.Module = getattr(pl_module, self.attribute)
-        if getattr(network, "_compiled_call_impl", None) is None:  # setup runs per stage: once is enough
+        if id(network) not in self._compiled:  # setup runs per stage: once is enough
             network.compile(**self.options)
+            self._compiled.add(id(network))
             rank_zero_info(f"CompileNetwork: {type(network).__name__} compiled lazily with {self.options}")
 
 
@@ -337,3 +307,17 @@ def _to_channels_last(value):
 
 def _inputs_to_channels_last(module, args, kwargs):
     return tuple(map(_to_channels_last, args)), {key: _to_channels_last(value) for key, value in kwargs.items()}
+
+
+# ---- SLURM -------------------------------------------------------------------------------------
+
+
+class LogTrainStart(Callback):
+    """Writes the global step training starts from into the log, so that a requeued job's log
+    shows where it resumed (Lightning names the checkpoint it restores, not the step). The job
+    scripts of tools/slurm.py add it."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        rank_zero_info(f"training starts at global step {trainer.global_step}, epoch {trainer.current_epoch} "
+                       f"(SLURM restart {restart}, {trainer.world_size} processes)")

@@ -20,7 +20,6 @@ The checkpoint is opened with `mmap=True`: only its metadata is read, not gigaby
 from __future__ import annotations
 
 import importlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -39,22 +38,6 @@ SHAPE_EXAMPLES = 3  # mismatching tensors named in the message
 
 class IncompatibleCheckpoint(ValueError):
     """The checkpoint was trained for another model, task or input; the message says which option differs."""
-
-
-def resolve_checkpoint_path(trainer, stage: str, ckpt_path) -> str | None:
-    """The file Lightning will load for `trainer.<stage>(ckpt_path=...)`: "last", "best", "hpc"
-    resolved exactly as Lightning does (its own code, with its warnings silenced: it repeats
-    them when it loads); None when nothing will be loaded."""
-    from lightning.pytorch.trainer.states import TrainerFn
-
-    connector = trainer._checkpoint_connector  # Lightning's resolution, so both pick the same file
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            path = connector._parse_ckpt_path(TrainerFn(stage), ckpt_path, model_provided=True, model_connected=False)
-        except ValueError:  # e.g. "best" with no best checkpoint: Lightning raises it itself next
-            return None
-    return str(path) if path else None
 
 
 def check_checkpoint(path: str | Path, model, datamodule=None) -> None:

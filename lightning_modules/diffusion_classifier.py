@@ -1,11 +1,11 @@
 """DiffusionClassifier: a class-conditional diffusion model trained as a generator, used as a classifier.
 
-Thin Lightning glue around the maths in `diffusion/` (schedule, wavelet, loss, noise, classify,
-voting, early_exit):
-  fit:       t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight
-  val/test:  N shared (eps, t) pairs x C classes -> error matrix -> votes -> prediction, entropy
-  explain:   noise to t0 -> guided DDIM toward each class -> counterfactuals, difference maps
-             (predict with `explain: true`; monitoring images during fit)
+What this module adds to DiffusionClassifierBase (classification, validation, explanations) is how
+the UNet and DiT see an image and learn:
+  encode:  the single-stage Haar wavelet (diffusion/wavelet.py), 3 x H x W -> 12 x H/2 x W/2
+  fit:     t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight,
+           labels dropped to the null label for classifier-free guidance
+  monitor: during fit, explanations of a few validation images and samples from noise in TensorBoard
 EMA weights come from Lightning's EMAWeightAveraging callback (see configs), which swaps them in
 for validation and writes them to the checkpoint's state_dict.
 """
@@ -15,35 +15,30 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import lightning as L
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from .diffusion.classify import ClassifierSettings, classify_images
-from .diffusion.explain import ExplainSettings
-from .diffusion.loss import drop_labels, weighted_v_loss
-from .diffusion.noise import seed_per_rank, shared_noise
-from .diffusion.parameterization import diffuse, v_target
-from .diffusion.schedule import ShiftedCosineSchedule, broadcast_like
-from .diffusion.voting import summarize
-from .diffusion.wavelet import HaarWavelet, IdentityTransform
-from .evaluation import TestOutputs
-from .explanations import ExplainsPredictions, ExplanationOutputs, explain_batch, explanation_rows, plot_explanations, sample_grid
-from .networks.base import Denoiser
+from diffusion.classify import ClassifierSettings
+from diffusion.explain import ExplainSettings, samples_from_noise
+from diffusion.loss import drop_labels, weighted_v_loss
+from diffusion.parameterization import diffuse, v_target
+from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
+from diffusion.wavelet import HaarWavelet, IdentityTransform
+from evaluation.explanations import explanation_rows, noise_sample_grid, plot_explanations
+from networks.base import Denoiser
+
+from .diffusion_base import DiffusionClassifierBase
 
 # (num_classes, in_channels, sample_size) -> denoiser f(z, t, labels) -> v_hat
 NetworkFactory = Callable[[int, int, int], Denoiser]
-VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
 
 
-class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
+class DiffusionClassifier(DiffusionClassifierBase):
     """Class-conditional v-prediction diffusion model that classifies by per-class denoising error.
 
     Args:
         network: the denoiser, built as `network(num_classes, in_channels, sample_size)`; give its
-            `class_path` and its own options in the config (e.g. `lightning_modules.networks.ClassConditionalUNet`).
+            `class_path` and its own options in the config (e.g. `networks.ClassConditionalUNet`).
         num_classes: number of classes; linked from the datamodule by cli.py.
         class_names: class names, for logs and outputs; linked from the datamodule.
         image_size: side of the (square) input images; linked from the datamodule.
@@ -61,9 +56,9 @@ class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
         val_steps: (eps, t) pairs per image when classifying during validation (same settings,
             no early exit); small, since it runs at every validation.
         save_errors: also save every image's full C x N error matrix (`errors.pt` beside
-            metrics.json after test, in each predictions batch during predict), for research.
+            metrics.json after test, beside predictions.csv after predict), for research.
         explain: `predict` also explains every image: factual and counterfactual reconstructions,
-            difference maps, PNGs, .npz and explain.json (see lightning_modules/explanations.py).
+            difference maps, PNGs, .npz and explain.json (see evaluation/explanations.py).
         explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
             how often fit logs monitoring images; see ExplainSettings.
     """
@@ -87,28 +82,25 @@ class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
         explain: bool = False,
         explanation: ExplainSettings = ExplainSettings(),
     ):
-        super().__init__()
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class_names {class_names} for num_classes={num_classes}")
+        super().__init__(num_classes, class_names, classification, val_steps, save_errors, explain, explanation)
         self.save_hyperparameters(ignore=["network"])
-        self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-        self.classification = classification
-        self.val_classification = dataclasses.replace(classification, num_steps=val_steps, early_exit="none", prune_after=0)
         self.transform = HaarWavelet() if wavelet else IdentityTransform()
         model_channels = image_channels * 4 if wavelet else image_channels
         model_size = image_size // 2 if wavelet else image_size
         self.network = network(num_classes, model_channels, model_size)
         self.schedule = ShiftedCosineSchedule(model_size, base=schedule_base)
-        self.val_metrics = MetricCollection(
-            {"accuracy": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
-            prefix="val/",
-        )
-        self.test_outputs = TestOutputs(self.class_names)
-        self.explanation = explanation
-        self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
         self.validations_done = 0
 
-    # ---- training -------------------------------------------------------------------------
+    # ---- how this model sees images and learns ---------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        return self.transform.encode(images)
+
+    def denoiser(self) -> Denoiser:
+        return self.network
+
+    def explanation_transform(self, images: Tensor):
+        return self.transform
+
     def diffusion_loss(self, x: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
         """Min-SNR-weighted v-loss of model inputs x (already wavelet-transformed)."""
         alpha, sigma = (broadcast_like(value, x) for value in self.schedule.alpha_sigma(t))
@@ -117,79 +109,24 @@ class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
         v_hat = self.network(z, t, labels)
         return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
 
-    def on_train_start(self) -> None:
-        seed_per_rank(self.trainer.world_size, self.global_rank)
-
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x = self.transform.encode(batch["image"])
+        x = self.encode(batch["image"])
         t = torch.rand(x.shape[0], device=self.device)
         loss = self.diffusion_loss(x, batch["label"], t, torch.randn_like(x), self.hparams.label_dropout)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    # ---- classification -------------------------------------------------------------------
-    def classify(self, batch: dict, settings: ClassifierSettings) -> dict[str, Tensor]:
-        """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label."""
-        run = classify_images(
-            self.network, self.transform.encode(batch["image"]), batch["id"], self.hparams.num_classes, self.schedule, settings
-        )
-        outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
-        outputs |= {key: batch[key] for key in ("id", "label", "path") if key in batch}
-        return outputs
-
+    # ---- monitoring during fit -------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # Runs with EMA weights: EMAWeightAveraging swaps them in at validation epoch start.
-        x, labels, ids = self.transform.encode(batch["image"]), batch["label"], batch["id"]
-        t, eps = shared_noise(ids, range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
-        loss = self.diffusion_loss(x, labels, t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
-        self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
-        self.val_metrics.update(self.classify(batch, self.val_classification)["prediction"], labels)
-        # logging the metric objects: Lightning computes them (synchronised over ranks) and resets at epoch end
-        self.log_dict(self.val_metrics, prog_bar=True)
+        super().validation_step(batch, batch_idx)
         if batch_idx == 0 and self.monitoring_due():
             self.log_monitoring_images(batch)
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
         if not self.trainer.sanity_checking:
             self.validations_done += 1
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self.classify(batch, self.classification)
-        if not self.hparams.save_errors:
-            outputs.pop("errors")
-        self.test_outputs.add(outputs)
-
-    def on_test_epoch_end(self) -> None:
-        metrics = self.test_outputs.finish(self.trainer, self.classification)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
-        scalars |= {f"accuracy_filtered/{fraction}": v for fraction, v in metrics["accuracy_filtered"].items()}
-        self.log_dict({f"test/{k}": v for k, v in scalars.items()})
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        outputs = self.classify(batch, self.classification)
-        if not self.hparams.save_errors:
-            outputs.pop("errors")
-        self.explain_predictions(batch, outputs["prediction"])
-        return outputs
-
-    # ---- explanation ----------------------------------------------------------------------
-
-    def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
-        """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers."""
-        if settings.factual == "label" and "label" not in batch:
-            raise ValueError("explanation.factual='label' needs labelled data; use factual: predicted")
-        factual = batch["label"] if settings.factual == "label" else predictions
-        classify_pixels = None
-        if settings.flip_steps > 0:
-            flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
-
-            def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
-                return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
-
-        return explain_batch(
-            self.network, self.transform, self.schedule, batch["image"], batch["id"], factual, self.hparams.num_classes,
-            self.network.null_label, settings, classify_pixels, self.classification.max_forward_batch,
-        )
 
     def monitoring_due(self) -> bool:
         every = self.explanation.every_n_epochs
@@ -200,22 +137,18 @@ class DiffusionClassifier(ExplainsPredictions, L.LightningModule):
         """Explanations of a few validation images and samples from noise, to TensorBoard. Called from
         validation_step, where EMAWeightAveraging has swapped the EMA weights in (its hooks run
         before the module's, and it swaps back before the module's on_validation_epoch_end)."""
-        settings = dataclasses.replace(self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0)
-        count = settings.monitor_images
-        few = {key: batch[key][:count] for key in ("image", "id", "label")}
-        record = explain_batch(
-            self.network, self.transform, self.schedule, few["image"], few["id"], few["label"], self.hparams.num_classes,
-            self.network.null_label, settings,
-        )
-        rows = explanation_rows(record | {"label": few["label"]})
+        settings = dataclasses.replace(self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0,
+                                       factual="label")
+        few = {key: batch[key][: settings.monitor_images] for key in ("image", "id", "label")}
+        record = self.explain(few, few["label"], settings)
         experiment, step = self.logger.experiment, self.global_step
+        rows = explanation_rows(record | {"label": few["label"]})
         experiment.add_figure("explain/validation", plot_explanations(rows, self.class_names), global_step=step)
         model_input = (self.network.in_channels, self.network.sample_size, self.network.sample_size)
-        grid = sample_grid(
-            self.network, self.transform, self.schedule, model_input, self.hparams.num_classes, self.network.null_label,
-            self.explanation,
-        )
-        experiment.add_image("explain/samples_from_noise", grid, global_step=step)
+        per_class = 4
+        samples = samples_from_noise(self.network, self.transform, self.schedule, model_input, self.hparams.num_classes,
+                                     self.null_label, self.explanation, per_class)
+        experiment.add_image("explain/samples_from_noise", noise_sample_grid(samples, per_class), global_step=step)
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):

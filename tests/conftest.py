@@ -1,12 +1,17 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import ROOT
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(autouse=True)
+def run_from_repo_root(monkeypatch):
+    """Every test runs where a user runs the CLI: the repository root (configs/ paths are relative to it)."""
+    monkeypatch.chdir(ROOT)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from lightning_modules.augmentation import BatchAugmentation, evaluation_augmentation, training_augmentation
+from datamodules.augmentation import BatchAugmentation, evaluation_augmentation, training_augmentation
 
 DRAWS = 2000
 
@@ -124,7 +124,7 @@ def test_every_image_is_rotated_by_an_angle_uniform_in_plus_minus_30_degrees():
 
 
 def test_intensity_jitter_is_off_by_default_and_scales_brightness_and_contrast_within_its_strength():
-    from lightning_modules.augmentation import IntensityJitter
+    from datamodules.augmentation import IntensityJitter
 
     assert not any(isinstance(t, IntensityJitter) for t in training_augmentation().transforms)
     assert isinstance(training_augmentation(intensity=0.3).transforms[-1], IntensityJitter)

@@ -12,12 +12,11 @@ import torch
 import yaml
 
 from cli import main
-from tests.shared_data import needs_pneumoniamnist
 from lightning_modules import BaselineClassifier
 from lightning_modules.baseline_classifier import dropout_active, dropout_layers
-from lightning_modules.networks.backbones import BACKBONES, build_backbone
+from networks.backbones import BACKBONES, build_backbone
+from tests.helpers import TEST_IDS, needs_pneumoniamnist, resolved, tiny_baseline_args
 
-ROOT = Path(__file__).resolve().parents[1]
 LARGE = {"resnet50", "efficientnet_b4", "vit_b16", "swin_b"}  # minutes of CPU together: make test-all
 BY_SIZE = [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in BACKBONES]
 # Published ImageNet parameter counts (1000-class head, 224x224): torchvision and timm model cards.
@@ -26,11 +25,6 @@ PUBLISHED = {
     "vit_s16": 22.05e6, "vit_b16": 86.57e6, "swin_b": 87.77e6,
 }
 DATASETS = {"chexpert": "datamodules.CheXpertDataModule", "isic": "datamodules.ISICDataModule"}
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
 
 
 def count(module: torch.nn.Module) -> int:
@@ -56,10 +50,11 @@ def test_parameter_counts_match_the_published_ones(name, capsys):
 
 def paper_config_with_synthetic_data(name: str, tmp_path: Path, image_size: int = 256, batch_size: int = 2) -> Path:
     """configs/<name>.yaml with its (real, not always available) data swapped for synthetic images."""
-    config = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+    config = resolved(name)
     config["data"] = {"class_path": "datamodules.SyntheticDataModule", "init_args": {
         "kind": "chest", "image_size": image_size, "num_train": batch_size, "num_val": batch_size,
-        "num_test": batch_size, "batch_size": batch_size, "num_workers": 0}}
+        "num_test": batch_size, "num_workers": 0}}
+    config["global_batch_size"] = batch_size
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -218,7 +213,7 @@ def test_test_time_flips_with_mc_dropout_run_t_passes_per_view():
 @pytest.mark.parametrize("name", list(BACKBONES))
 @pytest.mark.parametrize("dataset", list(DATASETS))
 def test_paper_configs_follow_appendix_b(name, dataset):
-    config = yaml.safe_load((ROOT / "configs" / f"{name}_{dataset}.yaml").read_text())
+    config = resolved(f"{name}_{dataset}")
     trainer, model, data = config["trainer"], config["model"], config["data"]
     assert trainer["default_root_dir"] == f"runs/{name}_{dataset}" and trainer["precision"] == "bf16-mixed"
     assert model["class_path"] == "lightning_modules.BaselineClassifier" and model["init_args"]["backbone"] == name
@@ -228,16 +223,16 @@ def test_paper_configs_follow_appendix_b(name, dataset):
     assert args["weight_decay"] == (0.0 if transformer else 1e-3 if dataset == "chexpert" else 1e-5)
     assert args["augment"] is True and args["pretrained_path"] is None
     assert not args.get("test_time_flips", False)  # the paper's single view
-    assert data["class_path"] == DATASETS[dataset] and "root" not in data["init_args"]  # root: required
-    assert data["init_args"]["image_size"] == 256 and data["init_args"]["batch_size"] == 64
+    assert data["class_path"] == DATASETS[dataset] and data["init_args"]["root"] is None  # root: required
+    assert data["init_args"]["image_size"] == 256 and config["global_batch_size"] == 64
 
 
 def test_pneumoniamnist_and_demo_configs():
-    config = yaml.safe_load((ROOT / "configs" / "resnet18_pneumoniamnist.yaml").read_text())
+    config = resolved("resnet18_pneumoniamnist")
     assert config["data"]["class_path"] == "datamodules.MedMNISTDataModule"
     assert config["data"]["init_args"]["root"] == "../shared/data/pneumoniamnist"
     assert config["data"]["init_args"]["flag"] == "pneumoniamnist" and config["data"]["init_args"]["size"] == 28
-    demo = yaml.safe_load((ROOT / "configs" / "baseline_demo.yaml").read_text())
+    demo = resolved("baseline_demo")
     assert demo["data"]["class_path"] == "datamodules.SyntheticDataModule" and demo["trainer"]["accelerator"] == "cpu"
 
 
@@ -253,28 +248,10 @@ def test_pneumoniamnist_config_trains_and_tests_with_flips_on_the_real_file(tmp_
 
 
 # ---- through the CLI: the same metrics and files as the diffusion classifier -------------------
-def tiny_args(root, *extra):
-    return [
-        "--config=configs/baseline_demo.yaml",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.val_check_interval=2",
-        "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--data.init_args.num_train=16",
-        "--data.init_args.num_val=8",
-        "--data.init_args.num_test=7",
-        "--data.init_args.batch_size=4",
-        "--model.init_args.mc_dropout_passes=3",
-        *extra,
-    ]
-
-
 def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
-    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2")])
+    main(["fit", *tiny_baseline_args(tmp_path, "--trainer.max_steps=2")])
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    cli = main(["test", *tiny_args(tmp_path), "--ckpt_path=last"])
+    cli = main(["test", *tiny_baseline_args(tmp_path), "--ckpt_path=last"])
     folder = Path(cli.trainer.log_dir)
     metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("accuracy", "f1", "auroc", "ece", "brier", "aurc", "error_detection_auroc"):
@@ -286,20 +263,20 @@ def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
     assert list(rows[0]) == ["id", "label", "prediction", "prob_no_finding", "prob_pleural_effusion",
                              "entropy", "entropy_normalized", "score"]
-    assert [int(r["id"]) for r in rows] == list(range(24, 31))  # the 7 test images, after 16 train + 8 val
+    assert [int(r["id"]) for r in rows] == TEST_IDS  # the 7 test images, after 24 train + 8 val
     for row in rows:
         assert float(row["score"]) == pytest.approx(float(row["prob_pleural_effusion"]), abs=1e-5)
         assert int(row["prediction"]) == int(float(row["prob_pleural_effusion"]) > 0.5)
     assert (folder / "accuracy_filtered.png").is_file() and (folder / "uncertainty_boxes.png").is_file()
     assert (folder / "config.yaml").is_file()  # what results_table reads to name the model and data
 
-    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last"])
+    cli = main(["predict", *tiny_baseline_args(tmp_path), "--ckpt_path=last"])
     predicted = list(csv.DictReader((Path(cli.trainer.log_dir) / "predictions.csv").open()))
-    assert [int(r["id"]) for r in predicted] == list(range(24, 31)) and list(predicted[0]) == list(rows[0])
+    assert [int(r["id"]) for r in predicted] == TEST_IDS and list(predicted[0]) == list(rows[0])
 
 
 def test_data_properties_are_linked_into_the_model(tmp_path):
-    cli = main(["fit", *tiny_args(tmp_path, "--data.init_args.kind=skin", "--data.init_args.image_size=48"),
+    cli = main(["fit", *tiny_baseline_args(tmp_path, "--data.init_args.kind=skin", "--data.init_args.image_size=48"),
                 "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
     model = cli.model
     assert model.hparams.num_classes == 2 and model.class_names == ["benign", "melanoma"]

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lightning_modules.diffusion.classify import error_matrix, reconstruction_error, shared_noise, step_seed
-from lightning_modules.diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
-from lightning_modules.diffusion.schedule import ShiftedCosineSchedule, broadcast_like
+from diffusion.classify import error_matrix, reconstruction_error, shared_noise, step_seed
+from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
+from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 
 SCHEDULE = ShiftedCosineSchedule(8)
 
@@ -115,8 +115,8 @@ def test_unknown_error_space_is_refused():
 
 
 # ---- the engine: early exit, pruning, stratified t, batch-size invariance ---------------------
-from lightning_modules.diffusion.classify import ClassifierSettings, classify_images  # noqa: E402
-from lightning_modules.diffusion.voting import majority_vote, summarize  # noqa: E402
+from diffusion.classify import ClassifierSettings, classify_images  # noqa: E402
+from diffusion.voting import majority_vote, summarize  # noqa: E402
 
 
 def biased_denoiser(num_classes=2, channels=4):

@@ -20,7 +20,7 @@ from PIL import Image
 
 from datamodules import CheXpertDataModule, CSVDataModule, ISICDataModule, MedMNISTDataModule
 from datamodules.base import DataError, load_image
-from tests.shared_data import PNEUMONIAMNIST, needs_pneumoniamnist
+from tests.helpers import PNEUMONIAMNIST, needs_pneumoniamnist
 
 CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
                    "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
@@ -457,7 +457,7 @@ def test_bad_image_listed_twice(tmp_path):
 
 
 def test_cache_benchmark_runs(capsys):
-    from datamodules.bench_cache import main as bench
+    from tools.bench_data import main as bench
 
     result = bench(["--n", "30", "--width", "64", "--height", "48", "--image-size", "16"])
     assert result["images"] > 0 and result["decode_images_per_s"] > 0 and result["cache_images_per_s"] > 0

@@ -12,62 +12,15 @@ ChannelsLast switched on for a tiny CPU run (and off on CPU unless asked).
 
 import csv
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
 
 from cli import main
 from lightning_modules.callbacks import ChannelsLast, CompileNetwork
-from tests.test_diffusion_classifier import TINY_UNET  # the same tiny UNet (a package path: DDP ranks import this file too)
-
-ROOT = Path(__file__).resolve().parents[1]
-NUM_TEST = 7  # does not divide by 2 processes
-TEST_IDS = list(range(24 + 8, 24 + 8 + NUM_TEST))  # ids follow the 24 train and 8 val images
-
-
-def tiny_args(root, *extra) -> list[str]:
-    """The demo config shrunk to seconds: 16-pixel images, a 2-level UNet, N = 3 steps, no validation."""
-    return [
-        f"--config={ROOT / 'configs/demo.yaml'}",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.limit_val_batches=0",  # validation (and its monitoring images) is not what these tests test
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.log_every_n_steps=1",
-        "--data.init_args.image_size=16",
-        "--data.init_args.num_train=24",
-        "--data.init_args.num_val=8",
-        f"--data.init_args.num_test={NUM_TEST}",
-        "--data.init_args.batch_size=4",
-        "--model.init_args.val_steps=2",
-        "--model.init_args.classification.num_steps=3",
-        *TINY_UNET,
-        *extra,
-    ]
-
-
-def free_port() -> int:
-    # other engineers' DDP tests run on this machine too: never the default 29500
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_cli(*args) -> subprocess.CompletedProcess:
-    """`python cli.py ...` as a user runs it; DDP re-launches this same command for rank 1."""
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
-
+from tests.helpers import EXPERIMENTS, NUM_TEST, TEST_IDS, resolved, run_cli, tiny_args
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
 SINGLE = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
@@ -170,8 +123,7 @@ def test_ddp_ranks_draw_different_training_noise(tmp_path):
 
 # ---- speed switches ------------------------------------------------------------------------
 
-CONFIGS = {path.stem: yaml.safe_load(path.read_text()) for path in sorted((ROOT / "configs").glob("*.yaml"))}
-CPU_CONFIGS = [name for name, config in CONFIGS.items() if config["trainer"].get("accelerator") == "cpu"]
+CPU_CONFIGS = ["demo", "baseline_demo", "unet_pneumoniamnist", "resnet18_pneumoniamnist"]
 BACKBONES = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4", "vit_s16", "vit_b16", "swin_b"]
 CNNS = {"unet", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4"}
 GPU_PAPER_CONFIGS = [f"{model}_{data}" for model in ["unet", "dit", *BACKBONES] for data in ("chexpert", "isic")]
@@ -182,20 +134,20 @@ def callback_paths(config: dict) -> list[str]:
     return [callback["class_path"] for callback in config["trainer"].get("callbacks") or []]
 
 
-def test_the_cpu_configs_are_found():
-    assert {"demo", "baseline_demo"} <= set(CPU_CONFIGS)
+def test_the_cpu_configs_are_the_ones_on_the_cpu():
+    assert [name for name in EXPERIMENTS if resolved(name)["trainer"]["accelerator"] == "cpu"] == sorted(CPU_CONFIGS)
 
 
 @pytest.mark.parametrize("name", CPU_CONFIGS)
 def test_cpu_configs_switch_no_precision_or_speed_option_on(name):
-    trainer = CONFIGS[name]["trainer"]
+    trainer = resolved(name)["trainer"]
     assert trainer.get("precision") in (None, "32-true", 32, "32")
-    assert not {COMPILE, CHANNELS_LAST} & set(callback_paths(CONFIGS[name]))
+    assert not {COMPILE, CHANNELS_LAST} & set(callback_paths(resolved(name)))
 
 
 @pytest.mark.parametrize("name", GPU_PAPER_CONFIGS)
 def test_gpu_paper_configs_use_bf16_and_channels_last_for_cnns(name):
-    config = CONFIGS[name]
+    config = resolved(name)
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert (CHANNELS_LAST in callback_paths(config)) == (name.rsplit("_", 1)[0] in CNNS)
     assert COMPILE not in callback_paths(config)  # opt-in (compile time), see the configs' comment

@@ -1,5 +1,6 @@
 """The DiffusionClassifier through the real CLI: fit, test, resume, EMA, links from the data."""
 
+import functools
 import json
 
 import pytest
@@ -8,44 +9,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from cli import main
 from lightning_modules import DiffusionClassifier
+from tests import helpers
 
-TINY_UNET = [
-    "--model.network.class_path=lightning_modules.networks.ClassConditionalUNet",
-    "--model.network.init_args.block_out_channels=[16, 32]",
-    "--model.network.init_args.layers_per_block=1",
-    "--model.network.init_args.cross_attention_resolution=8",
-    "--model.network.init_args.cross_attention_dim=32",
-    "--model.network.init_args.attention_heads=2",
-    "--model.network.init_args.norm_num_groups=8",
-]
-
-
-def tiny_args(root, *extra):
-    return [
-        "--config=configs/demo.yaml",
-        f"--trainer.default_root_dir={root}",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-        "--trainer.val_check_interval=3",
-        "--trainer.limit_val_batches=1",
-        "--trainer.num_sanity_val_steps=0",
-        "--trainer.log_every_n_steps=1",
-        "--data.init_args.image_size=16",
-        "--data.init_args.num_train=24",
-        "--data.init_args.num_val=8",
-        "--data.init_args.num_test=7",
-        "--data.init_args.batch_size=4",
-        "--model.init_args.val_steps=2",
-        "--model.init_args.classification.num_steps=3",
-        "--model.init_args.explanation.every_n_epochs=0",  # monitoring images: tested in test_explain.py
-        *TINY_UNET,
-        *extra,
-    ]
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
+tiny_args = functools.partial(helpers.tiny_args, validate=True)
 
 
 def test_fit_then_test_writes_checkpoints_logs_and_metrics(tmp_path):
@@ -148,8 +114,8 @@ def test_predict_returns_votes_for_every_image(tmp_path):
 def test_same_images_same_results_at_batch_1_7_32_and_with_exact_early_exit(tmp_path):
     from torch.utils.data import DataLoader
 
-    from lightning_modules.diffusion.classify import ClassifierSettings
-    from lightning_modules.evaluation import concat_outputs
+    from diffusion.classify import ClassifierSettings
+    from evaluation.results import concat_outputs
 
     cli = main(["fit", *tiny_args(tmp_path, "--data.init_args.num_test=40"), "--trainer.max_steps=2"])
     model, data = cli.model.eval(), cli.datamodule

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from lightning_modules.networks.dit import DIT_VARIANTS, DiT
+from networks.dit import DIT_VARIANTS, DiT
 
 TINY = dict(patch_size=2, hidden_size=64, depth=2, num_heads=4)
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.diffusion.early_exit import (
+from diffusion.early_exit import (
     EXIT_RULES,
     binomial_upper_tail,
     exact_decided,
@@ -12,7 +12,7 @@ from lightning_modules.diffusion.early_exit import (
     sequential_decided,
     stratified_times,
 )
-from lightning_modules.diffusion.voting import majority_vote, vote_counts
+from diffusion.voting import majority_vote, vote_counts
 
 
 def decided(counts, steps_done, total):

@@ -6,27 +6,23 @@ import json
 import numpy as np
 import pytest
 import torch
+from test_diffusion_classifier import tiny_args
+from test_sampler import LabelledLinear
 
 from cli import main
-from lightning_modules.diffusion.explain import (
+from diffusion.explain import (
     ExplainSettings,
     concentration,
     difference_maps,
     distances,
+    explain_batch,
     is_grayscale,
     signed_for,
 )
-from lightning_modules.diffusion.schedule import ShiftedCosineSchedule
-from lightning_modules.diffusion.wavelet import HaarWavelet
-from lightning_modules.explanations import explain_batch, faithfulness
-
-from test_diffusion_classifier import tiny_args
-from test_sampler import LabelledLinear
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
+from diffusion.schedule import ShiftedCosineSchedule
+from diffusion.wavelet import HaarWavelet
+from evaluation.explanations import faithfulness
+from tools.summary import explanation_summary
 
 
 def test_signed_map_is_counterfactual_minus_factual_averaged_over_channels():
@@ -143,10 +139,7 @@ def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):
     assert numbers["n_images"] == 7 and numbers["n_counterfactuals"] == 7
     assert 0.0 <= numbers["flip_rate"] <= 1.0 and numbers["settings"]["sampling_steps"] == 3
     assert (run / "predictions.csv").read_text().count("\n") == 8  # predictions are still written
-    from lightning_modules.explanations import main as show_explanations
-
-    show_explanations([str(tmp_path)])  # what `make demo` prints at its end
-    assert str(run / "explanations" / "summary.png") in capsys.readouterr().out
+    assert str(run / "explanations" / "summary.png") in explanation_summary(tmp_path)  # what `make demo` prints
 
     # flip_steps = 0 skips the flip check: the other numbers are still there
     cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS, "--model.init_args.explanation.flip_steps=0"])

@@ -15,13 +15,7 @@ from datamodules import SyntheticDataModule
 from lightning_modules import DiffusionClassifier
 from lightning_modules.callbacks import NonFiniteLoss, NonFiniteLossError
 from lightning_modules.checkpoint_check import IncompatibleCheckpoint
-from test_ddp import ROOT, tiny_args
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
-
+from tests.helpers import ROOT, tiny_args
 
 # ---- NaN / inf loss ------------------------------------------------------------------------
 

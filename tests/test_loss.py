@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_modules.diffusion.loss import drop_labels, min_snr_weight, weighted_v_loss
-from lightning_modules.diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
-from lightning_modules.diffusion.schedule import ShiftedCosineSchedule, broadcast_like
+from diffusion.loss import drop_labels, min_snr_weight, weighted_v_loss
+from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
+from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 
 
 def test_min_snr_weight_matches_the_formula():

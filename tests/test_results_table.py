@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from cli import main
-from lightning_modules.results_table import describe_data, describe_model
-from lightning_modules.results_table import main as results_table
+from tools.results_table import describe_data, describe_model
+from tools.results_table import main as results_table
 
 TINY_UNET = [
     "--model.network.init_args.block_out_channels=[16, 32]",
@@ -30,13 +30,8 @@ TINY_RUN = [
     "--data.init_args.num_train=8",
     "--data.init_args.num_val=4",
     "--data.init_args.num_test=6",
-    "--data.init_args.batch_size=4",
+    "--global_batch_size=4",
 ]
-
-
-@pytest.fixture(autouse=True)
-def run_from_repo_root(repo_root, monkeypatch):
-    monkeypatch.chdir(repo_root)
 
 
 def train_and_test(root, config, *extra):
@@ -91,7 +86,7 @@ def data(name, **args):
 
 def test_paper_layout_groups_and_order(tmp_path):
     dit = {"class_path": "lightning_modules.DiffusionClassifier", "init_args": {"network": {
-        "class_path": "lightning_modules.networks.DiT", "init_args": {"patch_size": 4, "hidden_size": 768, "depth": 12, "num_heads": 12}}}}
+        "class_path": "networks.DiT", "init_args": {"patch_size": 4, "hidden_size": 768, "depth": 12, "num_heads": 12}}}}
     scores = lambda acc: {"accuracy": acc, "f1": acc - 0.001, "auroc": 0.95, "ece": 0.05}  # noqa: E731
     write_run(tmp_path / "a", dit, data("ISICDataModule", root="x"), scores(0.904))
     write_run(tmp_path / "b", baseline("swin_b"), data("CheXpertDataModule", root="x"), scores(0.861))
@@ -117,7 +112,7 @@ def test_models_and_data_sets_are_named_from_the_config():
     flips["init_args"]["test_time_flips"] = True
     assert describe_model(flips) == ("CNN", "ResNet-18 + test-time flips")
     unet = {"class_path": "lightning_modules.DiffusionClassifier",
-            "init_args": {"network": {"class_path": "lightning_modules.networks.ClassConditionalUNet"}}}
+            "init_args": {"network": {"class_path": "networks.ClassConditionalUNet"}}}
     assert describe_model(unet) == ("DM", "UNet")
     assert describe_data(data("MedMNISTDataModule", flag="pneumoniamnist")) == "PneumoniaMNIST"
     assert describe_data(data("SyntheticDataModule", kind="skin")) == "Synthetic skin"

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cli import main
 from lightning_modules import DiffusionClassifier
-from test_ddp import ROOT, tiny_args
+from tests.helpers import tiny_args
 
 STEPS_PER_EPOCH = 8  # 32 training images (80 % of 40) in batches of 4
 
@@ -56,14 +56,11 @@ model:
   class_path: tests.test_resume.BatchRecorder
 data:
   class_path: datamodules.CSVDataModule
-  init_args: {{root: {folder}, csv: labels.csv, image_size: 16, batch_size: 4, num_workers: 0, cache_dir: null}}
+  init_args: {{root: {folder}, csv: labels.csv, image_size: 16, num_workers: 0, cache_dir: null}}
 """)
     return folder / "experiment.yaml"
 
 
-@pytest.fixture(autouse=True)
-def run_from_repo_root(monkeypatch):
-    monkeypatch.chdir(ROOT)
 
 
 def fit(config: Path, root: Path, epochs: int, *extra: str):

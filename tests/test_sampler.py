@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_modules.diffusion.sampler import ddim_sample, guided_velocity, noise_to, sampling_times
-from lightning_modules.diffusion.schedule import ShiftedCosineSchedule
+from diffusion.sampler import ddim_sample, guided_velocity, noise_to, sampling_times
+from diffusion.schedule import ShiftedCosineSchedule
 
 SCHEDULE = ShiftedCosineSchedule(image_size=8)
 NULL = 2

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.diffusion.schedule import ShiftedCosineSchedule
+from diffusion.schedule import ShiftedCosineSchedule
 
 T = torch.linspace(0, 1, 1001, dtype=torch.float64)
 

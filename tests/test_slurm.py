@@ -25,7 +25,8 @@ import pytest
 import torch
 import yaml
 
-from lightning_modules.slurm import REPO_ROOT, main, render_from_argv
+from tests.helpers import resolved
+from tools.slurm import REPO_ROOT, main, render_from_argv
 
 SLURM_DIR = REPO_ROOT / "configs" / "slurm"
 
@@ -120,8 +121,8 @@ def test_extra_args_reach_the_cli_and_may_not_override_the_resume():
 @pytest.mark.parametrize("script_path", sorted(SLURM_DIR.glob("*.sbatch")), ids=lambda path: path.name)
 def test_job_scripts_in_the_repository_are_up_to_date(script_path):
     text = script_path.read_text()
-    command = re.search(r"^#   python -m lightning_modules\.slurm (.*)$", text, flags=re.MULTILINE).group(1)
-    assert render(*shlex.split(command)) == text, f"re-render {script_path.name}: python -m lightning_modules.slurm {command}"
+    command = re.search(r"^#   python -m tools\.slurm (.*)$", text, flags=re.MULTILINE).group(1)
+    assert render(*shlex.split(command)) == text, f"re-render {script_path.name}: python -m tools.slurm {command}"
     assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
 
 
@@ -137,7 +138,7 @@ def test_main_prints_the_script_and_creates_the_run_root(tmp_path, capsys):
 
 
 def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
-    config = yaml.safe_load((REPO_ROOT / "configs/baseline_demo.yaml").read_text())  # no callbacks of its own
+    config = resolved("baseline_demo")  # no callbacks of its own
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
     made = subprocess.run(["make", "-s", "slurm-job", f"CONFIG={tmp_path / 'exp.yaml'}", "NODES=1", "GPUS=2",
@@ -151,7 +152,7 @@ def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
     assert printed.returncode == 0, printed.stderr[-3000:]
     trainer = yaml.safe_load(printed.stdout)["trainer"]
     assert (str(trainer["devices"]), trainer["num_nodes"], trainer["strategy"]) == ("2", 1, "ddp")
-    assert [c["class_path"] for c in trainer["callbacks"]] == ["lightning_modules.slurm.LogTrainStart"]
+    assert [c["class_path"] for c in trainer["callbacks"]] == ["lightning_modules.callbacks.LogTrainStart"]
 
 
 # ---- a real one-node SLURM on localhost ---------------------------------------------------------
@@ -161,7 +162,7 @@ FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "
 # The demo config made tiny: 2 x 8 images a step, no sanity check; `val_steps` 2 noise draws.
 TINY_DEMO = ("--trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1 --trainer.enable_model_summary false "
              "--data.init_args.num_train 256 --data.init_args.num_val 16 --data.init_args.num_test 16 "
-             "--data.init_args.batch_size 8 --model.init_args.val_steps 2")
+             "--global_batch_size=8 --model.init_args.val_steps 2")
 
 
 def why_no_slurm() -> str | None:

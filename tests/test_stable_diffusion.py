@@ -8,8 +8,6 @@ import json
 import shutil
 
 import numpy as np
-from types import SimpleNamespace
-
 import pytest
 import torch
 from lightning import Trainer
@@ -17,12 +15,12 @@ from lightning import Trainer
 from cli import load_experiment, main
 from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
+from diffusion.classify import ClassifierSettings, classify_images
+from diffusion.explain import ExplainSettings
+from diffusion.sampler import ddim_sample, noise_to
+from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
-from lightning_modules.diffusion.classify import ClassifierSettings, classify_images
-from lightning_modules.diffusion.explain import ExplainSettings
-from lightning_modules.diffusion.sampler import ddim_sample, noise_to
-from lightning_modules.stable_diffusion import (PAPER_PROMPTS, DiscreteSchedule, LatentTransform, MissingWeightsError,
-                                                PromptDenoiser)
+from networks.stable_diffusion import PAPER_PROMPTS, LatentTransform, MissingWeightsError, PromptDenoiser
 
 PROMPT_WORDS = sorted({word for prompts in PAPER_PROMPTS.values() for prompt in prompts for word in prompt.replace(",", " ").split()})
 IMAGE_SIZE = 16  # the tiny VAE halves it: 4 x 8 x 8 latents
@@ -140,7 +138,7 @@ def test_a_class_without_prompt_is_refused_by_name(weights):
 
 def test_latents_use_the_vae_scaling_factor_and_grayscale_is_repeated(chest_model):
     images = torch.rand(2, 1, IMAGE_SIZE, IMAGE_SIZE) * 2 - 1
-    latents = chest_model.encode_images(images)
+    latents = chest_model.encode(images)
     raw = chest_model.vae.encode(images.expand(-1, 3, -1, -1)).latent_dist.mode()
     torch.testing.assert_close(latents, raw * chest_model.vae.config.scaling_factor)
     assert latents.shape == (2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
@@ -295,7 +293,7 @@ def in_repo_root(repo_root, monkeypatch):
 def synthetic_overrides(kind):
     return ["--data=datamodules.SyntheticDataModule", f"--data.init_args.kind={kind}",
             f"--data.init_args.image_size={IMAGE_SIZE}", "--data.init_args.num_train=4", "--data.init_args.num_val=2",
-            "--data.init_args.num_test=3", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+            "--data.init_args.num_test=3", "--global_batch_size=2", "--data.init_args.num_workers=0"]
 
 
 CLI_QUIET = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
@@ -330,7 +328,7 @@ def test_finetune_config_trains_on_combined_data_and_a_test_config_classifies_wi
     sources = f"--data.init_args.datamodules=[{synthetic_source('chest')}, {synthetic_source('skin')}]"
     fit = main(["fit", "--config=configs/sd_finetune.yaml", f"--model.init_args.weights_dir={weights}", sources,
                 f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+                "--global_batch_size=2", "--data.init_args.num_workers=0",
                 "--model.init_args.classification.num_steps=3", *CLI_QUIET])
     assert fit.trainer.global_step == 1 and isinstance(fit.datamodule, CombinedDataModule)
     assert fit.model.class_names == ["no_finding", "pleural_effusion", "benign", "melanoma"]
@@ -391,7 +389,7 @@ def test_latent_transform_matches_the_classifier_latents_and_keeps_grey_images_g
     images = torch.cat([colour[:1], grey[:1].expand(-1, 3, -1, -1), colour[1:]])
     transform = LatentTransform(vae, 3, torch.tensor([False, True, False]), max_batch=2)
     latents = transform.encode(images)
-    torch.testing.assert_close(latents, chest_model.encode_images(images))  # the mean latent, scaled, as classified
+    torch.testing.assert_close(latents, chest_model.encode(images))  # the mean latent, scaled, as classified
     raw = vae.decode(latents.repeat_interleave(2, dim=0) / vae.config.scaling_factor).sample  # 2 rows per image
     pixels = transform.decode(latents.repeat_interleave(2, dim=0))
     torch.testing.assert_close(pixels[[0, 1, 4, 5]], raw[[0, 1, 4, 5]])  # colour: the decoder's 3 channels
@@ -408,7 +406,7 @@ def test_explanations_at_t0_zero_are_the_vae_round_trip_and_the_seed_fixes_them(
     images, predictions = batch["image"], torch.tensor([1, 0])
     record = model.explain(batch, predictions, ExplainSettings(t0=0.0, flip_steps=2))
     # the tiny VAE is no identity: compare with decode(encode(x)), grey (channel mean) like the input
-    round_trip = model.vae.decode(model.encode_images(images) / model.vae.config.scaling_factor).sample
+    round_trip = model.vae.decode(model.encode(images) / model.vae.config.scaling_factor).sample
     expected = round_trip.mean(1, keepdim=True).expand(-1, 3, -1, -1).clamp(-1, 1)
     torch.testing.assert_close(record["reconstructions"], expected.unsqueeze(1).expand(2, 2, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert record["maps"].abs().max() == 0 and record["signed"].all()  # grey inputs: signed maps

@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from lightning_modules.uncertainty import (
+from evaluation.uncertainty import (
     FILTER_FRACTIONS,
     aurc,
     brier_score,

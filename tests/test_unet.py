@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBlock2D
 
-from lightning_modules.networks import ClassConditionalUNet
+from networks import ClassConditionalUNet
 
 TINY = dict(block_out_channels=(16, 32, 32), layers_per_block=1, cross_attention_resolution=4,
             cross_attention_dim=32, attention_heads=2, norm_num_groups=8)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_modules.diffusion.voting import majority_vote, mean_error_rule, predict, step_votes, vote_counts, vote_entropy
+from diffusion.voting import majority_vote, mean_error_rule, predict, step_votes, vote_counts, vote_entropy
 
 
 def hand_made_errors() -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import pywt
 import torch
 
-from lightning_modules.diffusion.wavelet import HaarWavelet, IdentityTransform
+from diffusion.wavelet import HaarWavelet, IdentityTransform
 
 
 def pywt_bands(images: torch.Tensor) -> np.ndarray:

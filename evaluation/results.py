@@ -1,0 +1,206 @@
+"""Per-image results of test and predict: gathered over ranks, one row per image id, written to
+predictions.csv (and errors.pt), and, for test, metrics.json and the uncertainty figures.
+
+Both stages of every classifier go through `PerImageResults`, so a test row and a predict row of
+the same image are written by the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from .uncertainty import plot_filtered_accuracy, plot_uncertainty_boxes, uncertainty_report
+
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.csv"
+ERRORS_FILE = "errors.pt"
+
+
+def concat_outputs(batches: list[dict]) -> dict:
+    """Per-batch output dicts -> one dict of per-image tensors (lists for strings such as paths)."""
+    if not batches:
+        return {}
+    joined = {}
+    for key in batches[0]:
+        values = [batch[key] for batch in batches]
+        joined[key] = torch.cat([v.detach().cpu() for v in values]) if isinstance(values[0], Tensor) else sum(map(list, values), [])
+    return joined
+
+
+def select(outputs: dict, index: Tensor) -> dict:
+    return {k: v[index] if isinstance(v, Tensor) else [v[i] for i in index.tolist()] for k, v in outputs.items()}
+
+
+def gather_unique(outputs: dict, trainer) -> dict:
+    """All ranks' outputs, one row per image id, sorted by id.
+
+    Under DDP, Lightning's test sampler (DistributedSampler) pads the ranks to equal length by
+    repeating the first images; the repeats carry the same id (and, with id-seeded noise, the
+    same results), so keeping the first row of each id makes every metric count each image
+    exactly once. Must be called on every rank (all_gather_object is a collective).
+    """
+    if trainer is not None and trainer.world_size > 1:
+        parts = [None] * trainer.world_size
+        torch.distributed.all_gather_object(parts, outputs)
+        outputs = concat_outputs([part for part in parts if part])
+    if not outputs:  # no images at all (e.g. limit_test_batches=0)
+        return outputs
+    ids = outputs["id"]
+    order = torch.argsort(ids, stable=True)
+    first = torch.ones(len(ids), dtype=torch.bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    return select(outputs, order[first])
+
+
+def write_metrics(directory: str | Path, metrics: dict) -> Path:
+    path = Path(directory) / METRICS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    return path
+
+
+def outputs_from_probs(probs: Tensor) -> dict[str, Tensor]:
+    """Per-image outputs of a model that gives class probabilities (softmax, MC-dropout mean),
+    with the meaning the diffusion classifier's vote fractions have: prediction (argmax), probs,
+    entropy (nats) and entropy_normalized (/ log C) of probs, and score (probability of class 1,
+    the positive class, with two classes; the winning probability with more)."""
+    probs = probs.float()
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1)
+    return {
+        "prediction": probs.argmax(dim=1),
+        "probs": probs,
+        "entropy": entropy,
+        "entropy_normalized": entropy / math.log(probs.shape[1]),
+        "score": probs[:, 1] if probs.shape[1] == 2 else probs.max(dim=1).values,
+    }
+
+
+def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
+    """metrics.json: accuracy, F1, AUROC, ECE, Brier and the uncertainty curves of `entropy`, for
+    any model; a diffusion classifier's outputs and ClassifierSettings add both rules' accuracies,
+    the forwards used and N, rule and early exit."""
+    if "label" not in outputs:
+        raise ValueError("the test set has no labels: use `predict` for unlabeled images")
+    labels, predictions = outputs["label"], outputs["prediction"]
+    accuracy = lambda p: float(multiclass_accuracy(p, labels, num_classes, average="micro"))  # noqa: E731
+    report = uncertainty_report(outputs["probs"], labels, predictions, outputs["entropy"])
+    metrics = {
+        **report,
+        "accuracy": accuracy(predictions),
+        "f1": float(multiclass_f1_score(predictions, labels, num_classes, average="macro")),
+    }
+    for rule in ("majority", "mean_error"):
+        if f"{rule}_prediction" in outputs:
+            metrics[f"{rule}_accuracy"] = accuracy(outputs[f"{rule}_prediction"])
+    if "forwards" in outputs and settings is not None:
+        metrics["mean_forwards"] = float(outputs["forwards"].float().mean())
+        metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps)
+    metrics["n_images"] = len(labels)
+    if settings is not None:
+        metrics |= {"n_steps": settings.num_steps, "rule": settings.rule, "early_exit": settings.early_exit}
+    return metrics
+
+
+def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -> Path:
+    """predictions.csv: one row per image, sorted by id (columns documented in the README).
+
+    Columns a model does not produce are left out: votes_*, error_* and forwards exist for
+    diffusion classifiers only, path and label only when the data has them.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    has = lambda key: key in outputs  # noqa: E731
+    header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction"]
+    header += [f"votes_{c}" for c in class_names if has("votes")] + [f"prob_{c}" for c in class_names]
+    header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
+    header += ["score"] + ["forwards"] * has("forwards")
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        for i in range(len(outputs["id"])):
+            row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if has(k)]
+            row += [int(outputs["prediction"][i])] + (outputs["votes"][i].tolist() if has("votes") else [])
+            row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
+            row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
+            row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()] if has("mean_error") else []
+            row += [f"{float(outputs['score'][i]):.6g}"] + ([int(outputs["forwards"][i])] if has("forwards") else [])
+            writer.writerow(row)
+    return path
+
+
+def _plain(value):
+    return value.item() if isinstance(value, Tensor) else value
+
+
+def save_errors(path: str | Path, outputs: dict) -> Path:
+    """The full C x N error matrix of every image, keyed by id, for research (NaN = step skipped)."""
+    torch.save({"ids": outputs["id"], "errors": outputs["errors"]}, path)
+    return Path(path)
+
+
+class PerImageResults:
+    """Collects a stage's per-image outputs batch by batch and, at the end of the stage, writes them.
+
+    `finish` gathers the rows of all ranks (one per image id), and rank 0 writes predictions.csv
+    (and errors.pt if the outputs hold errors) into the logger's directory; with `metrics=True`
+    (test) also metrics.json, accuracy_filtered.png and uncertainty_boxes.png, and the figures to
+    TensorBoard. Must be called on every rank (it gathers, and trainer.log_dir is a collective).
+
+    uncertainty_name: what `entropy` is (the figures' label), e.g. "vote entropy", "softmax entropy".
+    """
+
+    def __init__(self, class_names: list[str], uncertainty_name: str = "vote entropy"):
+        self.class_names = class_names
+        self.uncertainty_name = uncertainty_name
+        self.batches: list[dict] = []
+
+    def add(self, outputs: dict) -> None:
+        self.batches.append({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()})
+
+    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None) -> dict:
+        """Writes the files; returns metrics.json's content (empty without `metrics`).
+        `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries."""
+        outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
+        numbers = test_metrics(outputs, len(self.class_names), settings) | (info or {}) if metrics else {}
+        # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
+        # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero or not outputs:
+            return numbers
+        path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
+        if "errors" in outputs:
+            save_errors(directory / ERRORS_FILE, outputs)
+        if metrics:
+            write_metrics(directory, numbers)
+            self.write_figures(trainer, directory, outputs, numbers)
+            print(f"test results written to {directory}")
+        else:
+            print(f"{len(outputs['id'])} predictions written to {path}")
+        return numbers
+
+    def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
+        name = self.uncertainty_name
+        figures = {
+            "accuracy_filtered": plot_filtered_accuracy({name: numbers["accuracy_filtered"]}, directory / "accuracy_filtered.png"),
+            "uncertainty_boxes": plot_uncertainty_boxes(
+                outputs["entropy"], outputs["prediction"], outputs["label"], directory / "uncertainty_boxes.png", ylabel=name
+            ),
+        }
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            for figure_name, figure in figures.items():
+                experiment.add_figure(f"test/{figure_name}", figure, global_step=trainer.global_step)
+
+
+def newest_metrics(run_dir: str | Path) -> Path:
+    candidates = sorted(Path(run_dir).rglob(METRICS_FILE), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(f"no {METRICS_FILE} under {run_dir}: run `python cli.py test ...` first")
+    return candidates[-1]

@@ -1,0 +1,137 @@
+"""DiffusionClassifierBase: what every diffusion classifier does the same way, whatever its network.
+
+  validation: the diffusion loss at one (eps, t) per image, seeded by image id, and the
+              classification of each image with `val_steps` pairs (no early exit).
+  test/predict: N shared (eps, t) pairs x C classes -> error matrix -> votes (diffusion/classify.py,
+              diffusion/voting.py) -> per-image outputs (lightning_modules/base.py writes them).
+  explain:    predict with `explain: true`: noise to t0 -> guided DDIM toward each class ->
+              counterfactuals, difference maps, faithfulness numbers (diffusion/explain.py),
+              written by evaluation/explanations.py.
+
+A subclass says only how it sees images and conditions its denoiser:
+  encode(images)              pixels in [-1, 1] -> the model's inputs x (wavelet bands, VAE latents)
+  denoiser()                  f(z, t, labels) -> v_hat, labels in [0, C], C the null label
+  schedule                    alpha_sigma(t) of the model's noise schedule
+  diffusion_loss(x, labels, t, eps, dropout)   the training objective at given (t, eps)
+  explanation_transform(images)   encode/decode between pixels and model space, for explanations
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import Tensor
+
+from diffusion.classify import ClassifierSettings, classify_images
+from diffusion.explain import ExplainSettings, explain_batch
+from diffusion.noise import seed_per_rank, shared_noise
+from diffusion.voting import summarize
+from evaluation.explanations import ExplanationOutputs
+
+from .base import ClassifierModule
+
+VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
+
+
+class DiffusionClassifierBase(ClassifierModule):
+    """Classification, validation and explanations of a diffusion model (see the module docstring).
+
+    Args (the subclasses' options of the same names):
+        classification: how test and predict classify (ClassifierSettings).
+        val_steps: (eps, t) pairs per image when classifying during validation; 0 logs val/loss only.
+        save_errors: also save every image's C x N error matrix (errors.pt).
+        explain: `predict` also explains every image.
+        explanation: how explanations are made (ExplainSettings).
+    """
+
+    def __init__(self, num_classes: int, class_names: list[str] | None, classification: ClassifierSettings,
+                 val_steps: int, save_errors: bool, explain: bool, explanation: ExplainSettings):
+        super().__init__(num_classes, class_names)
+        self.classification = classification
+        self.val_classification = dataclasses.replace(classification, num_steps=max(val_steps, 1), early_exit="none",
+                                                      prune_after=0)
+        self.explanation = explanation
+        self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
+
+    # ---- what a subclass provides ----------------------------------------------------------
+    def encode(self, images: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def denoiser(self):
+        raise NotImplementedError
+
+    def diffusion_loss(self, x: Tensor, labels: Tensor, t: Tensor, eps: Tensor, dropout: float) -> Tensor:
+        raise NotImplementedError
+
+    def explanation_transform(self, images: Tensor):
+        raise NotImplementedError
+
+    @property
+    def null_label(self) -> int:
+        return self.hparams.num_classes
+
+    # ---- training and validation -----------------------------------------------------------
+    def on_train_start(self) -> None:
+        seed_per_rank(self.trainer.world_size, self.global_rank)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        x = self.encode(batch["image"])
+        t, eps = shared_noise(batch["id"], range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
+        loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
+        self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
+        if self.hparams.val_steps > 0:
+            self.record_validation(batch, self.classify(batch, self.val_classification, x)["prediction"])
+
+    # ---- classification -------------------------------------------------------------------
+    def classify(self, batch: dict, settings: ClassifierSettings, x: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path."""
+        x = self.encode(batch["image"]) if x is None else x
+        run = classify_images(self.denoiser(), x, batch["id"], self.hparams.num_classes, self.schedule, settings)
+        outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
+        return outputs | self.passed_through(batch)
+
+    def classify_batch(self, batch: dict) -> dict[str, Tensor]:
+        outputs = self.classify(batch, self.classification)
+        if not self.hparams.save_errors:
+            outputs.pop("errors")
+        return outputs
+
+    def results_settings(self) -> ClassifierSettings:
+        return self.classification
+
+    # ---- explanation ----------------------------------------------------------------------
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        outputs = super().predict_step(batch, batch_idx)
+        if self.hparams.explain:
+            record = self.explain(batch, outputs["prediction"], self.explanation)
+            self.explanation_outputs.add(record, self.output_dir, batch.get("label"))
+        return outputs
+
+    def on_predict_epoch_start(self) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
+        # rank, here; ranks can hold different numbers of predict batches
+        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
+
+    def on_predict_epoch_end(self) -> None:
+        super().on_predict_epoch_end()
+        if self.hparams.explain:
+            self.explanation_outputs.finish(self.trainer, self.output_dir)
+
+    def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
+        """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers;
+        the flip check classifies each reconstruction with N = settings.flip_steps."""
+        if settings.factual == "label" and "label" not in batch:
+            raise ValueError("explanation.factual='label' needs labelled data; use factual: predicted")
+        factual = batch["label"] if settings.factual == "label" else predictions
+        classify_pixels = None  # flip_steps = 0: no flip check
+        if settings.flip_steps > 0:
+            flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
+
+            def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
+                return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
+
+        images = batch["image"]
+        return explain_batch(
+            self.denoiser(), self.explanation_transform(images), self.schedule, images, batch["id"], factual,
+            self.hparams.num_classes, self.null_label, settings, classify_pixels, self.classification.max_forward_batch,
+        )

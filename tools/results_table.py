@@ -1,0 +1,196 @@
+"""The paper's Table 1 from run directories: every model, grouped CNN / TF / DM, with accuracy, F1,
+AUROC and ECE per dataset.
+
+    python -m tools.results_table runs/* [--markdown table.md] [--csv table.csv]
+    make results
+
+Each argument is a run's `trainer.default_root_dir`. Its newest metrics.json (written by
+`python cli.py test ...`) gives the numbers; the config.yaml the CLI saved beside it names the
+model (the model class, the baseline's backbone or the diffusion classifier's network) and the
+data set (the datamodule class; the MedMNIST flag; the synthetic kind). Directories without test
+results are skipped with a note; of two runs of the same model on the same data the newer counts.
+The Markdown table (accuracy in %, as in the paper) is printed and, with --markdown, written; the
+CSV has the same layout with the group on every row and unrounded numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from evaluation.results import METRICS_FILE, newest_metrics
+from networks.backbones import BACKBONES
+
+GROUPS = ("CNN", "TF", "DM")  # Table 1's groups, in its order; anything else comes last
+MODEL_ORDER = [spec.display_name for spec in BACKBONES.values()] + ["DiT-B/4", "UNet", "Stable Diffusion"]
+DATASET_ORDER = ["CheXpert", "ISIC"]
+DATASET_NAMES = {"CheXpertDataModule": "CheXpert", "ISICDataModule": "ISIC"}
+NETWORK_NAMES = {"ClassConditionalUNet": "UNet"}
+# (column title, metrics.json key, Markdown format); accuracy in percent as in the paper
+COLUMNS = (("accuracy (%)", "accuracy", "{:.1f}"), ("F1", "f1", "{:.3f}"), ("AUROC", "auroc", "{:.3f}"), ("ECE", "ece", "{:.3f}"))
+
+
+@dataclass
+class Run:
+    directory: Path
+    metrics_path: Path
+    group: str
+    model: str
+    dataset: str
+    metrics: dict
+
+
+def _class_name(section: dict | None) -> str:
+    return str((section or {}).get("class_path", "")).rsplit(".", 1)[-1]
+
+
+def describe_model(model: dict) -> tuple[str, str]:
+    """(group, name) of a config's `model` section."""
+    name, args = _class_name(model), model.get("init_args") or {}
+    if name == "BaselineClassifier":
+        spec = BACKBONES.get(args.get("backbone"))
+        group, display = (spec.group, spec.display_name) if spec else ("other", str(args.get("backbone")))
+        # a row of its own: test-time flips are not the paper's protocol
+        return group, display + (" + test-time flips" if args.get("test_time_flips") else "")
+    if name == "DiffusionClassifier":
+        network = args.get("network") or {}
+        return "DM", _network_name(_class_name(network), network.get("init_args") or {})
+    if "StableDiffusion" in name:
+        return "DM", "Stable Diffusion"
+    return ("DM" if "Diffusion" in name else "other"), name
+
+
+def _network_name(name: str, args: dict) -> str:
+    if name == "DiT":
+        from networks.dit import DIT_VARIANTS  # DiT-B/4 and friends, by their sizes
+
+        if args.get("variant"):
+            return str(args["variant"])
+        sizes = {key: args.get(key) for key in ("depth", "hidden_size", "num_heads", "patch_size")}
+        return next((variant for variant, cfg in DIT_VARIANTS.items() if cfg == sizes), "DiT")
+    return NETWORK_NAMES.get(name, name)
+
+
+def describe_data(data: dict) -> str:
+    """The data set's name from a config's `data` section."""
+    name, args = _class_name(data), data.get("init_args") or {}
+    if name in DATASET_NAMES:
+        return DATASET_NAMES[name]
+    if name == "MedMNISTDataModule":
+        flag = str(args.get("flag", "medmnist"))
+        return flag[: -len("mnist")].capitalize() + "MNIST" if flag.endswith("mnist") else flag
+    if name == "SyntheticDataModule":
+        return f"Synthetic {args.get('kind', 'chest')}"
+    return name.removesuffix("DataModule") or "unknown"
+
+
+def read_run(directory: str | Path) -> Run:
+    directory = Path(directory)
+    metrics_path = newest_metrics(directory)
+    config_path = metrics_path.with_name("config.yaml")
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} is missing: the model and data of {metrics_path} are unknown")
+    config = yaml.safe_load(config_path.read_text())
+    group, model = describe_model(config.get("model") or {})
+    return Run(directory, metrics_path, group, model, describe_data(config.get("data") or {}), json.loads(metrics_path.read_text()))
+
+
+def collect_runs(directories: list[str | Path]) -> list[Run]:
+    """One Run per (model, dataset): the newest; directories without results are skipped."""
+    newest: dict[tuple[str, str], Run] = {}
+    for directory in directories:
+        if not Path(directory).is_dir():
+            continue
+        try:
+            run = read_run(directory)
+        except FileNotFoundError as error:
+            print(f"skipped {directory}: {error}", file=sys.stderr)
+            continue
+        key = (run.model, run.dataset)
+        if key in newest:
+            older, run = sorted([newest[key], run], key=lambda r: r.metrics_path.stat().st_mtime)
+            print(f"{run.model} on {run.dataset}: using {run.metrics_path}, not {older.metrics_path}", file=sys.stderr)
+        newest[key] = run
+    return list(newest.values())
+
+
+def _rank(order: list[str], value: str) -> tuple[int, str]:
+    return (order.index(value) if value in order else len(order), value)
+
+
+def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
+    """Column titles and rows (dicts of raw values, None where a model has no run on a data set)."""
+    datasets = sorted({run.dataset for run in runs}, key=lambda d: _rank(DATASET_ORDER, d))
+    models = sorted({(run.group, run.model) for run in runs}, key=lambda gm: (_rank(list(GROUPS), gm[0]), _rank(MODEL_ORDER, gm[1])))
+    by_key = {(run.model, run.dataset): run.metrics for run in runs}
+    columns = ["group", "model"] + [f"{dataset} {title}" for dataset in datasets for title, _, _ in COLUMNS]
+    rows = []
+    for group, model in models:
+        row = {"group": group, "model": model}
+        for dataset in datasets:
+            metrics = by_key.get((model, dataset), {})
+            for title, key, _ in COLUMNS:
+                value = metrics.get(key)
+                row[f"{dataset} {title}"] = None if value is None else value * 100 if key == "accuracy" else value
+        rows.append(row)
+    return columns, rows
+
+
+def _markdown_cell(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
+
+
+def to_markdown(columns: list[str], rows: list[dict]) -> str:
+    formats = {"group": "{}", "model": "{}"} | {c: fmt for c in columns for title, _, fmt in COLUMNS if c.endswith(" " + title)}
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
+    previous_group = None
+    for row in rows:
+        cells = [_markdown_cell(row[c], formats[c]) for c in columns]
+        if row["group"] == previous_group:
+            cells[0] = ""  # as in the paper: the group is named on its first row only
+        previous_group = row["group"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str | Path, columns: list[str], rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({c: "" if row[c] is None else row[c] for c in columns} for row in rows)
+    return path
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="run directories (trainer.default_root_dir), e.g. runs/*")
+    parser.add_argument("--markdown", help="also write the Markdown table to this file")
+    parser.add_argument("--csv", help="also write the table as CSV to this file")
+    args = parser.parse_args(argv)
+    runs = collect_runs(args.run_dirs)
+    if not runs:
+        parser.error(f"no {METRICS_FILE} under {' '.join(args.run_dirs)}: run `python cli.py test ...` first")
+    columns, rows = build_table(runs)
+    markdown = to_markdown(columns, rows)
+    print(markdown, end="")
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown)
+    if args.csv:
+        write_csv(args.csv, columns, rows)
+    return markdown
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""What a finished run found, for the terminal: the newest test results and explanations under a run folder.
+
+    python -m tools.summary runs/demo [--seconds 312]
+
+prints accuracy, F1, AUROC, N and (if given) the wall time of the newest metrics.json under the
+folder, then, if the run was explained (`predict ... --model.init_args.explain true`), where the
+explanation pictures are and their faithfulness numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
+from evaluation.results import newest_metrics
+
+EXPLANATION_NUMBERS = ("flip_rate", "factual_kept_rate", "factual_closer_rate", "l2_input_factual",
+                       "l2_input_counterfactual", "concentration_ratio")
+
+
+def summary_table(metrics: dict, seconds: float | None = None) -> str:
+    rows = [
+        ("accuracy", f"{metrics['accuracy']:.3f}"),
+        ("F1 (macro)", f"{metrics['f1']:.3f}"),
+        ("AUROC", f"{metrics.get('auroc', math.nan):.3f}"),
+    ]
+    if "n_steps" in metrics:  # a diffusion classifier
+        rows += [
+            ("mean-error rule accuracy", f"{metrics.get('mean_error_accuracy', math.nan):.3f}"),
+            ("test images", str(metrics["n_images"])),
+            ("N (eps, t) steps", str(metrics["n_steps"])),
+            ("rule", str(metrics.get("rule", "majority"))),
+        ]
+    else:
+        rows += [("ECE", f"{metrics.get('ece', math.nan):.3f}"), ("test images", str(metrics["n_images"]))]
+    if seconds is not None:
+        rows.append(("seconds (fit + test)", f"{seconds:.0f}"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def explanation_summary(run_dir: str | Path) -> str | None:
+    """Where the newest explanations under `run_dir` are and their numbers; None if there are none."""
+    found = sorted(Path(run_dir).rglob(EXPLAIN_FILE), key=lambda path: path.stat().st_mtime)
+    if not found:
+        return None
+    numbers = json.loads(found[-1].read_text())
+    folder = found[-1].parent / EXPLANATIONS_DIR
+    settings = numbers["settings"]
+    lines = [f"  {key:<24} {numbers[key]:.3f}" for key in EXPLANATION_NUMBERS if key in numbers]
+    return (f"Explanations of {numbers['n_images']} images (t0 = {settings['t0']}, w = {settings['guidance_scale']}, "
+            f"{settings['sampling_steps']} DDIM steps):\n" + "\n".join(lines)
+            + f"\n  open {folder / 'summary.png'} (one row per image) and {folder}/image_<id>.png")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a run's default_root_dir, e.g. runs/demo")
+    parser.add_argument("--seconds", type=float, default=None, help="wall time to report beside the metrics")
+    args = parser.parse_args(argv)
+    path = newest_metrics(args.run_dir)
+    print(f"\nTest results ({path}):\n{summary_table(json.loads(path.read_text()), args.seconds)}\n")
+    explanations = explanation_summary(args.run_dir)
+    if explanations:
+        print(explanations + "\n")
+
+
+if __name__ == "__main__":
+    main()
