@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install demo test test-all bench bench-data results tensorboard clean
+.PHONY: help install lint demo test test-all bench bench-data results tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,10 +21,14 @@ demo: install  ## train + test the tiny UNet on the embedded synthetic data, exp
 		--trainer.limit_predict_batches 1 --global_batch_size 8 && \
 	$(PYTHON) -m tools.summary runs/demo --seconds $$seconds
 
-test: install  ## the test suite without tests marked slow (<15 min on 2 CPU cores)
+lint: install  ## ruff: lint and formatting (pyproject.toml), as make test runs them
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: lint  ## ruff, then the test suite without tests marked slow (<15 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q
 
-test-all: install  ## every test, the slow ones too
+test-all: lint  ## ruff, then every test, the slow ones too
 	$(PYTHON) -m pytest -q
 
 bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)

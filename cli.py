@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -44,6 +45,9 @@ from datamodules.base import DEFAULT_BATCH_SIZE
 from lightning_modules.callbacks import LOGGER_VERSION_KEY, NonFiniteLoss, RunCheckpoint
 from lightning_modules.checkpoint_check import check_checkpoint
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
+
+# --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 LOGGER_NAME = "tensorboard"
@@ -78,14 +82,18 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
         parser.add_argument(
-            "--min_free_gb", type=float | None, default=None,
+            "--min_free_gb",
+            type=float | None,
+            default=None,
             help="Free disk space (GB) the run folders need before fit starts. Default: room for two "
             f"checkpoints, {CHECKPOINT_PARAMETER_COPIES} x the model's parameter bytes (weights, EMA weights and "
             "Adam's two moments, twice), or 0 when no checkpoint is saved. 0 turns the check off; validate, test "
             "and predict check only that the folders are writable.",
         )
         parser.add_argument(
-            "--global_batch_size", type=int | None, default=None,
+            "--global_batch_size",
+            type=int | None,
+            default=None,
             help="Images per optimizer step, over all processes and accumulated micro-batches (the paper's batch "
             "of B.1: 128 for the diffusion models, 64 for the baselines). Each process loads global_batch_size / "
             "(processes x trainer.accumulate_grad_batches) images per batch, refused when that does not divide, so "
@@ -93,7 +101,9 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             f"per-process batch (default {DEFAULT_BATCH_SIZE}); giving both is refused.",
         )
         parser.add_argument(
-            "--new_log_version", type=bool, default=False,
+            "--new_log_version",
+            type=bool,
+            default=False,
             help="fit --ckpt_path: log into a new tensorboard/version_N instead of continuing in the "
             "resumed run's one (the default, so a resumed run's curves continue where they stopped).",
         )
@@ -154,8 +164,12 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
 
     def split_global_batch(self, accumulate: bool = False) -> BatchPlan:
         """Sets the datamodule's per-process batch from `global_batch_size` and reports the plan."""
-        plan = batch_plan(self.subcommand_option("global_batch_size"), self.datamodule.batch_size,
-                          self.trainer.world_size, self.trainer.accumulate_grad_batches if accumulate else 1)
+        plan = batch_plan(
+            self.subcommand_option("global_batch_size"),
+            self.datamodule.batch_size,
+            self.trainer.world_size,
+            self.trainer.accumulate_grad_batches if accumulate else 1,
+        )
         self.datamodule.batch_size = plan.per_process
         learning_rate = self.model.hparams.get("learning_rate")
         rank_zero_info(plan.describe() + (f"; learning rate {learning_rate:g}" if learning_rate is not None else ""))
@@ -166,7 +180,9 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
     def run_folders(self) -> list[str]:
         """Where the run writes: its root, the checkpoint folder and the loggers' folders."""
         folders = [run_root(self.trainer.default_root_dir)]
-        folders += [callback.dirpath for callback in self.trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)]
+        folders += [
+            callback.dirpath for callback in self.trainer.checkpoint_callbacks if getattr(callback, "dirpath", None)
+        ]
         folders += [logger.root_dir for logger in self.trainer.loggers if isinstance(logger, TensorBoardLogger)]
         return list(dict.fromkeys(map(str, folders)))
 
@@ -231,12 +247,18 @@ class BatchPlan:
     accumulation: int
 
     def describe(self) -> str:
-        return (f"batch: global {self.global_batch} = {self.world_size} process(es) x {self.per_process} images"
-                f" x {self.accumulation} accumulated micro-batch(es)")
+        return (
+            f"batch: global {self.global_batch} = {self.world_size} process(es) x {self.per_process} images"
+            f" x {self.accumulation} accumulated micro-batch(es)"
+        )
 
     def as_hparams(self) -> dict:
-        return {"global_batch_size": self.global_batch, "per_process_batch_size": self.per_process,
-                "world_size": self.world_size, "accumulate_grad_batches": self.accumulation}
+        return {
+            "global_batch_size": self.global_batch,
+            "per_process_batch_size": self.per_process,
+            "world_size": self.world_size,
+            "accumulate_grad_batches": self.accumulation,
+        }
 
 
 def batch_plan(global_batch: int | None, per_process: int | None, world_size: int, accumulation: int = 1) -> BatchPlan:
@@ -247,12 +269,14 @@ def batch_plan(global_batch: int | None, per_process: int | None, world_size: in
     if per_process is not None:
         raise BatchConfigError(
             f"data.init_args.batch_size={per_process} and global_batch_size={global_batch} are both set: give one "
-            "(global_batch_size is split over the processes; --global_batch_size null keeps the per-process batch)")
+            "(global_batch_size is split over the processes; --global_batch_size null keeps the per-process batch)"
+        )
     share = world_size * accumulation
     if global_batch < 1 or global_batch % share:
         raise BatchConfigError(
             f"global_batch_size={global_batch} does not divide over {world_size} process(es) x "
-            f"{accumulation} accumulated micro-batch(es) = {share}: choose a multiple of {share}")
+            f"{accumulation} accumulated micro-batch(es) = {share}: choose a multiple of {share}"
+        )
     return BatchPlan(global_batch, global_batch // share, world_size, accumulation)
 
 
@@ -261,11 +285,15 @@ def run_root(default_root_dir: str | None) -> str:
 
 
 def tensorboard_logger(default_root_dir: str | None, version: int | str | None = None) -> TensorBoardLogger:
-    return TensorBoardLogger(save_dir=run_root(default_root_dir), name=LOGGER_NAME, version=version, default_hp_metric=False)
+    return TensorBoardLogger(
+        save_dir=run_root(default_root_dir), name=LOGGER_NAME, version=version, default_hp_metric=False
+    )
 
 
 def latest_version(logger_root: str) -> int | None:
-    numbers = [int(m.group(1)) for d in Path(logger_root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", d.name))]
+    numbers = [
+        int(m.group(1)) for d in Path(logger_root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", d.name))
+    ]
     return max(numbers, default=None)
 
 
@@ -287,7 +315,9 @@ def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[s
     """Model, data and trainer of an experiment config, without running anything (for scripts and
     benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
     with EMA)."""
-    cli = ExperimentCLI(args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0)
+    cli = ExperimentCLI(
+        args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0
+    )
     cli.split_global_batch()
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, cli.model, cli.datamodule)
@@ -302,8 +332,12 @@ def resolved_config(config: str | Path, *overrides: str) -> dict:
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")  # a tool's own argv is no conflict
-            ExperimentCLI(args=["fit", "--config", str(config), *overrides, "--print_config"], seed_everything_default=0)
+            warnings.filterwarnings(
+                "ignore", message="LightningCLI's args parameter"
+            )  # a tool's own argv is no conflict
+            ExperimentCLI(
+                args=["fit", "--config", str(config), *overrides, "--print_config"], seed_everything_default=0
+            )
     except SystemExit as done:  # --print_config exits after printing; a parse error exits with 2
         if done.code not in (0, None):
             raise

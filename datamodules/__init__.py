@@ -6,5 +6,12 @@ from datamodules.isic import ISICDataModule
 from datamodules.medmnist import MedMNISTDataModule
 from datamodules.synthetic import SyntheticDataModule
 
-__all__ = ["DataError", "CheXpertDataModule", "CombinedDataModule", "CSVDataModule", "ISICDataModule", "MedMNISTDataModule",
-           "SyntheticDataModule"]
+__all__ = [
+    "DataError",
+    "CheXpertDataModule",
+    "CombinedDataModule",
+    "CSVDataModule",
+    "ISICDataModule",
+    "MedMNISTDataModule",
+    "SyntheticDataModule",
+]

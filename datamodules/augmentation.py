@@ -48,14 +48,16 @@ def training_augmentation(
     """The Appendix B.2 pipeline for one (C, H, W) image, in the paper's order (then the optional
     intensity jitter)."""
     jitter = [IntensityJitter(intensity)] if intensity > 0 else []
-    return v2.Compose([
-        # bilinear rather than torchvision's default nearest: at 32-64 px nearest turns edges jagged
-        v2.RandomRotation(degrees=(-degrees, degrees), interpolation=InterpolationMode.BILINEAR, fill=fill),
-        v2.RandomHorizontalFlip(p=flip_p),
-        v2.RandomVerticalFlip(p=flip_p),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel, sigma=blur_sigma)], p=blur_p),
-        *jitter,
-    ])
+    return v2.Compose(
+        [
+            # bilinear rather than torchvision's default nearest: at 32-64 px nearest turns edges jagged
+            v2.RandomRotation(degrees=(-degrees, degrees), interpolation=InterpolationMode.BILINEAR, fill=fill),
+            v2.RandomHorizontalFlip(p=flip_p),
+            v2.RandomVerticalFlip(p=flip_p),
+            v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel, sigma=blur_sigma)], p=blur_p),
+            *jitter,
+        ]
+    )
 
 
 class IntensityJitter(nn.Module):

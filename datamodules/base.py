@@ -143,8 +143,10 @@ def balance_classes(table: pd.DataFrame, seed: int) -> pd.DataFrame:
     """Undersample every class to the size of the smallest, seeded (rows kept in table order)."""
     rng = np.random.default_rng(seed)
     smallest = table["label"].value_counts().min()
-    keep = [rng.choice(np.flatnonzero(table["label"].to_numpy() == c), smallest, replace=False)
-            for c in sorted(table["label"].unique())]
+    keep = [
+        rng.choice(np.flatnonzero(table["label"].to_numpy() == c), smallest, replace=False)
+        for c in sorted(table["label"].unique())
+    ]
     return table.iloc[np.sort(np.concatenate(keep))]
 
 
@@ -187,8 +189,10 @@ def parse_flags(values: pd.Series, column: str, file, allowed=(1.0, 0.0, -1.0)) 
     numbers = pd.to_numeric(values.replace("", np.nan), errors="coerce").to_numpy(np.float64)
     bad = ~np.isnan(numbers) & ~np.isin(numbers, allowed) | (values.ne("").to_numpy() & np.isnan(numbers))
     if bad.any():
-        raise DataError(f"{file}: column {column!r} holds {values[bad].iloc[0]!r} (row {np.flatnonzero(bad)[0] + 2}); "
-                        f"expected one of {list(allowed)} or blank")
+        raise DataError(
+            f"{file}: column {column!r} holds {values[bad].iloc[0]!r} (row {np.flatnonzero(bad)[0] + 2}); "
+            f"expected one of {list(allowed)} or blank"
+        )
     return numbers
 
 
@@ -207,8 +211,10 @@ def _check_image_size(image_size):
 
 def check_root(root) -> Path:
     if root is None or not Path(root).is_dir():
-        raise DataError(f"data.init_args.root: {root!r} is not a directory; set it to the data set's folder, "
-                        f"e.g. --data.init_args.root=/data/CheXpert-v1.0-small")
+        raise DataError(
+            f"data.init_args.root: {root!r} is not a directory; set it to the data set's folder, "
+            f"e.g. --data.init_args.root=/data/CheXpert-v1.0-small"
+        )
     return Path(root)
 
 
@@ -225,10 +231,15 @@ class SplitLoaders:
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         dataset, batch_size = self.split_dataset(split), self.batch_size or DEFAULT_BATCH_SIZE
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                          drop_last=shuffle and len(dataset) >= batch_size,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(dataset) >= batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
 
     def train_dataloader(self):
         return self._loader("train", shuffle=True)
@@ -259,11 +270,18 @@ class ImageDataModule(SplitLoaders, L.LightningDataModule):
 
     def report(self, dropped: dict[str, int] | None = None) -> dict[str, int]:
         """Print (and log, if a logger is attached) the images per split and class."""
-        counts = {f"data/{split}/{name}": int((self.datasets[split].labels == c).sum())
-                  for split in SPLITS for c, name in enumerate(self.class_names)}
+        counts = {
+            f"data/{split}/{name}": int((self.datasets[split].labels == c).sum())
+            for split in SPLITS
+            for c, name in enumerate(self.class_names)
+        }
         lines = [f"{self.name}: images per split and class"]
-        lines += [f"  {split:5s} " + "  ".join(f"{name}={counts[f'data/{split}/{name}']}" for name in self.class_names)
-                  + f"  total={len(self.datasets[split])}" for split in SPLITS]
+        lines += [
+            f"  {split:5s} "
+            + "  ".join(f"{name}={counts[f'data/{split}/{name}']}" for name in self.class_names)
+            + f"  total={len(self.datasets[split])}"
+            for split in SPLITS
+        ]
         lines += [f"  dropped {n} rows: {reason}" for reason, n in (dropped or {}).items() if n]
         if self.trainer is None or self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
@@ -283,7 +301,8 @@ class TableDataModule(ImageDataModule):
     Args:
         root: folder of the data set as published.
         image_size: side of the square images the model sees (paper: 256).
-        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
+        batch_size: images per batch in every loader, per process; None (the default): from the
+            CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes (also used to build the cache).
         seed: seed of the balancing and of the split.
         balance: undersample every class to the size of the smallest (seeded).
@@ -301,10 +320,20 @@ class TableDataModule(ImageDataModule):
     class_names: list[str] = []
     channels = 3
 
-    def __init__(self, root: str, image_size: int = 256, batch_size: int | None = None, num_workers: int = 8,
-                 seed: int = 0, balance: bool = True, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 splits_file: str | None = None, cache_dir: str | None = "runs/cache",
-                 verify_images: bool = False, crop: bool = False):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 256,
+        batch_size: int | None = None,
+        num_workers: int = 8,
+        seed: int = 0,
+        balance: bool = True,
+        split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        splits_file: str | None = None,
+        cache_dir: str | None = "runs/cache",
+        verify_images: bool = False,
+        crop: bool = False,
+    ):
         super().__init__(image_size, batch_size, num_workers)
         self.root = check_root(root)
         if len(split_fractions) != 3 or min(split_fractions) <= 0 or abs(sum(split_fractions) - 1) > 1e-6:
@@ -330,12 +359,16 @@ class TableDataModule(ImageDataModule):
             self.prepare()
         if not self.datasets:
             table, paths = self.table, self.full_paths(self.table)
-            images = CachedImages(self.cache_file) if self.cache_dir else DecodedImages(
-                paths, self.image_size, self.channels, self.crop)
+            images = (
+                CachedImages(self.cache_file)
+                if self.cache_dir
+                else DecodedImages(paths, self.image_size, self.channels, self.crop)
+            )
             for split in SPLITS:
                 rows = table.index[table["split"] == split].to_numpy()
-                self.datasets[split] = ImageDataset(images, table["id"].to_numpy()[rows],
-                                                    table["label"].to_numpy()[rows], paths[rows])
+                self.datasets[split] = ImageDataset(
+                    images, table["id"].to_numpy()[rows], table["label"].to_numpy()[rows], paths[rows]
+                )
             self.report(self.dropped)
 
     def prepare(self) -> pd.DataFrame:
@@ -344,7 +377,9 @@ class TableDataModule(ImageDataModule):
         table = table.sort_values("path", kind="stable").reset_index(drop=True)
         twice = table["path"].duplicated()
         if twice.any():  # one image twice could land in train and test
-            raise DataError(f"{self.name}: image {table['path'][twice].iloc[0]} is listed {int(twice.sum()) + 1}+ times")
+            raise DataError(
+                f"{self.name}: image {table['path'][twice].iloc[0]} is listed {int(twice.sum()) + 1}+ times"
+            )
         self._check_classes(table, "after filtering")
         file = self.splits_path()
         if file.is_file():
@@ -353,7 +388,8 @@ class TableDataModule(ImageDataModule):
             table = self._split(table)
             file.parent.mkdir(parents=True, exist_ok=True)
             table.assign(**{"class": np.array(self.class_names)[table["label"]]})[
-                ["id", "path", "label", "class", "patient", "split"]].to_csv(file, index=False)
+                ["id", "path", "label", "class", "patient", "split"]
+            ].to_csv(file, index=False)
         for split in SPLITS:
             self._check_classes(table[table["split"] == split], f"in split {split!r}")
         self.table = table
@@ -371,7 +407,9 @@ class TableDataModule(ImageDataModule):
             self.dropped["undersampled to balance the classes"] = before - len(table)
         if not has_split:
             groups = table["patient"].where(table["patient"] != "", "path:" + table["path"]).to_numpy()
-            table = table.assign(split=assign_splits(table["label"].to_numpy(), groups, self.split_fractions, self.seed))
+            table = table.assign(
+                split=assign_splits(table["label"].to_numpy(), groups, self.split_fractions, self.seed)
+            )
         order = table["split"].map(SPLITS.index)
         table = table.assign(order=order).sort_values(["order", "path"], kind="stable").drop(columns="order")
         return table.reset_index(drop=True).assign(id=np.arange(len(table)))
@@ -385,11 +423,15 @@ class TableDataModule(ImageDataModule):
         now = saved.merge(table[["path", *given]], on="path", how="left", suffixes=("", "_now"))
         gone = now["label_now"].isna()
         changed = ~gone & (now[[f"{c}_now" for c in given]].to_numpy() != now[given].to_numpy()).any(1)
-        for bad, what in [(gone, "are no longer in the data (missing or filtered out)"),
-                          (changed, "changed label or given split")]:
+        for bad, what in [
+            (gone, "are no longer in the data (missing or filtered out)"),
+            (changed, "changed label or given split"),
+        ]:
             if bad.any():
-                raise DataError(f"splits file {file}: {int(bad.sum())} images {what}, e.g. {now['path'][bad].iloc[0]}; "
-                                f"delete the file to split again")
+                raise DataError(
+                    f"splits file {file}: {int(bad.sum())} images {what}, e.g. {now['path'][bad].iloc[0]}; "
+                    f"delete the file to split again"
+                )
         self.dropped["not in the reused split (balancing)"] = len(table) - len(saved)
         print(f"{self.name}: reusing the split in {file}", flush=True)
         return saved
@@ -399,15 +441,19 @@ class TableDataModule(ImageDataModule):
         for name, n in zip(self.class_names, counts):
             if n == 0:
                 dropped = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items() if n) or "none"
-                raise DataError(f"{self.name}: class {name!r} has no images {where} "
-                                f"(counts {dict(zip(self.class_names, counts.tolist()))}; dropped rows: {dropped})")
+                raise DataError(
+                    f"{self.name}: class {name!r} has no images {where} "
+                    f"(counts {dict(zip(self.class_names, counts.tolist()))}; dropped rows: {dropped})"
+                )
 
     def _check_files(self, table: pd.DataFrame):
         paths = pd.Series(self.full_paths(table))
         missing = paths[~paths.map(os.path.isfile)]
         if len(missing):
-            raise DataError(f"{len(missing)} image files are missing, e.g. {missing.iloc[0]}"
-                            + (f" and {list(missing.iloc[1:4])}" if len(missing) > 1 else ""))
+            raise DataError(
+                f"{len(missing)} image files are missing, e.g. {missing.iloc[0]}"
+                + (f" and {list(missing.iloc[1:4])}" if len(missing) > 1 else "")
+            )
         if self.verify_images and not (self.cache_dir and self.cache_file.is_file()):
             for _ in self._decode_all(paths.to_numpy(str)):
                 pass
@@ -424,8 +470,10 @@ class TableDataModule(ImageDataModule):
         if file.is_file():
             found = np.load(file, mmap_mode="r").shape
             if found != shape:
-                raise DataError(f"cache {file} holds images of shape {found[1:]} x {found[0]}, this run needs "
-                                f"{shape[1:]} x {shape[0]}: it was built for another size or data; delete it")
+                raise DataError(
+                    f"cache {file} holds images of shape {found[1:]} x {found[0]}, this run needs "
+                    f"{shape[1:]} x {shape[0]}: it was built for another size or data; delete it"
+                )
             return
         file.parent.mkdir(parents=True, exist_ok=True)
         partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npy")  # never read half-built
@@ -434,7 +482,7 @@ class TableDataModule(ImageDataModule):
             cache = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
             start = 0
             for batch in self._decode_all(self.full_paths(table)):
-                cache[start:start + len(batch)] = batch
+                cache[start : start + len(batch)] = batch
                 start += len(batch)
             cache.flush()
             del cache

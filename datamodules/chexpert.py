@@ -34,15 +34,11 @@ class CheXpertDataModule(TableDataModule):
     class_names = ["no_finding", "pleural_effusion"]
     channels = 1  # grayscale films: cache one channel, repeat to 3 when loading
 
-    def __init__(self, root: str, uncertain: str = "drop", both: str = "drop", image_size: int = 256,
-                 batch_size: int | None = None, num_workers: int = 8, seed: int = 0, balance: bool = True,
-                 split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), splits_file: str | None = None,
-                 cache_dir: str | None = "runs/cache", verify_images: bool = False, crop: bool = False):
+    def __init__(self, root: str, uncertain: str = "drop", both: str = "drop", **kwargs):
         for option, value in [("uncertain", uncertain), ("both", both)]:
             if value not in RULES:
                 raise ValueError(f"{option} must be one of {RULES}, got {value!r}")
-        super().__init__(root, image_size, batch_size, num_workers, seed, balance, split_fractions,
-                         splits_file, cache_dir, verify_images, crop)
+        super().__init__(root, **kwargs)
         self.uncertain, self.both = uncertain, both
 
     def dataset_dir(self):
@@ -53,8 +49,11 @@ class CheXpertDataModule(TableDataModule):
 
     def read_table(self):
         folder = self.dataset_dir()
-        tables = [read_csv(folder / name, COLUMNS, "CheXpert") for name in ("train.csv", "valid.csv")
-                  if name == "train.csv" or (folder / name).is_file()]
+        tables = [
+            read_csv(folder / name, COLUMNS, "CheXpert")
+            for name in ("train.csv", "valid.csv")
+            if name == "train.csv" or (folder / name).is_file()
+        ]
         table = pd.concat(tables, ignore_index=True)
         # `Path` starts with the data set's folder name ("CheXpert-v1.0-small/train/..."): replace
         # it by the folder found, so a renamed or moved copy still resolves.
@@ -80,10 +79,13 @@ class CheXpertDataModule(TableDataModule):
         dropped["uncertain Pleural Effusion (-1)"] = int(dropped_uncertain.sum())
         dropped["both No Finding and Pleural Effusion"] = int(dropped_both.sum())
         dropped["neither No Finding nor Pleural Effusion"] = int(
-            (frontal & ~keep & ~dropped_uncertain & ~dropped_both).sum())
-        rows = pd.DataFrame({
-            "path": [str(prefix / p) for p in path[keep]],
-            "label": label[keep],
-            "patient": path[keep].str.extract(r"(patient\d+)", expand=False).fillna("").to_numpy(),
-        })
+            (frontal & ~keep & ~dropped_uncertain & ~dropped_both).sum()
+        )
+        rows = pd.DataFrame(
+            {
+                "path": [str(prefix / p) for p in path[keep]],
+                "label": label[keep],
+                "patient": path[keep].str.extract(r"(patient\d+)", expand=False).fillna("").to_numpy(),
+            }
+        )
         return rows, dropped

@@ -39,8 +39,12 @@ class RelabeledDataset(Dataset):
         if not 0 <= int(item["id"]) < ID_STRIDE:
             raise ValueError(f"source {self.source}: id {int(item['id'])} outside [0, {ID_STRIDE}); ids would collide")
         # every item gets a path ("" if its source has none) so that mixed sources still collate
-        return item | {"label": item["label"] + self.label_offset, "id": item["id"] + self.source * ID_STRIDE,
-                       "source": self.source, "path": item.get("path", "")}
+        return item | {
+            "label": item["label"] + self.label_offset,
+            "id": item["id"] + self.source * ID_STRIDE,
+            "source": self.source,
+            "path": item.get("path", ""),
+        }
 
 
 class CombinedDataModule(SplitLoaders, L.LightningDataModule):
@@ -49,7 +53,8 @@ class CombinedDataModule(SplitLoaders, L.LightningDataModule):
     Args:
         datamodules: the sources, in order (class_path / init_args each in a config); they must
             agree on image_size and have distinct class names.
-        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE (the sources' own batch sizes are unused).
+        batch_size: images per batch in every loader, per process; None (the default): from the
+            CLI's global_batch_size, or DEFAULT_BATCH_SIZE (the sources' own batch sizes are unused).
         num_workers: loader worker processes.
     """
 
@@ -59,11 +64,15 @@ class CombinedDataModule(SplitLoaders, L.LightningDataModule):
             raise ValueError("CombinedDataModule needs at least one datamodule")
         sizes = {getattr(source, "image_size", None) for source in datamodules}
         if len(sizes) != 1:
-            raise ValueError(f"the datamodules have different image sizes {sorted(map(str, sizes))}; give them one image_size")
+            raise ValueError(
+                f"the datamodules have different image sizes {sorted(map(str, sizes))}; give them one image_size"
+            )
         names = [name for source in datamodules for name in source.class_names]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
-            raise ValueError(f"class name(s) {repeated} appear in several datamodules; a class name must name one prompt set")
+            raise ValueError(
+                f"class name(s) {repeated} appear in several datamodules; a class name must name one prompt set"
+            )
         self.sources, self.batch_size, self.num_workers = list(datamodules), batch_size, num_workers
         self.datasets: dict[str, ConcatDataset] = {}
 
@@ -82,14 +91,19 @@ class CombinedDataModule(SplitLoaders, L.LightningDataModule):
             source.prepare_data()
 
     def setup(self, stage: str | None = None):
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(stage, list(LOADERS))
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}.get(
+            stage, list(LOADERS)
+        )
         for source in self.sources:
             source.setup(stage)
         for split in wanted:
             # a source's own loader is the one API every datamodule shares; only its dataset is kept
-            self.datasets[split] = ConcatDataset([
-                RelabeledDataset(getattr(source, LOADERS[split])().dataset, k, offset)
-                for k, (source, offset) in enumerate(zip(self.sources, self.label_offsets()))])
+            self.datasets[split] = ConcatDataset(
+                [
+                    RelabeledDataset(getattr(source, LOADERS[split])().dataset, k, offset)
+                    for k, (source, offset) in enumerate(zip(self.sources, self.label_offsets()))
+                ]
+            )
 
     def split_dataset(self, split: str) -> Dataset:
         return self.datasets[split]

@@ -28,12 +28,8 @@ class CSVDataModule(TableDataModule):
             seed, split_fractions, splits_file, cache_dir, verify_images, crop).
     """
 
-    def __init__(self, root: str, csv: str, class_names: list[str] | None = None, image_size: int = 256,
-                 batch_size: int | None = None, num_workers: int = 8, seed: int = 0, balance: bool = False,
-                 split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), splits_file: str | None = None,
-                 cache_dir: str | None = "runs/cache", verify_images: bool = False, crop: bool = False):
-        super().__init__(root, image_size, batch_size, num_workers, seed, balance, split_fractions,
-                         splits_file, cache_dir, verify_images, crop)
+    def __init__(self, root: str, csv: str, class_names: list[str] | None = None, balance: bool = False, **kwargs):
+        super().__init__(root, balance=balance, **kwargs)
         self.csv = self.root / csv  # an absolute `csv` stays absolute
         self.name = f"csv-{os.path.splitext(os.path.basename(csv))[0]}"
         self._given_class_names = None if class_names is None else [str(c) for c in class_names]
@@ -56,14 +52,23 @@ class CSVDataModule(TableDataModule):
         unknown = ~table["label"].isin(index)
         if unknown.any():
             row = np.flatnonzero(unknown)[0]
-            raise DataError(f"{self.csv}: label {table['label'].iloc[row]!r} (row {row + 2}, {table['path'].iloc[row]}) "
-                            f"is not in the class list {names}")
-        rows = pd.DataFrame({"path": table["path"], "label": table["label"].map(index).astype(int),
-                             "patient": table.get("patient_id", pd.Series("", index=table.index))})
+            raise DataError(
+                f"{self.csv}: label {table['label'].iloc[row]!r} (row {row + 2}, {table['path'].iloc[row]}) "
+                f"is not in the class list {names}"
+            )
+        rows = pd.DataFrame(
+            {
+                "path": table["path"],
+                "label": table["label"].map(index).astype(int),
+                "patient": table.get("patient_id", pd.Series("", index=table.index)),
+            }
+        )
         if "split" in table.columns:
             bad = ~table["split"].isin(SPLITS)
             if bad.any():
-                raise DataError(f"{self.csv}: split {table['split'][bad].iloc[0]!r} (row {np.flatnonzero(bad)[0] + 2}) "
-                                f"is not one of {list(SPLITS)}")
+                raise DataError(
+                    f"{self.csv}: split {table['split'][bad].iloc[0]!r} (row {np.flatnonzero(bad)[0] + 2}) "
+                    f"is not one of {list(SPLITS)}"
+                )
             rows["split"] = table["split"]
         return rows, {}

@@ -32,13 +32,6 @@ class ISICDataModule(TableDataModule):
     name = "isic"
     class_names = ["benign", "melanoma"]
 
-    def __init__(self, root: str, image_size: int = 256, batch_size: int | None = None, num_workers: int = 8,
-                 seed: int = 0, balance: bool = True, split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-                 splits_file: str | None = None, cache_dir: str | None = "runs/cache",
-                 verify_images: bool = False, crop: bool = False):
-        super().__init__(root, image_size, batch_size, num_workers, seed, balance, split_fractions,
-                         splits_file, cache_dir, verify_images, crop)
-
     def read_table(self):
         parts = []
         if (self.root / "train.csv").is_file():
@@ -46,19 +39,22 @@ class ISICDataModule(TableDataModule):
         if (self.root / GROUND_TRUTH_2019).is_file():
             parts.append(self._read_2019())
         if not parts:
-            raise DataError(f"no ISIC table in {self.root}: expected train.csv (ISIC 2020) "
-                            f"and/or {GROUND_TRUTH_2019} (ISIC 2019)")
+            raise DataError(
+                f"no ISIC table in {self.root}: expected train.csv (ISIC 2020) and/or {GROUND_TRUTH_2019} (ISIC 2019)"
+            )
         return pd.concat(parts, ignore_index=True), {}
 
     def _read_2020(self):
         file = self.root / "train.csv"
         table = read_csv(file, ["image_name", "patient_id", "target"], "ISIC 2020")
         images = next((d for d in ("train", "jpeg/train") if (self.root / d).is_dir()), "train")
-        return pd.DataFrame({
-            "path": images + "/" + table["image_name"] + ".jpg",
-            "label": parse_flags(table["target"], "target", file, allowed=(0.0, 1.0)).astype(int),
-            "patient": table["patient_id"],
-        })
+        return pd.DataFrame(
+            {
+                "path": images + "/" + table["image_name"] + ".jpg",
+                "label": parse_flags(table["target"], "target", file, allowed=(0.0, 1.0)).astype(int),
+                "patient": table["patient_id"],
+            }
+        )
 
     def _read_2019(self):
         file = self.root / GROUND_TRUTH_2019
@@ -70,5 +66,6 @@ class ISICDataModule(TableDataModule):
         if (self.root / METADATA_2019).is_file():
             meta = read_csv(self.root / METADATA_2019, ["image", "lesion_id"], "ISIC 2019 metadata")
             patient = table["image"].map(meta.set_index("image")["lesion_id"]).fillna("")
-        return pd.DataFrame({"path": IMAGES_2019 + "/" + table["image"] + ".jpg",
-                             "label": label.astype(int), "patient": patient})
+        return pd.DataFrame(
+            {"path": IMAGES_2019 + "/" + table["image"] + ".jpg", "label": label.astype(int), "patient": patient}
+        )

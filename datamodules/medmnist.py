@@ -28,19 +28,31 @@ class MedMNISTDataModule(ImageDataModule):
         flag: MedMNIST 2D data set name, e.g. "pneumoniamnist", "dermamnist", "bloodmnist".
         size: which published resolution to read (28, 64, 128 or 224).
         image_size: side the model sees; None = `size`, otherwise resized once in `setup`.
-        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
+        batch_size: images per batch in every loader, per process; None (the default): from the
+            CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes.
         download: download the official file through the `medmnist` package when it is absent.
         seed: unused (the splits are the file's); kept so every datamodule takes a seed.
     """
 
-    def __init__(self, root: str, flag: str = "pneumoniamnist", size: int = 28, image_size: int | None = None,
-                 batch_size: int | None = None, num_workers: int = 2, download: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        flag: str = "pneumoniamnist",
+        size: int = 28,
+        image_size: int | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 2,
+        download: bool = False,
+        seed: int = 0,
+    ):
         from medmnist import INFO
 
         if flag not in INFO or flag.endswith("3d"):
-            raise DataError(f"flag {flag!r} is not a 2D MedMNIST data set; choose from "
-                            f"{sorted(f for f in INFO if not f.endswith('3d'))}")
+            raise DataError(
+                f"flag {flag!r} is not a 2D MedMNIST data set; choose from "
+                f"{sorted(f for f in INFO if not f.endswith('3d'))}"
+            )
         if INFO[flag]["task"] not in TASKS:
             raise DataError(f"flag {flag!r} is a {INFO[flag]['task']} task; only {TASKS} are supported")
         if size not in SIZES:
@@ -62,7 +74,9 @@ class MedMNISTDataModule(ImageDataModule):
             import medmnist
 
             self.root.mkdir(parents=True, exist_ok=True)
-            getattr(medmnist, self.info["python_class"])(split="train", root=str(self.root), size=self.size, download=True)
+            getattr(medmnist, self.info["python_class"])(
+                split="train", root=str(self.root), size=self.size, download=True
+            )
 
     def setup(self, stage: str | None = None):
         if self.datasets:

@@ -6,6 +6,11 @@ access or the number of workers, and the three splits never share an image. The 
 deliberately large and always in the same anatomical place, so that a tiny class-conditional
 diffusion model trained for minutes on a CPU can classify it; shapes, intensities, textures and
 noise vary within each class so that the task is not a lookup.
+
+Each image comes with the ground truth of its finding, drawn by the same renderer from the same
+random draws: `mask`, a (1, H, W) map in [0, 1] of what makes the positive class (the pleural
+effusion's fluid, the melanoma's lesion), all zeros for the negative class. Explanations are scored
+against it (diffusion/explain.py `localisation`): does the difference map point at the finding?
 """
 
 import functools
@@ -21,7 +26,7 @@ from datamodules.base import SplitLoaders
 
 KINDS = {"chest": ["no_finding", "pleural_effusion"], "skin": ["benign", "melanoma"]}
 SPLITS = ("train", "val", "test")
-PREGENERATE_MAX_SIZE = 64  # above this a split of a few thousand images would take GBs of RAM
+PREGENERATE_MAX_SIZE = 64  # above this a split of a few thousand images (and masks) would take GBs of RAM
 
 
 def _stable_seed(*parts) -> int:
@@ -48,6 +53,7 @@ def _inside(dist, width):
 
 
 def _chest(g, size, label):
+    """(image (3, H, W) in [-1, 1], finding (1, H, W) in [0, 1]): the finding is the effusion's fluid."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     y, x = _grid(size)
     s = u(0.9, 1.05)  # patient size and position in the field of view
@@ -55,8 +61,7 @@ def _chest(g, size, label):
     edge = max(0.02, 1.5 / size)
 
     body = _inside(torch.sqrt((X / u(0.86, 0.96)) ** 2 + ((Y - 0.4) / 1.3) ** 2) - 1, 0.06)
-    heart = _inside(torch.sqrt(((X - u(0.06, 0.12)) / u(0.27, 0.32)) ** 2
-                               + ((Y - u(0.3, 0.36)) / 0.25) ** 2) - 1, 0.05)
+    heart = _inside(torch.sqrt(((X - u(0.06, 0.12)) / u(0.27, 0.32)) ** 2 + ((Y - u(0.3, 0.36)) / 0.25) ** 2) - 1, 0.05)
     spine = _inside(X.abs() - 0.07, 0.03)
     trachea = _inside(X.abs() - 0.035, 0.015) * _inside(Y + 0.3, 0.05)
     clavicles = _inside((Y + 0.58 + 0.12 * X.abs()).abs() - 0.025, edge) * _inside(X.abs() - 0.5, 0.05)
@@ -66,7 +71,7 @@ def _chest(g, size, label):
         cx, cy, rx, ry = side * u(0.34, 0.39), u(-0.08, 0.0), u(0.22, 0.26), u(0.5, 0.56)
         v = ((Y - cy) / ry).clamp(-1.2, 1.2)
         width = rx * (0.85 + 0.2 * v)  # narrow apex, wide base
-        lung = _inside(torch.sqrt(((X - cx) / width) ** 2 + v ** 2) - 1, edge / rx)
+        lung = _inside(torch.sqrt(((X - cx) / width) ** 2 + v**2) - 1, edge / rx)
         t = side * (X - cx) / rx  # > 0 laterally
         dome = cy + ry * (0.82 + 0.25 * (t + 0.3).clamp(min=0) ** 2)  # diaphragm, deep lateral angle
         lung = lung * _inside(Y - dome, edge) * (1 - heart)
@@ -86,10 +91,16 @@ def _chest(g, size, label):
     img = img + body * fluid * u(0.03, 0.08)  # fluid is a little denser than the chest wall
     img = (img - 0.3) * u(0.85, 1.15) + 0.3 + u(0.02, 0.08)  # exposure and contrast
     img = img + 0.04 * _smooth_field(g, size, 3) + u(0.01, 0.03) * torch.randn(size, size, generator=g)
-    return img.clamp(0, 1).mul(2).sub(1).expand(3, size, size).contiguous()
+    return img.clamp(0, 1).mul(2).sub(1).expand(3, size, size).contiguous(), fluid.unsqueeze(0)
 
 
 def _skin(g, size, label):
+    """(image (3, H, W) in [-1, 1], finding (1, H, W) in [0, 1]): the finding is the melanoma's lesion.
+
+    A benign naevus gets an empty mask, although it is a lesion too: the finding is what makes the
+    class, as the effusion does for the chest (whose healthy images have no mask either), and a
+    counterfactual toward melanoma changes the skin around a naevus as well (it grows the lesion),
+    so the naevus's outline would not be the ground truth of that change."""
     u = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()  # noqa: E731
     y, x = _grid(size)
     tone = torch.tensor([u(0.78, 0.92), u(0.56, 0.7), u(0.46, 0.58)])[:, None, None]
@@ -103,11 +114,12 @@ def _skin(g, size, label):
         brown = torch.tensor([0.52, 0.33, 0.2])[:, None, None] * u(0.75, 1.05)
         colour = brown * (1 - 0.12 * (1 - r / radius).clamp(0, 1) + 0.04 * _smooth_field(g, size, 8))
     else:  # melanoma: large, asymmetric, notched border, several colours
-        wobble = sum(u(0.04, 0.14) / k ** 0.5 * torch.cos(k * theta + u(0, 6.3)) for k in range(1, 6))
+        wobble = sum(u(0.04, 0.14) / k**0.5 * torch.cos(k * theta + u(0, 6.3)) for k in range(1, 6))
         radius = u(0.42, 0.56) * (1 + wobble).clamp(min=0.4) + 0.1 * _smooth_field(g, size, 9)
         mask = _inside(r - radius, 0.008 + 0.006 * (1 + _smooth_field(g, size, 4)))  # partly blurred
-        palette = torch.tensor([[0.33, 0.19, 0.11], [0.12, 0.08, 0.08], [0.4, 0.43, 0.5],
-                                [0.66, 0.35, 0.33], [0.56, 0.38, 0.26]]).T[:, :, None, None]
+        palette = torch.tensor(
+            [[0.33, 0.19, 0.11], [0.12, 0.08, 0.08], [0.4, 0.43, 0.5], [0.66, 0.35, 0.33], [0.56, 0.38, 0.26]]
+        ).T[:, :, None, None]
         prior = torch.tensor([1.5, 0.5, -1.0, -1.0, 1.0])[:, None, None]  # mostly browns
         weights = torch.softmax(4 * _smooth_field(g, size, 5, channels=5) + prior, dim=0)
         colour = (palette * weights).sum(1) * (1 + 0.06 * _smooth_field(g, size, 16))
@@ -115,14 +127,16 @@ def _skin(g, size, label):
 
     fov = _inside(torch.hypot(x, y) - u(1.05, 1.35), 0.05)  # dermatoscope's round field of view
     img = img * fov + u(0.01, 0.025) * torch.randn(3, size, size, generator=g)
-    return img.clamp(0, 1).mul(2).sub(1)
+    finding = mask * fov if label else torch.zeros_like(x)  # the lesion as far as the dermatoscope shows it
+    return img.clamp(0, 1).mul(2).sub(1), finding.reshape(1, size, size)
 
 
 RENDERERS = {"chest": _chest, "skin": _skin}
 
 
 class SyntheticSplit(Dataset):
-    """One split; image `i` depends only on (seed, split, i), whether cached or rendered lazily."""
+    """One split; image `i` and its finding mask depend only on (seed, split, i), whether cached or
+    rendered lazily. Items: {image (3, H, W), label, id, mask (1, H, W) in [0, 1], zeros without a finding}."""
 
     def __init__(self, kind, image_size, n, seed, split, id_offset, pregenerate):
         self.kind, self.image_size, self.n, self.seed, self.split = kind, image_size, n, seed, split
@@ -132,9 +146,12 @@ class SyntheticSplit(Dataset):
         # unrelated to the parity of the id (from which a classifier seeds its noise).
         flips = [_stable_seed(seed, split, "pair", j) & 1 for j in range((n + 1) // 2)]
         self.labels = torch.tensor([flips[i // 2] ^ (i & 1) for i in range(n)], dtype=torch.long)
-        self.images = torch.stack([self.render(i) for i in range(n)]) if pregenerate and n else None
+        rendered = [self.render(i) for i in range(n)] if pregenerate else []
+        self.images = torch.stack([image for image, _ in rendered]) if rendered else None
+        self.masks = torch.stack([mask for _, mask in rendered]) if rendered else None
 
-    def render(self, i):
+    def render(self, i) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image, finding mask) of item i, drawn from its own generator."""
         g = torch.Generator().manual_seed(_stable_seed(self.seed, self.split, i))
         return RENDERERS[self.kind](g, self.image_size, int(self.labels[i]))
 
@@ -145,8 +162,8 @@ class SyntheticSplit(Dataset):
         i = int(i) + self.n if int(i) < 0 else int(i)
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range for a split of {self.n} images")
-        image = self.images[i] if self.images is not None else self.render(i)
-        return {"image": image, "label": self.labels[i], "id": torch.tensor(self.id_offset + i)}
+        image, mask = (self.images[i], self.masks[i]) if self.images is not None else self.render(i)
+        return {"image": image, "label": self.labels[i], "id": torch.tensor(self.id_offset + i), "mask": mask}
 
 
 class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
@@ -157,27 +174,41 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
             pleural_effusion (a bright fluid opacity with a curved upper border filling the base
             of one or both lungs); "skin" for dermoscopy-like colour images, classes benign
             (small, round, uniformly brown lesion) and melanoma (large, asymmetric, irregular,
-            multicoloured lesion).
+            multicoloured lesion). Every item also has a `mask`, (1, H, W) in [0, 1]: where the
+            finding is (the fluid, the melanoma), all zeros for no_finding and benign images.
         image_size: side of the square images in pixels; even and at least 8. Images up to 64
             pixels are generated once in `setup`, larger ones on the fly in `__getitem__`.
         num_train: number of training images (half of them per class).
         num_val: number of validation images (half of them per class).
         num_test: number of test images (half of them per class); predict uses the test split.
-        batch_size: images per batch in every loader, per process; None (the default): from the CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
+        batch_size: images per batch in every loader, per process; None (the default): from the
+            CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: dataloader worker processes (0 loads in the main process).
         seed: seed of the whole data set; image i of a split depends only on (seed, split, i).
     """
 
-    def __init__(self, kind: str = "chest", image_size: int = 32, num_train: int = 2000,
-                 num_val: int = 200, num_test: int = 200, batch_size: int | None = None,
-                 num_workers: int = 0, seed: int = 0):
+    def __init__(
+        self,
+        kind: str = "chest",
+        image_size: int = 32,
+        num_train: int = 2000,
+        num_val: int = 200,
+        num_test: int = 200,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
         if not isinstance(image_size, int) or image_size < 8 or image_size % 2:
             raise ValueError(f"image_size must be an even integer >= 8, got {image_size!r}")
-        for name, value in [("num_train", num_train), ("num_val", num_val), ("num_test", num_test),
-                            ("num_workers", num_workers)]:
+        for name, value in [
+            ("num_train", num_train),
+            ("num_val", num_val),
+            ("num_test", num_test),
+            ("num_workers", num_workers),
+        ]:
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
@@ -197,8 +228,14 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
         if name not in self.splits:
             offset = sum(self.sizes[s] for s in SPLITS[: SPLITS.index(name)])
             self.splits[name] = SyntheticSplit(
-                self.kind, self.image_size, self.sizes[name], self.seed, name, offset,
-                pregenerate=self.image_size <= PREGENERATE_MAX_SIZE)
+                self.kind,
+                self.image_size,
+                self.sizes[name],
+                self.seed,
+                name,
+                offset,
+                pregenerate=self.image_size <= PREGENERATE_MAX_SIZE,
+            )
         return self.splits[name]
 
     def setup(self, stage: str | None = None):

@@ -1,30 +1,43 @@
 """The diffusion classifier's error matrix (paper sec. 2.2, eq. 4, Appendix A).
 
-For each image, N (eps, t) pairs are drawn (noise.py) and shared by every class; the image is noised once per
-pair and denoised once per class, all classes in one batched forward of C*B inputs. The result
-is an error matrix (B, C, N) that `voting.py` turns into a class.
-Optional early exit and class pruning (early_exit.py) skip steps that cannot change the answer.
+For each image, N (eps, t) pairs are drawn (noise.py) and shared by every class; the image is
+noised once per pair and denoised once per class, the classes side by side in batched forwards.
+The result is an error matrix (B, C, N) that voting.py turns into a class.
+
+Early exit and pruning (early_exit.py) are decided only at step indices fixed by the settings
+(`decision_points`: multiples of `check_every`, from the pruning step on), and the steps between
+two of them are evaluated for every image still running. So an image's errors, votes, forwards
+and prediction depend on (weights, settings, image, id) alone: not on the batch size, the other
+images of the batch, the data order or the number of processes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .early_exit import EXIT_RULES, exact_decided, prune_classes, sequential_decided, stratified_times
-from .noise import shared_noise, step_seed  # noqa: F401  (step_seed: part of this module's interface)
+from .early_exit import EXIT_RULES, exact_decided, prune_classes, sequential_decided
+from .noise import normals, pair_keys, stratified_times, uniform_times
 from .parameterization import diffuse, eps_from_v, v_target, x_from_v
-from .schedule import ShiftedCosineSchedule, broadcast_like
+from .schedule import broadcast_like
 from .voting import RULES, vote_counts
 
 ERROR_SPACES = ("eps", "x", "v")
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat
 
-def reconstruction_error(v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, space: str) -> Tensor:
-    """Per-sample mean squared error in eps space (paper Appendix A), x space or v space."""
+
+class NonFiniteOutputError(FloatingPointError):
+    """The denoiser returned NaN or inf; the message names the image id, the step and the class."""
+
+
+def reconstruction_error(
+    v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, space: str
+) -> Tensor:
+    """Mean squared error over each image's (C, H, W) in eps space (paper Appendix A), x space or v
+    space; leading dimensions broadcast, e.g. (P, K, ...) predictions against (P, 1, ...) targets."""
     if space == "eps":
         prediction, target = eps_from_v(z, v_hat, alpha, sigma), eps
     elif space == "x":
@@ -33,139 +46,175 @@ def reconstruction_error(v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha
         prediction, target = v_hat, v_target(x, eps, alpha, sigma)
     else:
         raise ValueError(f"unknown error space {space!r}; choose one of {ERROR_SPACES}")
-    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return (prediction.float() - target.float()).pow_(2).mean(dim=(-3, -2, -1))
 
 
 @dataclass
 class ClassifierSettings:
-    """How an image is classified; every field is a `model.init_args` option of the same name.
-
-    Args:
-        num_steps: N, the (eps, t) pairs per image (paper: 501).
-        rule: "majority" (paper, Appendix A) or "mean" (Li et al.); ties go to the lowest class index.
-        error_space: "eps" (paper), "x" or "v".
-        seed: seed of the shared (eps, t) pairs; with the image id and the step it fixes them.
-        stratified: draw t_k from stratum perm[k] of [0, 1) (one t per stratum, order shuffled
-            per image) instead of uniformly: lower variance at small N.
-        early_exit: "none"; "exact" (stop once no class can overtake the leader: the same
-            majority-vote prediction as the full N); "sequential" (stop once a binomial test says
-            the leader holds with confidence 1 - alpha).
-        alpha: significance of the sequential test.
-        min_steps: steps before the sequential test may stop an image.
-        prune_after: with more than 2 classes, after this many steps keep only the `prune_keep`
-            classes of lowest mean error (Li et al.'s adaptive evaluation); 0 never prunes.
-        prune_keep: classes kept by pruning.
-        max_forward_batch: most inputs per denoiser forward (bounds memory).
-    """
+    """How an image is classified; every field is a `model.init_args.classification` option."""
 
     num_steps: int = 501
+    """N, the (eps, t) pairs per image (paper: 501)."""
     rule: str = "majority"
+    """"majority" (paper, Appendix A) or "mean" (Li et al.); ties go to the lowest class index."""
     error_space: str = "eps"
+    """"eps" (paper), "x" or "v"."""
     seed: int = 0
+    """Seed of the shared (eps, t) pairs; with the image id and the step it fixes them."""
     stratified: bool = False
+    """Draw t_k from one stratum of [0, 1) per step (order shuffled per image): lower variance at small N."""
     early_exit: str = "none"
+    """"none"; "exact" (stop once no class can overtake the leader: the full-N majority vote, fewer
+    forwards); "sequential" (stop once a binomial test puts the leader ahead at level alpha)."""
     alpha: float = 0.01
+    """Significance of the sequential test."""
     min_steps: int = 10
+    """Steps before the sequential test may stop an image."""
+    check_every: int = 10
+    """Steps between two early-exit decisions (at steps check_every, 2 check_every, ...). Smaller
+    stops images sooner; larger gives fuller forward batches (GPUs: 25-50)."""
     prune_after: int = 0
+    """With more than prune_keep classes, keep only the prune_keep classes of lowest mean error after
+    this many steps (Li et al.'s adaptive evaluation); 0 never prunes. No exit before it."""
     prune_keep: int = 2
+    """Classes kept by pruning."""
     max_forward_batch: int = 256
+    """Most inputs per denoiser forward (bounds memory); any value gives the same results."""
 
     def __post_init__(self):
-        for name, value, allowed in (("rule", self.rule, RULES), ("error_space", self.error_space, ERROR_SPACES),
-                                     ("early_exit", self.early_exit, EXIT_RULES)):
+        for name, value, allowed in (
+            ("rule", self.rule, RULES),
+            ("error_space", self.error_space, ERROR_SPACES),
+            ("early_exit", self.early_exit, EXIT_RULES),
+        ):
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}")
-        if self.num_steps < 1 or self.max_forward_batch < 1:
-            raise ValueError(f"num_steps={self.num_steps} and max_forward_batch={self.max_forward_batch} must be >= 1")
+                raise ValueError(f"classification.{name}={value!r} is not one of {allowed}")
+        for name in ("num_steps", "max_forward_batch", "check_every", "prune_keep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"classification.{name}={getattr(self, name)} must be >= 1")
         if self.early_exit != "none" and self.rule != "majority":
             raise ValueError(f"early_exit={self.early_exit!r} decides a majority vote; it needs rule='majority'")
 
+    def prune_step(self, num_classes: int) -> int:
+        """The step count after which classes are pruned; 0 when they are not."""
+        return self.prune_after if 0 < self.prune_after < self.num_steps and num_classes > self.prune_keep else 0
 
-def step_errors(
-    denoiser: Denoiser, x: Tensor, ids: Tensor, steps: range, class_sets: Tensor, schedule: ShiftedCosineSchedule,
+    def decision_points(self, num_classes: int) -> list[int]:
+        """Step counts after which early exit may stop an image: multiples of check_every below N,
+        never before pruning. They depend on the settings alone, never on the batch."""
+        if self.early_exit == "none":
+            return []
+        first = self.prune_step(num_classes)
+        return [k for k in range(self.check_every, self.num_steps, self.check_every) if k >= first]
+
+    def segment_ends(self, num_classes: int) -> list[int]:
+        """Where the evaluation pauses: every decision point, the pruning step, and N."""
+        ends = {*self.decision_points(num_classes), self.prune_step(num_classes), self.num_steps} - {0}
+        return sorted(ends)
+
+
+def pair_times(keys: Tensor, image_rows: Tensor, steps: Tensor, strata: Tensor | None) -> Tensor:
+    """t of each (image, step) pair: the pair's own uniform time, or its stratum's (strata (B, N))."""
+    return uniform_times(keys) if strata is None else strata[image_rows, steps].float()
+
+
+def segment_errors(
+    denoiser: Denoiser,
+    x: Tensor,
+    ids: Tensor,
+    steps: Tensor,
+    classes: Tensor,
+    schedule,
     settings: ClassifierSettings,
+    strata: Tensor | None = None,
 ) -> Tensor:
-    """Errors (B, K, S) of image b under class class_sets[b, k] at the S steps, all in batched forwards.
+    """Errors (B, K, S) of image b under class classes[b, k] at each of the S steps.
 
-    Inputs are stacked image-major ((image, step), class), so a forward of `max_forward_batch`
-    inputs holds every class of the same noised image side by side.
+    The (image, step) pairs are taken image-major, in pieces of max_forward_batch // K pairs, so
+    one forward holds every class of the same noised image side by side. Each pair's noise comes
+    from its own key, so the pieces can be cut anywhere: the result does not depend on them.
     """
-    batch, kept = class_sets.shape
-    t, eps = shared_noise(ids, steps, tuple(x.shape[1:]), settings.seed)
-    if settings.stratified:
-        t = torch.stack([stratified_times(settings.seed, int(i), settings.num_steps)[steps.start : steps.stop] for i in ids.tolist()])
-    t, eps = t.to(x.device, x.dtype).flatten(), eps.to(x.device, x.dtype).flatten(0, 1)  # (B*S,), (B*S, ...)
-    x_rep = x.repeat_interleave(len(steps), dim=0)
-    alpha, sigma = (broadcast_like(value, x_rep) for value in schedule.alpha_sigma(t))
-    z = diffuse(x_rep, eps, alpha, sigma)
-    labels = class_sets.to(x.device).repeat_interleave(len(steps), dim=0).flatten()  # (B*S*K,)
-    errors = []
-    for start in range(0, labels.numel(), settings.max_forward_batch):
-        rows = torch.arange(start, min(start + settings.max_forward_batch, labels.numel()), device=x.device)
-        source = rows // kept  # the (image, step) pair each input row noises
-        v_hat = denoiser(z[source], t[source], labels[rows])
-        errors.append(reconstruction_error(v_hat, z[source], x_rep[source], eps[source], alpha[source], sigma[source], settings.error_space))
-    return torch.cat(errors).view(batch, len(steps), kept).transpose(1, 2)
+    batch, kept = classes.shape
+    pairs_per_forward = max(1, settings.max_forward_batch // kept)
+    out = torch.empty(batch * len(steps), kept, device=x.device)
+    for start in range(0, batch * len(steps), pairs_per_forward):
+        pair = torch.arange(start, min(start + pairs_per_forward, batch * len(steps)), device=x.device)
+        image, step = pair // len(steps), steps[pair % len(steps)]
+        keys = pair_keys(ids[image], step, settings.seed)
+        t = pair_times(keys, image, step, strata).to(x.dtype)
+        eps = normals(keys, tuple(x.shape[1:])).to(x.dtype)
+        alpha, sigma = (broadcast_like(value, eps) for value in schedule.alpha_sigma(t))
+        z = diffuse(x[image], eps, alpha, sigma)
+        # each pair once per class in the forward; its targets broadcast over the K predictions
+        v_hat = denoiser(z.repeat_interleave(kept, dim=0), t.repeat_interleave(kept), classes[image].flatten())
+        grouped = lambda value: value.unsqueeze(1)  # noqa: E731
+        out[pair] = reconstruction_error(
+            v_hat.view(len(pair), kept, *x.shape[1:]), grouped(z), grouped(x[image]), grouped(eps), grouped(alpha),
+            grouped(sigma), settings.error_space,
+        )  # fmt: skip
+    return out.view(batch, len(steps), kept).transpose(1, 2)
+
+
+def check_finite(errors: Tensor, ids: Tensor, classes: Tensor, steps: Tensor) -> None:
+    """Refuse NaN or inf from the network: NaN would read as "step not evaluated", inf as "pruned"."""
+    bad = ~torch.isfinite(errors)
+    if bad.any():
+        image, slot, step = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteOutputError(
+            f"the denoiser's output gave a reconstruction error of {float(errors[image, slot, step])} for image id "
+            f"{int(ids[image])} at step {int(steps[step])}, class {int(classes[image, slot])} "
+            f"({int(bad.sum())} non-finite errors in this segment): the weights or the input are broken"
+        )
 
 
 @torch.no_grad()
 def classify_images(
-    denoiser: Denoiser, x: Tensor, ids: Tensor, num_classes: int, schedule: ShiftedCosineSchedule, settings: ClassifierSettings
+    denoiser: Denoiser, x: Tensor, ids: Tensor, num_classes: int, schedule, settings: ClassifierSettings
 ) -> dict[str, Tensor]:
     """Run the diffusion classifier on a batch of model inputs x (already wavelet-transformed).
 
-    Returns `errors` (B, C, N), NaN where a step was not evaluated (early exit) and +inf for
-    classes pruned away, so `voting.summarize` can take votes and means over it directly; and
-    `forwards` (B,), the denoiser inputs each image used. Images still running all share the same
-    step index, so a chunk of steps is one slice for all of them.
+    Returns `errors` (B, C, N): NaN where a step was not evaluated (early exit), +inf for a class
+    pruned away (on every evaluated step), so voting.summarize can take votes and means over it
+    directly; and `forwards` (B,), the denoiser inputs each image used.
     """
     batch, total = x.shape[0], settings.num_steps
+    ids = ids.to(x.device)
     errors = torch.full((batch, num_classes, total), float("nan"), device=x.device)
-    class_sets = torch.arange(num_classes, device=x.device).expand(batch, -1).clone()
+    kept = torch.ones(batch, num_classes, dtype=torch.bool, device=x.device)
     forwards = torch.zeros(batch, dtype=torch.long, device=x.device)
     running = torch.ones(batch, dtype=torch.bool, device=x.device)
-    prune_at = settings.prune_after if 0 < settings.prune_after < total and num_classes > settings.prune_keep else 0
-    done = 0
-    while done < total and running.any():
+    strata = stratified_times(ids, total, settings.seed) if settings.stratified else None
+    decisions, prune_at, done = set(settings.decision_points(num_classes)), settings.prune_step(num_classes), 0
+    for end in settings.segment_ends(num_classes):
         index = running.nonzero().flatten()
-        sets = class_sets[index]
-        stop = min(done + max(1, settings.max_forward_batch // sets.numel()), total)
-        if done < prune_at < stop:
-            stop = prune_at  # the first stage ends exactly where pruning happens
-        errors[index.unsqueeze(1), sets, done:stop] = step_errors(
-            denoiser, x[index], ids[index], range(done, stop), sets, schedule, settings
+        if len(index) == 0:
+            break
+        steps = torch.arange(done, end, device=x.device)
+        classes = kept[index].nonzero()[:, 1].view(len(index), -1)  # the same number kept by every image
+        found = segment_errors(
+            denoiser,
+            x[index],
+            ids[index],
+            steps,
+            classes,
+            schedule,
+            settings,
+            None if strata is None else strata[index],
         )
-        forwards[index] += sets.numel() // len(index) * (stop - done)
-        done = stop
-        if done == prune_at:
-            class_sets = prune_classes(errors[:, :, :done], settings.prune_keep).to(x.device)
-            pruned = torch.ones(batch, num_classes, dtype=torch.bool, device=x.device).scatter(1, class_sets, False)
-            errors[pruned] = float("inf")
-        if settings.early_exit == "none" or done < prune_at:
-            continue  # no exit before pruning: pruning could drop an exited image's leader
-        counts = vote_counts(errors[index, :, :done])
-        # a pruned class can win no more votes: keep it out of the "can anyone overtake?" check
-        counts = counts.masked_fill(errors[index, :, 0].isinf(), -(total + 1))
-        decided = (
-            exact_decided(counts, done, total)
-            if settings.early_exit == "exact"
-            else sequential_decided(counts, settings.alpha, settings.min_steps)
-        )
-        running[index[decided]] = False
+        check_finite(found, ids[index], classes, steps)
+        segment = torch.full((len(index), num_classes, len(steps)), float("inf"), device=x.device)
+        errors[index, :, done:end] = segment.scatter(1, classes.unsqueeze(-1).expand_as(found), found)
+        forwards[index] += classes.shape[1] * len(steps)
+        done = end
+        if done == prune_at:  # no image has stopped yet: every row holds steps 0 .. done - 1
+            kept = prune_classes(errors[:, :, :done], settings.prune_keep)
+            errors[:, :, :done] = errors[:, :, :done].masked_fill(~kept.unsqueeze(-1), float("inf"))
+        if done in decisions:
+            counts = vote_counts(errors[index, :, :done])
+            decided = (
+                exact_decided(counts, done, total, kept[index])
+                if settings.early_exit == "exact"
+                else sequential_decided(counts, settings.alpha, settings.min_steps, kept[index])
+            )
+            running[index[decided]] = False
     return {"errors": errors, "forwards": forwards}
-
-
-def error_matrix(
-    denoiser: Denoiser,
-    x: Tensor,
-    ids: Tensor,
-    num_classes: int,
-    num_steps: int,
-    schedule: ShiftedCosineSchedule,
-    seed: int = 0,
-    space: str = "eps",
-    max_forward_batch: int = 256,
-) -> Tensor:
-    """The full (B, C, N) error matrix: every step, every class (no early exit, no pruning)."""
-    settings = ClassifierSettings(num_steps=num_steps, error_space=space, seed=seed, max_forward_batch=max_forward_batch)
-    return classify_images(denoiser, x, ids, num_classes, schedule, settings)["errors"]

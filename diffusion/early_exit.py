@@ -1,17 +1,21 @@
-"""Early exit and cheaper step schedules for the diffusion classifier (paper sec. 2.3, Appendix A).
+"""Early exit and class pruning for the diffusion classifier (paper sec. 2.3, Appendix A; Li et al.).
 
-An image's N steps are evaluated in chunks; after each chunk the running vote counts (B, C) are
-known. These functions decide, per image, whether more steps can still change the prediction:
+An image's N steps are evaluated segment by segment (classify.py); at the decision points, step
+indices fixed by the settings alone, the image's vote counts (B, C) are known. These functions
+decide, per image, whether more steps can still change the prediction:
 
 - "exact": stop once the majority-vote prediction over all N steps is certain whatever the
-  remaining votes are. The prediction is identical to evaluating all N steps (the per-step seeding
-  of `noise.py` makes a step's votes independent of when or whether later steps run).
+  remaining votes are. The prediction is identical to evaluating all N steps (a step's pair
+  depends on (seed, id, step) alone, so its vote does not depend on when or whether others run).
 - "sequential": stop once a sign test says the leader beats the runner-up at level alpha. Cheaper,
   but the prediction may differ from the full-N one.
 - "none": always run all N steps.
 
-Tie rule, as in `voting.py`: a tie in vote counts goes to the lowest class index.
-Also here: stratified t (lower-variance estimate per step budget) and Li et al.'s class pruning.
+Pruning (more than `prune_keep` classes): after `prune_after` steps only the classes of lowest mean
+error stay in the vote. `kept` (B, C) masks them; a pruned class can win no more votes, so it takes
+no part in either exit test.
+
+Tie rule, as in voting.py: a tie in vote counts goes to the lowest class index.
 """
 
 from __future__ import annotations
@@ -21,41 +25,42 @@ import math
 import torch
 from torch import Tensor
 
-from .noise import step_seed  # not from .classify: classify imports this module
+from .voting import first_argmax
 
 EXIT_RULES = ("none", "exact", "sequential")
 
-# step_seed(seed, id, k) seeds step k's (eps, t) for k >= 0; k = -1 never names a real step, so the
-# stratification permutation gets a stream of its own that no step's noise draw shares.
-STRATA_STEP = -1
+
+def _all_kept(counts: Tensor, kept: Tensor | None) -> Tensor:
+    return torch.ones_like(counts, dtype=torch.bool) if kept is None else kept.to(counts.device)
 
 
-def _leader(counts: Tensor) -> Tensor:
-    """(B, C) -> (B,): first index of the maximum, the rule `voting.majority_vote` applies."""
-    best = counts.max(dim=1, keepdim=True).values
-    index = torch.arange(counts.shape[1], device=counts.device).expand_as(counts)
-    return torch.where(counts == best, index, counts.shape[1]).min(dim=1).values
+def leader_among(counts: Tensor, kept: Tensor) -> Tensor:
+    """(B, C) -> (B,): the kept class with the most votes, the lowest index on ties."""
+    return first_argmax(counts.masked_fill(~kept, -1))
 
 
-def exact_decided(counts: Tensor, steps_done: int | Tensor, total_steps: int) -> Tensor:
+def exact_decided(counts: Tensor, steps_done: int | Tensor, total_steps: int, kept: Tensor | None = None) -> Tensor:
     """(B, C) vote counts -> (B,) bool: is the majority vote over all `total_steps` already fixed?
 
     With r = total_steps - steps_done votes to come and L the current leader (lowest index among
-    the max counts), a class c can take the prediction from L only by ending with more votes than
-    L, or as many votes and a lower index. Its best case is all r votes (L gets none), so L is the
-    final prediction for every completion iff, for every c != L,
+    the max counts of the kept classes), a kept class c can take the prediction from L only by
+    ending with more votes than L, or as many votes and a lower index. Its best case is all r
+    votes (L gets none), so L is the final prediction for every completion iff, for every kept
+    c != L,
         counts[L] > counts[c] + r,   or   counts[L] == counts[c] + r and L < c.
     Conversely, if some c fails this, the completion giving c all r votes makes c win, so the
-    test is exact, not merely sufficient. `steps_done` may be an int or a (B,) tensor.
+    test is exact, not merely sufficient. Classes outside `kept` (pruned) get no more votes and
+    are left out. `steps_done` may be an int or a (B,) tensor.
     """
+    kept = _all_kept(counts, kept)
     remaining = total_steps - torch.as_tensor(steps_done, device=counts.device)
     if (remaining < 0).any():
         raise ValueError(f"steps_done exceeds total_steps={total_steps}")
-    leader = _leader(counts)[:, None]
+    leader = leader_among(counts, kept)[:, None]
     lead = counts.gather(1, leader)
     reach = counts + remaining.reshape(-1, 1)  # each class's best possible final count
     index = torch.arange(counts.shape[1], device=counts.device)
-    safe = (lead > reach) | ((lead == reach) & (leader < index)) | (index == leader)
+    safe = (lead > reach) | ((lead == reach) & (leader < index)) | (index == leader) | ~kept
     return safe.all(dim=1)
 
 
@@ -83,62 +88,40 @@ def binomial_upper_tail(k: Tensor, n: Tensor) -> Tensor:
     return tail.reshape(k.shape)
 
 
-def sequential_decided(counts: Tensor, alpha: float, min_steps: int = 10) -> Tensor:
+def sequential_decided(counts: Tensor, alpha: float, min_steps: int = 10, kept: Tensor | None = None) -> Tensor:
     """(B, C) vote counts -> (B,) bool: does a sign test put the leader ahead at level alpha?
 
-    L is the leader and R the runner-up (both lowest index on ties). Among the n = counts[L] +
-    counts[R] steps won by either, H0 says each was a fair coin between them; k = counts[L]. Stop
-    when the one-sided p-value P(X >= k | X ~ Bin(n, 1/2)) <= alpha and at least `min_steps`
-    steps (counts.sum(1)) are done. Steps won by other classes are left out, which is what makes
-    the coin fair under H0; with C = 2 nothing is left out.
+    L is the leader and R the runner-up among the kept classes (both lowest index on ties). Among
+    the n = counts[L] + counts[R] steps won by either, H0 says each was a fair coin between them;
+    k = counts[L]. Stop when the one-sided p-value P(X >= k | X ~ Bin(n, 1/2)) <= alpha and at
+    least `min_steps` steps (counts.sum(1)) are done. Steps won by other classes are left out,
+    which is what makes the coin fair under H0; with C = 2 nothing is left out.
 
-    Caveat: testing after every chunk is a sequential test with no multiplicity correction (no
-    alpha spending), so the chance of stopping on the wrong leader is above alpha, growing with
-    the number of looks. The paper's cap of N steps bounds the number of looks, and min_steps
-    keeps the first, least reliable looks out. If the error rate matters, use "exact".
+    Caveat: testing at every decision point is a sequential test with no multiplicity correction
+    (no alpha spending), so the chance of stopping on the wrong leader is above alpha, growing
+    with the number of looks. The cap of N steps bounds the number of looks, and min_steps and
+    check_every keep the first, least reliable looks few. If the error rate matters, use "exact".
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    leader = _leader(counts)
-    others = counts.scatter(1, leader[:, None], -1)  # hide the leader; C = 1 leaves no runner-up
+    kept = _all_kept(counts, kept)
+    leader = leader_among(counts, kept)
+    others = counts.masked_fill(~kept, -1).scatter(1, leader[:, None], -1)  # one kept class leaves no runner-up
     k = counts.gather(1, leader[:, None]).squeeze(1)
     n = k + others.max(dim=1).values.clamp(min=0)
     p_value = binomial_upper_tail(k, n)
     return (p_value <= alpha) & (counts.sum(dim=1) >= min_steps)
 
 
-def stratified_times(seed: int, sample_id: int, num_steps: int) -> Tensor:
-    """(num_steps,) float64 t in [0, 1): step k draws from stratum perm[k] of num_steps equal ones.
-
-    t_k = (perm[k] + u_k) / num_steps, perm a random permutation and u_k ~ U[0, 1), both from a
-    generator seeded by step_seed(seed, sample_id, STRATA_STEP): deterministic per image, and a
-    different order per image so that an early exit after a prefix of steps still sees t spread
-    over [0, 1) rather than, say, only small t. Every stratum is hit once over all num_steps.
-    float64 so that floor(t * num_steps) == perm exactly; a cast to float32 can move t by one ulp,
-    possibly across a stratum edge, which does not matter to the estimate.
-    """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-    generator = torch.Generator().manual_seed(step_seed(seed, sample_id, STRATA_STEP))
-    perm = torch.randperm(num_steps, generator=generator).to(torch.float64)
-    u = torch.rand(num_steps, generator=generator, dtype=torch.float64)
-    t = (perm + u) / num_steps
-    # u within an ulp of 1 can round t onto the next stratum (or t onto 1.0): about 2^-45 per step,
-    # and then the stratum's midpoint keeps the one-per-stratum promise.
-    return torch.where(torch.floor(t * num_steps) == perm, t, (perm + 0.5) / num_steps)
-
-
 def prune_classes(errors_so_far: Tensor, keep: int) -> Tensor:
-    """(B, C, n1) errors of a first stage -> (B, keep) class indices kept per image, ascending.
+    """(B, C, n1) errors of a first stage -> (B, C) bool mask of the `keep` classes kept per image.
 
     Li et al.'s adaptive evaluation: after n1 steps, only the `keep` classes with the lowest mean
-    error go on to the next stage. Ties go to the lowest class index (a stable sort of the means);
-    a NaN mean sorts last, so a class whose errors blew up is pruned first. keep >= C keeps all.
+    error go on to the next stage. Ties go to the lowest class index (a stable sort of the means).
+    keep >= C keeps all.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     batch, num_classes = errors_so_far.shape[:2]
-    if keep >= num_classes:
-        return torch.arange(num_classes, device=errors_so_far.device).expand(batch, num_classes).clone()
-    order = errors_so_far.mean(dim=2).sort(dim=1, stable=True).indices
-    return order[:, :keep].sort(dim=1).values
+    order = errors_so_far.mean(dim=2).sort(dim=1, stable=True).indices[:, : min(keep, num_classes)]
+    return torch.zeros(batch, num_classes, dtype=torch.bool, device=errors_so_far.device).scatter(1, order, True)

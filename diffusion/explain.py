@@ -19,56 +19,48 @@ Faithfulness (per image and counterfactual class; explain.json averages them):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from .noise import step_seed
+from .noise import EXPLANATION_STEP, normals, pair_keys
 from .sampler import ddim_sample, noise_to
 
 DIFFERENCE_MODES = ("auto", "signed", "absolute")
 FACTUAL_SOURCES = ("predicted", "label")
-EXPLAIN_NOISE_STEP = -1  # classification uses steps 0..N-1 of the same (seed, id) key: keep apart
 
 
 @dataclass
 class ExplainSettings:
-    """How explanations are made; every field is an option under `model.init_args.explanation`.
-
-    Args:
-        t0: noise level the input is diffused to before sampling (paper: CheXpert 0.5, ISIC 0.3);
-            0 returns the input itself.
-        guidance_scale: w of classifier-free guidance, (1 + w) * cond - w * uncond (paper: 7.5).
-        sampling_steps: DDIM steps from t0 to 0 (paper: 256).
-        factual: "predicted" (the classifier's class is the factual one) or "label" (the true class).
-        difference: "auto" (signed for grayscale images, absolute for colour ones), "signed" or
-            "absolute".
-        top_fraction: share of pixels with the largest |difference| in the concentration number.
-        flip_steps: N of the classification that checks each counterfactual (flip rate); 0 skips it.
-        seed: seed of the explanation noise (with the image id it fixes z_t0).
-        summary_images: images in the summary grid (the first K by id).
-        every_n_epochs: during fit, log explanations of `monitor_images` validation images and
-            class-conditional samples from pure noise to TensorBoard at every n-th validation
-            (with the EMA weights); 0 = never.
-        monitor_images: validation images explained at each monitoring validation.
-        monitor_steps: DDIM steps of the monitoring images (fewer than `sampling_steps`: it runs
-            during training).
-    """
+    """How explanations are made; every field is an option under `model.init_args.explanation`."""
 
     t0: float = 0.5
+    """Noise level the input is diffused to before sampling (paper: CheXpert 0.5, ISIC 0.3); 0 returns the input."""
     guidance_scale: float = 7.5
+    """w of classifier-free guidance, (1 + w) * cond - w * uncond (paper: 7.5)."""
     sampling_steps: int = 256
+    """DDIM steps from t0 to 0 (paper: 256)."""
     factual: str = "predicted"
+    """"predicted" (the classifier's class is the factual one) or "label" (the true class)."""
     difference: str = "auto"
+    """"auto" (signed for grayscale images, absolute for colour ones), "signed" or "absolute"."""
     top_fraction: float = 0.05
+    """Share of pixels with the largest |difference| in the concentration number."""
     flip_steps: int = 21
+    """N of the classification that checks each counterfactual (flip rate); 0 skips the check."""
     seed: int = 0
+    """Seed of the explanation noise (with the image id it fixes z_t0)."""
     summary_images: int = 8
+    """Images in the summary grid (the first ones by id)."""
     every_n_epochs: int = 0
+    """During fit, log explanations of monitor_images validation images and class-conditional samples
+    from pure noise to TensorBoard at every n-th validation (with the EMA weights); 0 = never."""
     monitor_images: int = 4
+    """Validation images explained at each monitoring validation."""
     monitor_steps: int = 32
+    """DDIM steps of the monitoring images (fewer than sampling_steps: it runs during training)."""
 
     def __post_init__(self):
         if self.factual not in FACTUAL_SOURCES:
@@ -79,31 +71,49 @@ class ExplainSettings:
             raise ValueError(f"explanation.t0 must be in [0, 1], got {self.t0}")
         if not 0.0 < self.top_fraction < 1.0:
             raise ValueError(f"explanation.top_fraction must be in (0, 1), got {self.top_fraction}")
-        for name in ("sampling_steps", "flip_steps", "summary_images", "every_n_epochs", "monitor_images", "monitor_steps"):
+        for name in (
+            "sampling_steps",
+            "flip_steps",
+            "summary_images",
+            "every_n_epochs",
+            "monitor_images",
+            "monitor_steps",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"explanation.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def explanation_noise(ids: Tensor, shape: tuple[int, ...], seed: int) -> Tensor:
-    """eps of shape (B, *shape) on the CPU, one stream per (seed, image id): same seed, same images."""
-    generator = torch.Generator()
-    noises = []
-    for sample_id in ids.tolist():
-        generator.manual_seed(step_seed(seed, int(sample_id), EXPLAIN_NOISE_STEP))
-        noises.append(torch.randn(shape, generator=generator))
-    return torch.stack(noises)
+    """eps of shape (B, *shape) on the device of `ids`, one per (seed, image id): same seed, same images.
+    The image's EXPLANATION_STEP stream (noise.py), which no classification step shares."""
+    return normals(pair_keys(ids, torch.tensor(EXPLANATION_STEP, device=ids.device), seed), shape)
 
 
 def reconstruct_all_classes(
-    denoiser, x: Tensor, ids: Tensor, num_classes: int, schedule, settings: ExplainSettings, null_label: int, max_batch: int = 256
+    denoiser,
+    x: Tensor,
+    ids: Tensor,
+    num_classes: int,
+    schedule,
+    settings: ExplainSettings,
+    null_label: int,
+    max_batch: int = 256,
 ) -> Tensor:
     """(B, C, *x.shape[1:]) model-space reconstructions of every image toward every class, all
     sampled from the image's one z_t0 (image-major rows, so one forward holds all classes)."""
-    eps = explanation_noise(ids, tuple(x.shape[1:]), settings.seed).to(x)
+    eps = explanation_noise(ids.to(x.device), tuple(x.shape[1:]), settings.seed).to(x.dtype)
     z = noise_to(x, eps, settings.t0, schedule).repeat_interleave(num_classes, dim=0)
     labels = torch.arange(num_classes, device=x.device).repeat(len(x))
     samples = ddim_sample(
-        denoiser, z, labels, schedule, settings.t0, settings.sampling_steps, settings.guidance_scale, null_label, max_batch
+        denoiser,
+        z,
+        labels,
+        schedule,
+        settings.t0,
+        settings.sampling_steps,
+        settings.guidance_scale,
+        null_label,
+        max_batch,
     )
     return samples.view(len(x), num_classes, *x.shape[1:])
 
@@ -150,8 +160,17 @@ def distances(images: Tensor, reconstructions: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def explain_batch(
-    denoiser, transform, schedule, images: Tensor, ids: Tensor, factual: Tensor, num_classes: int, null_label: int,
-    settings: ExplainSettings, classify: Callable[[Tensor, Tensor], Tensor] | None = None, max_batch: int = 256,
+    denoiser,
+    transform,
+    schedule,
+    images: Tensor,
+    ids: Tensor,
+    factual: Tensor,
+    num_classes: int,
+    null_label: int,
+    settings: ExplainSettings,
+    classify: Callable[[Tensor, Tensor], Tensor] | None = None,
+    max_batch: int = 256,
 ) -> dict[str, Tensor]:
     """Reconstructions toward every class, difference maps and faithfulness numbers for a batch.
 
@@ -169,8 +188,16 @@ def explain_batch(
     inside, outside = concentration(change, maps, settings.top_fraction)
     l1, l2 = distances(images, pixels)
     record = {
-        "id": ids, "factual": factual, "images": images, "reconstructions": pixels, "maps": maps, "signed": signed,
-        "l1": l1, "l2": l2, "inside": inside, "outside": outside,
+        "id": ids,
+        "factual": factual,
+        "images": images,
+        "reconstructions": pixels,
+        "maps": maps,
+        "signed": signed,
+        "l1": l1,
+        "l2": l2,
+        "inside": inside,
+        "outside": outside,
     }
     if classify is not None and settings.flip_steps > 0:
         predicted = classify(pixels.flatten(0, 1), ids.repeat_interleave(num_classes)).view(len(images), num_classes)
@@ -180,14 +207,24 @@ def explain_batch(
 
 
 @torch.no_grad()
-def samples_from_noise(denoiser, transform, schedule, model_input: tuple[int, ...], num_classes: int, null_label: int,
-                       settings: ExplainSettings, per_class: int = 4) -> Tensor:
+def samples_from_noise(
+    denoiser,
+    transform,
+    schedule,
+    model_input: tuple[int, ...],
+    num_classes: int,
+    null_label: int,
+    settings: ExplainSettings,
+    per_class: int = 4,
+) -> Tensor:
     """(C * per_class, channels, H, W) class-conditional samples from pure noise (t = 1), pixels in
     [-1, 1], class-major, with the guidance of `settings` and `monitor_steps` DDIM steps. The noise
     is seeded, so successive calls during training show the same draws as the model learns."""
     device = next(denoiser.parameters()).device
-    ids = torch.arange(per_class).repeat(num_classes) - 1_000_000  # a noise stream no data id uses
-    z = explanation_noise(ids, model_input, settings.seed).to(device)
+    ids = torch.arange(per_class, device=device).repeat(num_classes) - 1_000_000  # a stream no data id uses
+    z = explanation_noise(ids, model_input, settings.seed)
     labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
-    samples = ddim_sample(denoiser, z, labels, schedule, 1.0, settings.monitor_steps, settings.guidance_scale, null_label)
+    samples = ddim_sample(
+        denoiser, z, labels, schedule, 1.0, settings.monitor_steps, settings.guidance_scale, null_label
+    )
     return transform.decode(samples).clamp(-1, 1)

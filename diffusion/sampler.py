@@ -33,7 +33,13 @@ def sampling_times(t_start: float, steps: int) -> Tensor:
 
 
 def guided_velocity(
-    denoiser: Denoiser, z: Tensor, t: Tensor, labels: Tensor, guidance_scale: float, null_label: int, max_batch: int = 256
+    denoiser: Denoiser,
+    z: Tensor,
+    t: Tensor,
+    labels: Tensor,
+    guidance_scale: float,
+    null_label: int,
+    max_batch: int = 256,
 ) -> Tensor:
     """`(1 + w) * v(z, t, c) - w * v(z, t, null)`; with w = 0 only the conditional forward runs.
 
@@ -43,14 +49,23 @@ def guided_velocity(
     if guidance_scale == 0:
         return _forward_in_chunks(denoiser, z, t, labels, max_batch)
     both = _forward_in_chunks(
-        denoiser, torch.cat([z, z]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null_label)]), max_batch
+        denoiser,
+        torch.cat([z, z]),
+        torch.cat([t, t]),
+        torch.cat([labels, torch.full_like(labels, null_label)]),
+        max_batch,
     )
     conditional, unconditional = both.chunk(2)
     return (1 + guidance_scale) * conditional - guidance_scale * unconditional
 
 
 def _forward_in_chunks(denoiser: Denoiser, z: Tensor, t: Tensor, labels: Tensor, max_batch: int) -> Tensor:
-    return torch.cat([denoiser(z[i : i + max_batch], t[i : i + max_batch], labels[i : i + max_batch]) for i in range(0, len(z), max_batch)])
+    return torch.cat(
+        [
+            denoiser(z[i : i + max_batch], t[i : i + max_batch], labels[i : i + max_batch])
+            for i in range(0, len(z), max_batch)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -95,5 +110,7 @@ def noise_to(x: Tensor, eps: Tensor, t: float, schedule: ShiftedCosineSchedule) 
     """z_t = alpha_t * x + sigma_t * eps at one time t for the whole batch (t = 0: x itself)."""
     if t == 0:
         return x
-    alpha, sigma = (broadcast_like(value, x) for value in schedule.alpha_sigma(torch.full((len(x),), t, device=x.device)))
+    alpha, sigma = (
+        broadcast_like(value, x) for value in schedule.alpha_sigma(torch.full((len(x),), t, device=x.device))
+    )
     return diffuse(x, eps, alpha.to(x.dtype), sigma.to(x.dtype))

@@ -44,14 +44,22 @@ class HaarWavelet(nn.Module):
             raise ValueError(f"the Haar transform needs even image sides, got {height}x{width}")
         kernel = self.analysis.to(images.dtype).repeat(channels, 1, 1, 1)
         bands = F.conv2d(images, kernel, stride=2, groups=channels)  # channel-major: c0 bands, c1 bands...
-        return bands.view(batch, channels, 4, height // 2, width // 2).transpose(1, 2).reshape(batch, 4 * channels, height // 2, width // 2)
+        return (
+            bands.view(batch, channels, 4, height // 2, width // 2)
+            .transpose(1, 2)
+            .reshape(batch, 4 * channels, height // 2, width // 2)
+        )
 
     def decode(self, coefficients: Tensor) -> Tensor:
         batch, bands_channels, height, width = coefficients.shape
         if bands_channels % 4:
             raise ValueError(f"wavelet coefficients need 4*C channels, got {bands_channels}")
         channels = bands_channels // 4
-        channel_major = coefficients.view(batch, 4, channels, height, width).transpose(1, 2).reshape(batch, bands_channels, height, width)
+        channel_major = (
+            coefficients.view(batch, 4, channels, height, width)
+            .transpose(1, 2)
+            .reshape(batch, bands_channels, height, width)
+        )
         kernel = self.synthesis.to(coefficients.dtype).repeat(channels, 1, 1, 1)
         return F.conv_transpose2d(channel_major, kernel, stride=2, groups=channels)
 

@@ -43,7 +43,9 @@ class ExplanationOutputs:
         self.summary: list[dict] = []
 
     def add(self, record: dict, directory: Path, labels: Tensor | None = None) -> None:
-        record = {k: v.detach().cpu() for k, v in record.items()} | ({"label": labels.cpu()} if labels is not None else {})
+        record = {k: v.detach().cpu() for k, v in record.items()} | (
+            {"label": labels.cpu()} if labels is not None else {}
+        )
         folder = Path(directory) / EXPLANATIONS_DIR
         folder.mkdir(parents=True, exist_ok=True)
         ids = record["id"].tolist()
@@ -64,7 +66,9 @@ class ExplanationOutputs:
         if trainer.world_size > 1:
             parts = [None] * trainer.world_size
             torch.distributed.all_gather_object(parts, summary)
-            summary = sorted([row for part in parts for row in part], key=lambda row: row["id"])[: self.settings.summary_images]
+            summary = sorted([row for part in parts for row in part], key=lambda row: row["id"])[
+                : self.settings.summary_images
+            ]
         self.rows, self.summary = [], []
         if not trainer.is_global_zero or not rows:
             return None
@@ -77,7 +81,10 @@ class ExplanationOutputs:
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("explain/summary", figure, global_step=trainer.global_step)
         plt.close(figure)
-        print(f"explanations of {numbers['n_images']} images written to {folder} (open summary.png); numbers in {Path(directory) / EXPLAIN_FILE}")
+        print(
+            f"explanations of {numbers['n_images']} images written to {folder} (open summary.png); "
+            f"numbers in {Path(directory) / EXPLAIN_FILE}"
+        )
         return numbers
 
 

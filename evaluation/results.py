@@ -30,7 +30,11 @@ def concat_outputs(batches: list[dict]) -> dict:
     joined = {}
     for key in batches[0]:
         values = [batch[key] for batch in batches]
-        joined[key] = torch.cat([v.detach().cpu() for v in values]) if isinstance(values[0], Tensor) else sum(map(list, values), [])
+        joined[key] = (
+            torch.cat([v.detach().cpu() for v in values])
+            if isinstance(values[0], Tensor)
+            else sum(map(list, values), [])
+        )
     return joined
 
 
@@ -188,9 +192,15 @@ class PerImageResults:
     def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
         name = self.uncertainty_name
         figures = {
-            "accuracy_filtered": plot_filtered_accuracy({name: numbers["accuracy_filtered"]}, directory / "accuracy_filtered.png"),
+            "accuracy_filtered": plot_filtered_accuracy(
+                {name: numbers["accuracy_filtered"]}, directory / "accuracy_filtered.png"
+            ),
             "uncertainty_boxes": plot_uncertainty_boxes(
-                outputs["entropy"], outputs["prediction"], outputs["label"], directory / "uncertainty_boxes.png", ylabel=name
+                outputs["entropy"],
+                outputs["prediction"],
+                outputs["label"],
+                directory / "uncertainty_boxes.png",
+                ylabel=name,
             ),
         }
         experiment = getattr(trainer.logger, "experiment", None)

@@ -120,7 +120,6 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
     conf, top = probs.double().max(dim=1).values, probs.argmax(dim=1)
     correct = (top == labels).double()
     bins = (torch.ceil(conf * n_bins - 1e-6) - 1).clamp(0, n_bins - 1).long()
-    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     # sum_b |acc_b - conf_b| * n_b / N  ==  sum_b |acc_sum_b - conf_sum_b| / N (empty bins add 0)
@@ -164,8 +163,12 @@ def confusion_groups(predictions, labels, positive: int = 1, num_classes: int | 
     if num_classes > 2:
         return {"correct": predictions == labels, "wrong": predictions != labels}
     pred_pos, true_pos = predictions == positive, labels == positive
-    return {"TP": pred_pos & true_pos, "TN": ~pred_pos & ~true_pos,
-            "FP": pred_pos & ~true_pos, "FN": ~pred_pos & true_pos}
+    return {
+        "TP": pred_pos & true_pos,
+        "TN": ~pred_pos & ~true_pos,
+        "FP": pred_pos & ~true_pos,
+        "FN": ~pred_pos & true_pos,
+    }
 
 
 def uncertainty_report(probs, labels, predictions, uncertainty) -> dict:
@@ -214,8 +217,9 @@ def plot_filtered_accuracy(curves: dict[str, dict[str, float]], path=None) -> Fi
     return _save(fig, path)
 
 
-def plot_uncertainty_boxes(uncertainty, predictions, labels, path=None, ylabel="vote entropy",
-                           num_classes: int | None = None) -> Figure:
+def plot_uncertainty_boxes(
+    uncertainty, predictions, labels, path=None, ylabel="vote entropy", num_classes: int | None = None
+) -> Figure:
     """Fig. 9: box plot of the uncertainty per group TP / TN / FP / FN (or correct / wrong)."""
     uncertainty, predictions, labels = _cpu(uncertainty, predictions, labels)
     groups = confusion_groups(predictions, labels, num_classes=num_classes)

@@ -64,17 +64,22 @@ class ClassifierModule(L.LightningModule):
             return
         num_classes = len(self.class_names)
         predictions, labels = rows["prediction"], rows["label"]
-        self.log_dict({
-            "val/accuracy": multiclass_accuracy(predictions, labels, num_classes, average="micro"),
-            "val/f1": multiclass_f1_score(predictions, labels, num_classes, average="macro"),
-        }, prog_bar=True)
+        self.log_dict(
+            {
+                "val/accuracy": multiclass_accuracy(predictions, labels, num_classes, average="micro"),
+                "val/f1": multiclass_f1_score(predictions, labels, num_classes, average="macro"),
+            },
+            prog_bar=True,
+        )
 
     # ---- test and predict -------------------------------------------------------------------
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.results.add(self.classify_batch(batch))
 
     def on_test_epoch_end(self) -> None:
-        metrics = self.results.finish(self.trainer, metrics=True, settings=self.results_settings(), info=self.results_info())
+        metrics = self.results.finish(
+            self.trainer, metrics=True, settings=self.results_settings(), info=self.results_info()
+        )
         scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
         scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
         self.log_dict({f"test/{key}": value for key, value in scalars.items()})

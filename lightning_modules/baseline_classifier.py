@@ -76,14 +76,22 @@ class BaselineClassifier(ClassifierModule):
         mc_dropout_passes: int = 0,
     ):
         uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
-        super().__init__(num_classes, class_names, uncertainty + (" of the mean over 4 flips" if test_time_flips else ""))
+        super().__init__(
+            num_classes, class_names, uncertainty + (" of the mean over 4 flips" if test_time_flips else "")
+        )
         if mc_dropout_passes < 0:
             raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
         self.save_hyperparameters()
         self.network = build_backbone(backbone, num_classes, image_size, image_channels, pretrained_path, drop_rate)
         if mc_dropout_passes and not dropout_layers(self.network):
-            raise ValueError(f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})")
-        self.augmentation = BatchAugmentation(training_augmentation(blur_p=blur_p, intensity=intensity_jitter)) if augment else nn.Identity()
+            raise ValueError(
+                f"mc_dropout_passes={mc_dropout_passes} needs dropout: set drop_rate > 0 (backbone {backbone})"
+            )
+        self.augmentation = (
+            BatchAugmentation(training_augmentation(blur_p=blur_p, intensity=intensity_jitter))
+            if augment
+            else nn.Identity()
+        )
 
     @property
     def display_name(self) -> str:
@@ -138,7 +146,9 @@ class BaselineClassifier(ClassifierModule):
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):
         # Appendix B.1: plain Adam with weight decay, constant learning rate.
-        return torch.optim.Adam(self.network.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        return torch.optim.Adam(
+            self.network.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
 
 
 def dropout_layers(network: nn.Module) -> list[nn.Module]:

@@ -184,12 +184,17 @@ class NonFiniteLoss(Callback):
     def _message(trainer, loss: Tensor | None, what: str) -> str:
         value = loss.detach().float().item() if loss is not None and loss.numel() == 1 else "non-finite"
         checkpoint = last_checkpoint(trainer)
-        resume = (f"the last good checkpoint is {checkpoint}: resume with --ckpt_path {checkpoint}"
-                  if checkpoint else "no checkpoint was saved before it")
-        return (f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                f"{what} before the optimizer step, so the weights are those of step {trainer.global_step}. {resume}. "
-                "To skip such steps instead, list lightning_modules.callbacks.NonFiniteLoss with action: skip "
-                "under trainer.callbacks.")
+        resume = (
+            f"the last good checkpoint is {checkpoint}: resume with --ckpt_path {checkpoint}"
+            if checkpoint
+            else "no checkpoint was saved before it"
+        )
+        return (
+            f"training loss is {value} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"{what} before the optimizer step, so the weights are those of step {trainer.global_step}. {resume}. "
+            "To skip such steps instead, list lightning_modules.callbacks.NonFiniteLoss with action: skip "
+            "under trainer.callbacks."
+        )
 
 
 def last_checkpoint(trainer) -> str | None:
@@ -239,8 +244,15 @@ class CompileNetwork(Callback):
             this callback still runs unchanged, uncompiled, on a CPU.
     """
 
-    def __init__(self, attribute: str = "network", mode: str | None = None, backend: str = "inductor",
-                 fullgraph: bool = False, dynamic: bool | None = None, on_cpu: bool = False):
+    def __init__(
+        self,
+        attribute: str = "network",
+        mode: str | None = None,
+        backend: str = "inductor",
+        fullgraph: bool = False,
+        dynamic: bool | None = None,
+        on_cpu: bool = False,
+    ):
         self.attribute, self.on_cpu = attribute, on_cpu
         self.options = {"mode": mode, "backend": backend, "fullgraph": fullgraph, "dynamic": dynamic}
         self._compiled: set[int] = set()
@@ -319,5 +331,7 @@ class LogTrainStart(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        rank_zero_info(f"training starts at global step {trainer.global_step}, epoch {trainer.current_epoch} "
-                       f"(SLURM restart {restart}, {trainer.world_size} processes)")
+        rank_zero_info(
+            f"training starts at global step {trainer.global_step}, epoch {trainer.current_epoch} "
+            f"(SLURM restart {restart}, {trainer.world_size} processes)"
+        )

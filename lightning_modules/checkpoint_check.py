@@ -53,30 +53,40 @@ def _check_class(path, saved_class_path: str | None, model_class: type) -> None:
     if not saved_class_path:
         return  # not saved by LightningCLI: the state_dict check below still applies
     saved_class = _import(saved_class_path)
-    related = (issubclass(model_class, saved_class) or issubclass(saved_class, model_class)) if saved_class else (
-        saved_class_path.rsplit(".", 1)[-1] in {cls.__name__ for cls in model_class.__mro__})
+    related = (
+        (issubclass(model_class, saved_class) or issubclass(saved_class, model_class))
+        if saved_class
+        else (saved_class_path.rsplit(".", 1)[-1] in {cls.__name__ for cls in model_class.__mro__})
+    )
     if not related:
         raise IncompatibleCheckpoint(
             f"checkpoint {path} holds a {saved_class_path}, this config has model.class_path "
             f"{model_class.__module__}.{model_class.__qualname__}: "
-            "use a checkpoint of this model, or the config it was trained with")
+            "use a checkpoint of this model, or the config it was trained with"
+        )
 
 
 def _check_hparams(path, saved: dict, current: dict, datamodule) -> None:
     for key, origin in CHECKED_HPARAMS.items():
         if key in saved and key in current and _plain(saved[key]) != _plain(current[key]):
-            data = f", data {type(datamodule).__name__}" if datamodule is not None and origin.startswith("linked") else ""
+            data = (
+                f", data {type(datamodule).__name__}" if datamodule is not None and origin.startswith("linked") else ""
+            )
             raise IncompatibleCheckpoint(
                 f"checkpoint {path} was trained with {key}={_plain(saved[key])!r}, this config has "
                 f"{key}={_plain(current[key])!r} (model.init_args.{key}, {origin}{data}): "
-                "use the config the checkpoint was trained with, or a checkpoint of this one")
+                "use the config the checkpoint was trained with, or a checkpoint of this one"
+            )
 
 
 def _check_shapes(path, saved_state: dict, model) -> None:
     current = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     saved = {name: tuple(tensor.shape) for name, tensor in saved_state.items() if hasattr(tensor, "shape")}
-    problems = [f"{name}: {list(saved[name])} in the checkpoint, {list(shape)} here"
-                for name, shape in current.items() if name in saved and saved[name] != shape]
+    problems = [
+        f"{name}: {list(saved[name])} in the checkpoint, {list(shape)} here"
+        for name, shape in current.items()
+        if name in saved and saved[name] != shape
+    ]
     if getattr(model, "strict_loading", True):
         problems += [f"{name}: missing from the checkpoint" for name in current if name not in saved]
         problems += [f"{name}: in the checkpoint, not in this model" for name in saved if name not in current]
@@ -84,7 +94,8 @@ def _check_shapes(path, saved_state: dict, model) -> None:
         raise IncompatibleCheckpoint(
             f"checkpoint {path} does not fit this model: {len(problems)} tensors differ, e.g. "
             + "; ".join(problems[:SHAPE_EXAMPLES])
-            + ". The network options (model.init_args.network / backbone) differ from those it was trained with")
+            + ". The network options (model.init_args.network / backbone) differ from those it was trained with"
+        )
 
 
 def _import(class_path: str) -> type | None:

@@ -54,7 +54,8 @@ def resolve_checkpoint_path(trainer, stage: str, ckpt_path) -> str | None:
         warnings.simplefilter("ignore")
         try:
             path = trainer._checkpoint_connector._parse_ckpt_path(
-                TrainerFn(stage), ckpt_path, model_provided=True, model_connected=False)
+                TrainerFn(stage), ckpt_path, model_provided=True, model_connected=False
+            )
         except ValueError:  # e.g. "best" with no best checkpoint: Lightning raises it itself next
             return None
     return str(path) if path else None

@@ -22,7 +22,7 @@ import dataclasses
 
 from torch import Tensor
 
-from diffusion.classify import ClassifierSettings, classify_images
+from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import seed_per_rank, shared_noise
 from diffusion.voting import summarize
@@ -36,20 +36,44 @@ VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise i
 class DiffusionClassifierBase(ClassifierModule):
     """Classification, validation and explanations of a diffusion model (see the module docstring).
 
-    Args (the subclasses' options of the same names):
-        classification: how test and predict classify (ClassifierSettings).
-        val_steps: (eps, t) pairs per image when classifying during validation; 0 logs val/loss only.
-        save_errors: also save every image's C x N error matrix (errors.pt).
-        explain: `predict` also explains every image.
-        explanation: how explanations are made (ExplainSettings).
+    The options below are every diffusion classifier's (`model.init_args.<name>`); a subclass
+    takes its own and hands these on as **kwargs. Its `hparams_ignored` are left out of the
+    checkpoint's hyperparameters (objects and machine-specific paths).
+
+    Args:
+        num_classes: number of classes; linked from the datamodule by cli.py.
+        class_names: class names, for logs and outputs; linked from the datamodule.
+        classification: how test and predict classify (N = num_steps, rule, error space, seed,
+            early exit, pruning); see ClassifierSettings.
+        val_steps: (eps, t) pairs per image when classifying during validation (same settings,
+            no early exit); small, since it runs at every validation; 0 logs val/loss only.
+        save_errors: also save every image's full C x N error matrix (`errors.pt` beside
+            metrics.json after test, beside predictions.csv after predict), for research.
+        explain: `predict` also explains every image: factual and counterfactual reconstructions,
+            difference maps, PNGs, .npz and explain.json (see evaluation/explanations.py).
+        explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
+            how often fit logs monitoring images; see ExplainSettings.
     """
 
-    def __init__(self, num_classes: int, class_names: list[str] | None, classification: ClassifierSettings,
-                 val_steps: int, save_errors: bool, explain: bool, explanation: ExplainSettings):
+    hparams_ignored: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        classification: ClassifierSettings = ClassifierSettings(),
+        val_steps: int = 16,
+        save_errors: bool = False,
+        explain: bool = False,
+        explanation: ExplainSettings = ExplainSettings(),
+    ):
         super().__init__(num_classes, class_names)
+        # the caller's (a subclass's __init__) arguments too: Lightning collects every __init__ frame of self
+        self.save_hyperparameters(ignore=list(self.hparams_ignored))
         self.classification = classification
-        self.val_classification = dataclasses.replace(classification, num_steps=max(val_steps, 1), early_exit="none",
-                                                      prune_after=0)
+        self.val_classification = dataclasses.replace(
+            classification, num_steps=max(val_steps, 1), early_exit="none", prune_after=0
+        )
         self.explanation = explanation
         self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
 
@@ -76,8 +100,8 @@ class DiffusionClassifierBase(ClassifierModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.encode(batch["image"])
-        t, eps = shared_noise(batch["id"], range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
-        loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(self.device), eps[:, 0].to(x), dropout=0.0)
+        t, eps = shared_noise(batch["id"].to(x.device), range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
+        loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(x.dtype), eps[:, 0].to(x.dtype), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
         if self.hparams.val_steps > 0:
             self.record_validation(batch, self.classify(batch, self.val_classification, x)["prediction"])
@@ -86,9 +110,24 @@ class DiffusionClassifierBase(ClassifierModule):
     def classify(self, batch: dict, settings: ClassifierSettings, x: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path."""
         x = self.encode(batch["image"]) if x is None else x
-        run = classify_images(self.denoiser(), x, batch["id"], self.hparams.num_classes, self.schedule, settings)
+        try:
+            run = classify_images(self.denoiser(), x, batch["id"], self.hparams.num_classes, self.schedule, settings)
+        except NonFiniteOutputError as error:
+            raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
         outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
         return outputs | self.passed_through(batch)
+
+    def weights_source(self) -> str:
+        """Where the weights come from, for error messages: the checkpoint, or the training run."""
+        try:
+            trainer = self.trainer
+        except RuntimeError:  # not attached to a Trainer
+            return "not from a checkpoint (the model as built)"
+        return (
+            f"checkpoint {trainer.ckpt_path}"
+            if trainer.ckpt_path
+            else f"the run being trained at step {trainer.global_step}"
+        )
 
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
         outputs = self.classify(batch, self.classification)
@@ -132,6 +171,15 @@ class DiffusionClassifierBase(ClassifierModule):
 
         images = batch["image"]
         return explain_batch(
-            self.denoiser(), self.explanation_transform(images), self.schedule, images, batch["id"], factual,
-            self.hparams.num_classes, self.null_label, settings, classify_pixels, self.classification.max_forward_batch,
+            self.denoiser(),
+            self.explanation_transform(images),
+            self.schedule,
+            images,
+            batch["id"],
+            factual,
+            self.hparams.num_classes,
+            self.null_label,
+            settings,
+            classify_pixels,
+            self.classification.max_forward_batch,
         )

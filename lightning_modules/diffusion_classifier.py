@@ -13,13 +13,12 @@ for validation and writes them to the checkpoint's state_dict.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from diffusion.classify import ClassifierSettings
-from diffusion.explain import ExplainSettings, samples_from_noise
+from diffusion.explain import samples_from_noise
 from diffusion.loss import drop_labels, weighted_v_loss
 from diffusion.parameterization import diffuse, v_target
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
@@ -51,17 +50,11 @@ class DiffusionClassifier(DiffusionClassifierBase):
             classifier-free guidance (paper: 0.1).
         learning_rate: Adam learning rate (paper B.1: 1e-4).
         warmup_steps: steps of linear learning-rate warm-up (paper B.1: 250).
-        classification: how test and predict classify (N = num_steps, rule, error space, seed,
-            early exit, pruning); see ClassifierSettings.
-        val_steps: (eps, t) pairs per image when classifying during validation (same settings,
-            no early exit); small, since it runs at every validation.
-        save_errors: also save every image's full C x N error matrix (`errors.pt` beside
-            metrics.json after test, beside predictions.csv after predict), for research.
-        explain: `predict` also explains every image: factual and counterfactual reconstructions,
-            difference maps, PNGs, .npz and explain.json (see evaluation/explanations.py).
-        explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
-            how often fit logs monitoring images; see ExplainSettings.
+        **kwargs: every diffusion classifier's options (classification, val_steps, save_errors,
+            explain, explanation); see DiffusionClassifierBase.
     """
+
+    hparams_ignored = ("network",)
 
     def __init__(
         self,
@@ -76,14 +69,9 @@ class DiffusionClassifier(DiffusionClassifierBase):
         label_dropout: float = 0.1,
         learning_rate: float = 1e-4,
         warmup_steps: int = 250,
-        classification: ClassifierSettings = ClassifierSettings(),
-        val_steps: int = 16,
-        save_errors: bool = False,
-        explain: bool = False,
-        explanation: ExplainSettings = ExplainSettings(),
+        **kwargs,
     ):
-        super().__init__(num_classes, class_names, classification, val_steps, save_errors, explain, explanation)
-        self.save_hyperparameters(ignore=["network"])
+        super().__init__(num_classes, class_names, **kwargs)
         self.transform = HaarWavelet() if wavelet else IdentityTransform()
         model_channels = image_channels * 4 if wavelet else image_channels
         model_size = image_size // 2 if wavelet else image_size
@@ -107,7 +95,9 @@ class DiffusionClassifier(DiffusionClassifierBase):
         z = diffuse(x, eps, alpha, sigma)
         labels = drop_labels(labels, self.network.null_label, dropout)
         v_hat = self.network(z, t, labels)
-        return weighted_v_loss(v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma)
+        return weighted_v_loss(
+            v_hat, v_target(x, eps, alpha, sigma), self.schedule.logsnr(t), self.hparams.min_snr_gamma
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         x = self.encode(batch["image"])
@@ -137,8 +127,9 @@ class DiffusionClassifier(DiffusionClassifierBase):
         """Explanations of a few validation images and samples from noise, to TensorBoard. Called from
         validation_step, where EMAWeightAveraging has swapped the EMA weights in (its hooks run
         before the module's, and it swaps back before the module's on_validation_epoch_end)."""
-        settings = dataclasses.replace(self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0,
-                                       factual="label")
+        settings = dataclasses.replace(
+            self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0, factual="label"
+        )
         few = {key: batch[key][: settings.monitor_images] for key in ("image", "id", "label")}
         record = self.explain(few, few["label"], settings)
         experiment, step = self.logger.experiment, self.global_step
@@ -146,8 +137,16 @@ class DiffusionClassifier(DiffusionClassifierBase):
         experiment.add_figure("explain/validation", plot_explanations(rows, self.class_names), global_step=step)
         model_input = (self.network.in_channels, self.network.sample_size, self.network.sample_size)
         per_class = 4
-        samples = samples_from_noise(self.network, self.transform, self.schedule, model_input, self.hparams.num_classes,
-                                     self.null_label, self.explanation, per_class)
+        samples = samples_from_noise(
+            self.network,
+            self.transform,
+            self.schedule,
+            model_input,
+            self.hparams.num_classes,
+            self.null_label,
+            self.explanation,
+            per_class,
+        )
         experiment.add_image("explain/samples_from_noise", noise_sample_grid(samples, per_class), global_step=step)
 
     # ---- optimisation ---------------------------------------------------------------------

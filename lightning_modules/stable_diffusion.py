@@ -42,8 +42,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from diffusion.classify import ClassifierSettings
-from diffusion.explain import ExplainSettings, is_grayscale
+from diffusion.explain import is_grayscale
 from diffusion.loss import drop_labels
 from diffusion.schedule import DiscreteSchedule
 from networks.stable_diffusion import (
@@ -73,40 +72,51 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
         learning_rate, weight_decay: AdamW (Hugging Face text-to-image recipe: 1e-5 and 1e-2).
         label_dropout: probability of training on the empty prompt instead (classifier-free guidance).
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory, ~25% slower).
-        classification: how test and predict classify; see ClassifierSettings.
-        val_steps: (eps, t) pairs per image when classifying during validation; 0 logs val/loss only.
-        save_errors: also save every image's C x N error matrix (errors.pt).
-        explain: `predict` also explains every image (as DiffusionClassifier does): factual and
-            counterfactual reconstructions toward every class prompt, difference maps, PNGs, .npz and
-            explain.json (evaluation/explanations.py).
-        explanation: how (ExplainSettings). With this model t0 is the fraction of the checkpoint's
-            T DDPM timesteps the latent is noised to (t0 = 0.5: timestep 500 of 1000, diffusers'
-            img2img strength 0.5); guidance_scale is w of (1 + w) * cond - w * uncond (paper eq. 5),
-            the unconditional prediction being the empty prompt's, so w = 7.5 is diffusers'
+        val_steps: (eps, t) pairs per image when classifying during validation; 0 (the default here)
+            logs val/loss only.
+        **kwargs: every diffusion classifier's options (classification, save_errors, explain,
+            explanation); see DiffusionClassifierBase. With this model explanation.t0 is the fraction of
+            the checkpoint's T DDPM timesteps the latent is noised to (t0 = 0.5: timestep 500 of 1000,
+            diffusers' img2img strength 0.5); guidance_scale is w of (1 + w) * cond - w * uncond (paper
+            eq. 5), the unconditional prediction being the empty prompt's, so w = 7.5 is diffusers'
             guidance_scale 8.5. The fit-time monitoring options (every_n_epochs, ...) are not used.
     """
 
-    def __init__(self, weights_dir: str, finetuned_checkpoint: str | None = None,
-                 prompts: dict[str, str | list[str]] | None = None, num_classes: int = 2,
-                 class_names: list[str] | None = None, image_size: int = 256, image_channels: int = 3,
-                 learning_rate: float = 1e-5, weight_decay: float = 1e-2, label_dropout: float = 0.1,
-                 gradient_checkpointing: bool = True, classification: ClassifierSettings = ClassifierSettings(),
-                 val_steps: int = 0, save_errors: bool = False, explain: bool = False,
-                 explanation: ExplainSettings = ExplainSettings()):
-        super().__init__(num_classes, class_names, classification, val_steps, save_errors, explain, explanation)
+    # paths stay out of the checkpoint: `--ckpt_path` would otherwise put back the training machine's ones
+    hparams_ignored = ("weights_dir", "finetuned_checkpoint")
+
+    def __init__(
+        self,
+        weights_dir: str,
+        finetuned_checkpoint: str | None = None,
+        prompts: dict[str, str | list[str]] | None = None,
+        num_classes: int = 2,
+        class_names: list[str] | None = None,
+        image_size: int = 256,
+        image_channels: int = 3,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 1e-2,
+        label_dropout: float = 0.1,
+        gradient_checkpointing: bool = True,
+        val_steps: int = 0,
+        **kwargs,
+    ):
+        super().__init__(num_classes, class_names, val_steps=val_steps, **kwargs)
         root = check_weights_dir(weights_dir)  # before any heavy work
         if finetuned_checkpoint and not Path(finetuned_checkpoint).is_file():
-            raise FileNotFoundError(f"finetuned_checkpoint {finetuned_checkpoint} not found: run configs/sd_finetune.yaml "
-                                    "first, or set it to null with weights_dir pointing at a fine-tuned model")
+            raise FileNotFoundError(
+                f"finetuned_checkpoint {finetuned_checkpoint} not found: run configs/sd_finetune.yaml "
+                "first, or set it to null with weights_dir pointing at a fine-tuned model"
+            )
         self.class_prompts = class_prompts(self.class_names, PAPER_PROMPTS if prompts is None else prompts)
-        # paths stay out of the checkpoint: `--ckpt_path` would otherwise put back the training machine's ones
-        self.save_hyperparameters(ignore=["weights_dir", "finetuned_checkpoint"])
         load = lambda cls, name: cls.from_pretrained(root / name, local_files_only=True)  # noqa: E731
         # DDPMScheduler whatever sampler the checkpoint names (SD2: PNDM): its training noise schedule is what counts
         self.noise_scheduler = load(DDPMScheduler, "scheduler")
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{root / 'scheduler'}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction")
+            raise ValueError(
+                f"{root / 'scheduler'}: prediction_type {self.prediction_type!r} is not epsilon or v_prediction"
+            )
         self.tokenizer = load(CLIPTokenizer, "tokenizer")
         self.text_encoder = load(CLIPTextModel, "text_encoder").requires_grad_(False).eval()
         self.vae = load(AutoencoderKL, "vae").requires_grad_(False).eval()
@@ -118,9 +128,11 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
         self.schedule = DiscreteSchedule(self.noise_scheduler.alphas_cumprod)
         self.register_buffer("embeddings", None, persistent=False)  # cache of text_embeddings(), moves with the model
         self._embedded_prompts = None
-        if explanation.every_n_epochs > 0:
-            rank_zero_warn("explanation.every_n_epochs: StableDiffusionClassifier logs no explanations during fit "
-                           "(predict with explain: true explains); the option is ignored")
+        if self.explanation.every_n_epochs > 0:
+            rank_zero_warn(
+                "explanation.every_n_epochs: StableDiffusionClassifier logs no explanations during fit "
+                "(predict with explain: true explains); the option is ignored"
+            )
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -139,8 +151,13 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
         return self.embeddings
 
     def encode_prompts(self, prompts: list[str]) -> Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids.to(self.device)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
         return self.text_encoder(tokens)[0]
 
     @torch.no_grad()
@@ -159,17 +176,25 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
     def diffusion_loss(self, latents: Tensor, labels: Tensor, t: Tensor, noise: Tensor, dropout: float) -> Tensor:
         return self.timestep_loss(latents, labels, self.schedule.timesteps(t).to(self.device), noise, dropout)
 
-    def timestep_loss(self, latents: Tensor, labels: Tensor, timesteps: Tensor, noise: Tensor, dropout: float) -> Tensor:
+    def timestep_loss(
+        self, latents: Tensor, labels: Tensor, timesteps: Tensor, noise: Tensor, dropout: float
+    ) -> Tensor:
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         condition = self.text_embeddings()[drop_labels(labels, self.hparams.num_classes, dropout)]
         prediction = self.unet(noisy, timesteps, encoder_hidden_states=condition, return_dict=False)[0]
         return F.mse_loss(prediction.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         latents = self.encode(batch["image"], sample=True)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device)
-        loss = self.timestep_loss(latents, batch["label"], timesteps, torch.randn_like(latents), self.hparams.label_dropout)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (len(latents),), device=self.device
+        )
+        loss = self.timestep_loss(
+            latents, batch["label"], timesteps, torch.randn_like(latents), self.hparams.label_dropout
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(latents))
         return loss
 
@@ -177,14 +202,18 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
         return {"prompts": self.class_prompts}
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.unet.parameters(), lr=self.hparams.learning_rate,
-                                 weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.unet.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write the (fine-tuned) model in the diffusers layout, usable as another run's weights_dir."""
-        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
-                 "scheduler": self.noise_scheduler}
+        parts = {
+            "unet": self.unet,
+            "vae": self.vae,
+            "text_encoder": self.text_encoder,
+            "tokenizer": self.tokenizer,
+            "scheduler": self.noise_scheduler,
+        }
         for name, part in parts.items():
             part.save_pretrained(Path(directory) / name)
-
-

@@ -87,8 +87,13 @@ class DropoutLinear(nn.Linear):
     replaces, so checkpoints load whatever the drop_rate they were trained with."""
 
     def __init__(self, linear: nn.Linear, p: float):
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
+        super().__init__(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         self.load_state_dict(linear.state_dict())
         self.dropout = nn.Dropout(p)
 
@@ -125,7 +130,9 @@ def weights_file(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise FileNotFoundError(f"pretrained_path {str(path)!r} does not exist (weights are only read from local files)")
+        raise FileNotFoundError(
+            f"pretrained_path {str(path)!r} does not exist (weights are only read from local files)"
+        )
     for name in WEIGHT_FILES:
         if (path / name).is_file():
             return path / name
@@ -143,7 +150,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     nesting and `module.` prefixes), plus the `network.` prefix of this suite's Lightning checkpoints."""
     state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=False)
     if state and all(key.startswith("network.") for key in state):
-        state = {key[len("network."):]: value for key, value in state.items()}
+        state = {key[len("network.") :]: value for key, value in state.items()}
     return state
 
 
@@ -174,7 +181,9 @@ def load_pretrained(model: nn.Module, path: str | Path, spec: BackboneSpec, in_c
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # shape mismatches
-        raise ValueError(f"pretrained_path {str(file)!r} does not fit {spec.display_name} ({spec.arch}): {error}") from error
+        raise ValueError(
+            f"pretrained_path {str(file)!r} does not fit {spec.display_name} ({spec.arch}): {error}"
+        ) from error
     missing = [k for k in missing if k not in dropped]
     if missing or unexpected:
         raise ValueError(

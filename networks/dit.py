@@ -57,9 +57,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_size: int = 256, max_period: float = 10000.0):
         super().__init__()
         self.frequency_size, self.max_period = frequency_size, max_period
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: Tensor) -> Tensor:
         # t in [0, 1] is scaled to [0, 1000] so the frequencies span the range DiT was designed for
@@ -131,9 +129,18 @@ class DiT(Denoiser):
     depth and num_heads. ``labels == num_classes`` selects the null (unconditional) embedding.
     """
 
-    def __init__(self, num_classes: int, in_channels: int, sample_size: int, patch_size: int = 4,
-                 hidden_size: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 variant: str | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        sample_size: int,
+        patch_size: int = 4,
+        hidden_size: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        variant: str | None = None,
+    ):
         super().__init__()
         if variant is not None:
             if variant not in DIT_VARIANTS:
@@ -141,7 +148,11 @@ class DiT(Denoiser):
                 raise ValueError(f"unknown DiT variant {variant!r}; known variants: {known}")
             cfg = DIT_VARIANTS[variant]
             patch_size, hidden_size, depth, num_heads = (
-                cfg["patch_size"], cfg["hidden_size"], cfg["depth"], cfg["num_heads"])
+                cfg["patch_size"],
+                cfg["hidden_size"],
+                cfg["depth"],
+                cfg["num_heads"],
+            )
         if sample_size % patch_size:
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size})")
         if hidden_size % num_heads:
@@ -175,7 +186,9 @@ class DiT(Denoiser):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [block.adaLN_modulation[-1] for block in self.blocks] + [
-                self.final_layer.adaLN_modulation[-1], self.final_layer.linear]:
+            self.final_layer.adaLN_modulation[-1],
+            self.final_layer.linear,
+        ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 

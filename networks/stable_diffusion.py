@@ -21,8 +21,13 @@ from torch import Tensor
 from diffusion.schedule import DiscreteSchedule, broadcast_like
 
 # The file each diffusers sub-folder must hold (an interrupted download leaves empty folders).
-WEIGHT_FOLDERS = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json",
-                  "tokenizer": "tokenizer_config.json", "scheduler": "scheduler_config.json"}
+WEIGHT_FOLDERS = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
 # Paper sec. 3.4 quotes "a benign skin lesion" and "a frontal chest xray of a sick patient with
 # pleural effusion"; the other two are ours, written in the same style.
 PAPER_PROMPTS = {
@@ -40,13 +45,17 @@ class MissingWeightsError(FileNotFoundError):
 
 def check_weights_dir(weights_dir: str | Path) -> Path:
     root = Path(weights_dir)
-    missing = [f"{name}/" if not (root / name).is_dir() else f"{name}/{file}"
-               for name, file in WEIGHT_FOLDERS.items() if not (root / name / file).is_file()]
+    missing = [
+        f"{name}/" if not (root / name).is_dir() else f"{name}/{file}"
+        for name, file in WEIGHT_FOLDERS.items()
+        if not (root / name / file).is_file()
+    ]
     if missing:
         found = "" if root.is_dir() else " (no such directory)"
         raise MissingWeightsError(
             f"Stable Diffusion weights at {root}{found}: missing sub-folder(s) {', '.join(missing)} (expected the "
-            f"diffusers layout unet/ vae/ text_encoder/ tokenizer/ scheduler/; see the README to download them once)")
+            f"diffusers layout unet/ vae/ text_encoder/ tokenizer/ scheduler/; see the README to download them once)"
+        )
     return root
 
 
@@ -64,8 +73,9 @@ class PromptDenoiser:
     prediction_type: str
 
     def __call__(self, z: Tensor, t: Tensor, labels: Tensor) -> Tensor:
-        prediction = self.unet(z, self.schedule.timesteps(t), encoder_hidden_states=self.embeddings[labels],
-                               return_dict=False)[0].float()
+        prediction = self.unet(
+            z, self.schedule.timesteps(t), encoder_hidden_states=self.embeddings[labels], return_dict=False
+        )[0].float()
         if self.prediction_type == "v_prediction":
             return prediction
         alpha, sigma = (broadcast_like(value.float(), z) for value in self.schedule.alpha_sigma(t))
@@ -111,17 +121,24 @@ class LatentTransform:
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        pixels = torch.cat([
-            self.vae.decode((chunk / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False)[0]
-            for chunk in latents.split(self.max_batch)]).float()
+        pixels = torch.cat(
+            [
+                self.vae.decode((chunk / self.vae.config.scaling_factor + shift).to(self.vae.dtype), return_dict=False)[
+                    0
+                ]
+                for chunk in latents.split(self.max_batch)
+            ]
+        ).float()
         grey = pixels.mean(dim=1, keepdim=True)
         if self.image_channels == 1:
             return grey
         if self.grayscale is None:
             return pixels
         if len(pixels) % len(self.grayscale):
-            raise ValueError(f"{len(pixels)} latents to decode for {len(self.grayscale)} grayscale flags: "
-                             "expected the same number of rows for every image")
+            raise ValueError(
+                f"{len(pixels)} latents to decode for {len(self.grayscale)} grayscale flags: "
+                "expected the same number of rows for every image"
+            )
         rows = self.grayscale.to(pixels.device).repeat_interleave(len(pixels) // len(self.grayscale))
         return torch.where(rows.view(-1, 1, 1, 1), grey.expand_as(pixels), pixels)
 
@@ -139,5 +156,7 @@ def unet_weights(checkpoint: str | Path) -> dict[str, Tensor]:
     state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
     weights = {name.removeprefix("unet."): value for name, value in state.items() if name.startswith("unet.")}
     if not weights:
-        raise ValueError(f"{checkpoint} holds no UNet weights (no 'unet.' keys): not a StableDiffusionClassifier checkpoint")
+        raise ValueError(
+            f"{checkpoint} holds no UNet weights (no 'unet.' keys): not a StableDiffusionClassifier checkpoint"
+        )
     return weights

@@ -53,10 +53,13 @@ class ClassConditionalUNet(Denoiser):
         levels = len(block_out_channels)
         if sample_size % 2 ** (levels - 1):
             raise ValueError(
-                f"sample_size={sample_size} must be divisible by 2**{levels - 1} for {levels} levels of block_out_channels"
+                f"sample_size={sample_size} must be divisible by 2**{levels - 1} "
+                f"for {levels} levels of block_out_channels"
             )
         if any(channels % norm_num_groups for channels in block_out_channels):
-            raise ValueError(f"norm_num_groups={norm_num_groups} must divide every block_out_channels {block_out_channels}")
+            raise ValueError(
+                f"norm_num_groups={norm_num_groups} must divide every block_out_channels {block_out_channels}"
+            )
         attends = [sample_size // 2**level <= cross_attention_resolution for level in range(levels)]
         if not any(attends):
             raise ValueError(

@@ -11,6 +11,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import Dataset
+
+from datamodules import SyntheticDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
 PNEUMONIAMNIST = ROOT.parent / "shared/data/pneumoniamnist/pneumoniamnist.npz"
@@ -45,6 +49,30 @@ TINY_SYNTHETIC = [
 # validate every 3 steps on one batch, or (the default of tiny_args) not at all
 WITH_VALIDATION = ["--trainer.val_check_interval=3", "--trainer.limit_val_batches=1"]
 WITHOUT_VALIDATION = ["--trainer.limit_val_batches=0"]
+
+
+class FourClasses(Dataset):
+    """A synthetic split with four classes: the chest image's label, plus 2 for odd ids."""
+
+    def __init__(self, split: Dataset):
+        self.split = split
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, index):
+        item = self.split[index]
+        return item | {"label": item["label"] + 2 * (item["id"] % 2)}
+
+
+class FourClassSynthetic(SyntheticDataModule):
+    """The synthetic chest data as a 4-class problem, for class pruning (`--data=tests.helpers.FourClassSynthetic`)."""
+
+    num_classes = property(lambda self: 4)
+    class_names = property(lambda self: ["none", "effusion", "none_odd", "effusion_odd"])
+
+    def split_dataset(self, split: str) -> Dataset:
+        return FourClasses(super().split_dataset(split))
 
 
 def tiny_args(root, *extra, validate: bool = False) -> list[str]:
@@ -103,8 +131,52 @@ def free_port() -> int:
 def run_cli(*args, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
     """`python cli.py ...` as a user runs it, in the repository root; DDP re-launches this command for rank 1."""
     env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "cli.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
+
+
+def flip_rate_of(arrays) -> float:
+    """explain.json's flip rate recomputed from the raw .npz records: counterfactuals classified as their target."""
+    flips = [
+        int(row[target] == target)
+        for a in arrays
+        for row, factual in zip(a["flip_prediction"], a["factual"])
+        for target in range(len(row))
+        if target != factual
+    ]
+    return sum(flips) / len(flips)
+
+
+class LabelledLinear(torch.nn.Module):
+    """A small untrained denoiser whose output depends on z, t and the label (classes 0, 1; null label 2)."""
+
+    def __init__(self, channels=3):
+        super().__init__()
+        self.mix = torch.nn.Conv2d(channels, channels, 1)
+        self.label_shift = torch.nn.Embedding(3, channels)
+        torch.nn.init.normal_(self.label_shift.weight)
+
+    def forward(self, z, t, labels):
+        return self.mix(z) * (1 + t.view(-1, 1, 1, 1)) + self.label_shift(labels)[:, :, None, None]
+
+
+def dit_parameter_count(num_classes, in_channels, patch, hidden, depth, mlp_ratio=4.0, freq=256):
+    """DiT parameter count by hand, layer by layer (weights + biases)."""
+    mlp = int(hidden * mlp_ratio)
+    patch_embed = in_channels * patch * patch * hidden + hidden
+    t_embed = (freq * hidden + hidden) + (hidden * hidden + hidden)
+    label_table = (num_classes + 1) * hidden
+    block = (
+        (hidden * 3 * hidden + 3 * hidden)  # attention qkv
+        + (hidden * hidden + hidden)  # attention proj
+        + (hidden * mlp + mlp)
+        + (mlp * hidden + hidden)  # MLP
+        + (hidden * 6 * hidden + 6 * hidden)  # adaLN: shift/scale/gate x 2
+    )
+    patch_out = patch * patch * in_channels
+    final = (hidden * 2 * hidden + 2 * hidden) + (hidden * patch_out + patch_out)  # adaLN + linear
+    return patch_embed + t_embed + label_table + depth * block + final

@@ -73,7 +73,10 @@ def test_flips_happen_half_the_time_each_and_independently():
     flips_only = BatchAugmentation(training_augmentation(degrees=0.0, blur_p=0.0)).train()
     out = flips_only(image.expand(DRAWS, -1, -1, -1).contiguous())
     outcomes = {
-        "none": image, "h": image.flip(-1), "v": image.flip(-2), "hv": image.flip(-1).flip(-2),
+        "none": image,
+        "h": image.flip(-1),
+        "v": image.flip(-2),
+        "hv": image.flip(-1).flip(-2),
     }
     counts = dict.fromkeys(outcomes, 0)
     for result in out:
@@ -104,7 +107,9 @@ def bar_angle(image: torch.Tensor) -> float:
     """Orientation in degrees (counter-clockwise, image y axis down) of a bright bar, from image moments."""
     weight = (image[0] + 1).clamp(min=0)
     size = weight.shape[-1]
-    y, x = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64), indexing="ij"
+    )
     w = weight.double() / weight.sum()
     mx, my = (w * x).sum(), (w * y).sum()
     mu20, mu02, mu11 = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()

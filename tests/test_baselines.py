@@ -21,8 +21,13 @@ LARGE = {"resnet50", "efficientnet_b4", "vit_b16", "swin_b"}  # minutes of CPU t
 BY_SIZE = [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in BACKBONES]
 # Published ImageNet parameter counts (1000-class head, 224x224): torchvision and timm model cards.
 PUBLISHED = {
-    "resnet18": 11.69e6, "resnet50": 25.56e6, "efficientnet_b0": 5.29e6, "efficientnet_b4": 19.34e6,
-    "vit_s16": 22.05e6, "vit_b16": 86.57e6, "swin_b": 87.77e6,
+    "resnet18": 11.69e6,
+    "resnet50": 25.56e6,
+    "efficientnet_b0": 5.29e6,
+    "efficientnet_b4": 19.34e6,
+    "vit_s16": 22.05e6,
+    "vit_b16": 86.57e6,
+    "swin_b": 87.77e6,
 }
 DATASETS = {"chexpert": "datamodules.CheXpertDataModule", "isic": "datamodules.ISICDataModule"}
 
@@ -43,17 +48,27 @@ def test_parameter_counts_match_the_published_ones(name, capsys):
     if extra:
         assert model.pos_embed.shape == (1, 1 + 256, model.embed_dim)
     with capsys.disabled():
-        print(f"\n{name}: {measured / 1e6:.3f} M at 256x256 ({(measured - extra) / 1e6:.3f} M at 224x224), "
-              f"published {PUBLISHED[name] / 1e6:.2f} M")
+        print(
+            f"\n{name}: {measured / 1e6:.3f} M at 256x256 ({(measured - extra) / 1e6:.3f} M at 224x224), "
+            f"published {PUBLISHED[name] / 1e6:.2f} M"
+        )
     assert measured - extra == pytest.approx(PUBLISHED[name], rel=0.01)
 
 
 def paper_config_with_synthetic_data(name: str, tmp_path: Path, image_size: int = 256, batch_size: int = 2) -> Path:
     """configs/<name>.yaml with its (real, not always available) data swapped for synthetic images."""
     config = resolved(name)
-    config["data"] = {"class_path": "datamodules.SyntheticDataModule", "init_args": {
-        "kind": "chest", "image_size": image_size, "num_train": batch_size, "num_val": batch_size,
-        "num_test": batch_size, "num_workers": 0}}
+    config["data"] = {
+        "class_path": "datamodules.SyntheticDataModule",
+        "init_args": {
+            "kind": "chest",
+            "image_size": image_size,
+            "num_train": batch_size,
+            "num_val": batch_size,
+            "num_test": batch_size,
+            "num_workers": 0,
+        },
+    }
     config["global_batch_size"] = batch_size
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -61,9 +76,17 @@ def paper_config_with_synthetic_data(name: str, tmp_path: Path, image_size: int 
 
 
 ONE_CPU_STEP = [
-    "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.precision=32-true", "--trainer.max_steps=1",
-    "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.logger=false", "--checkpoint.monitor=null", "--checkpoint.save_top_k=0", "--checkpoint.save_last=false",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+    "--trainer.max_steps=1",
+    "--trainer.limit_val_batches=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+    "--checkpoint.monitor=null",
+    "--checkpoint.save_top_k=0",
+    "--checkpoint.save_last=false",
 ]
 
 
@@ -79,8 +102,10 @@ def test_paper_config_trains_one_step_at_256_and_batch_2(name, tmp_path, capsys)
         logits = model.eval()(torch.zeros(2, 3, 256, 256))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     with capsys.disabled():
-        print(f"\n{name}: 2 classes at 256x256, {count(model.network) / 1e6:.2f} M parameters, "
-              f"one training step at batch 2 in {time.time() - started:.1f} s")
+        print(
+            f"\n{name}: 2 classes at 256x256, {count(model.network) / 1e6:.2f} M parameters, "
+            f"one training step at batch 2 in {time.time() - started:.1f} s"
+        )
 
 
 # ---- pretrained weights from local files ------------------------------------------------------
@@ -107,7 +132,9 @@ def test_pretrained_folder_at_224_fits_a_vit_at_256(tmp_path):
 def test_pretrained_lightning_checkpoint_and_grey_images(tmp_path):
     module = BaselineClassifier("efficientnet_b0", num_classes=2, image_size=64)
     torch.save({"state_dict": module.state_dict()}, tmp_path / "last.ckpt")
-    grey = build_backbone("efficientnet_b0", num_classes=2, image_size=64, in_channels=1, pretrained_path=str(tmp_path / "last.ckpt"))
+    grey = build_backbone(
+        "efficientnet_b0", num_classes=2, image_size=64, in_channels=1, pretrained_path=str(tmp_path / "last.ckpt")
+    )
     # RGB filters summed into one channel (timm's adapt_input_conv), everything else as saved
     torch.testing.assert_close(grey.conv_stem.weight, module.network.conv_stem.weight.sum(dim=1, keepdim=True))
     torch.testing.assert_close(grey.classifier.weight, module.network.classifier.weight)
@@ -165,7 +192,13 @@ def test_augmentation_only_in_training():
     assert not torch.equal(model.augmentation(images), images)
     model.eval()
     assert model.augmentation(images) is images
-    assert not BaselineClassifier("resnet18", num_classes=2, image_size=32, augment=False).train().augmentation(images).ne(images).any()
+    assert (
+        not BaselineClassifier("resnet18", num_classes=2, image_size=32, augment=False)
+        .train()
+        .augmentation(images)
+        .ne(images)
+        .any()
+    )
 
 
 def test_standardize_feeds_each_image_with_zero_mean_and_unit_std():
@@ -189,7 +222,12 @@ def test_test_time_flips_average_the_softmax_of_the_four_flips():
     model = BaselineClassifier("resnet18", num_classes=3, image_size=32, test_time_flips=True).eval()
     images = torch.rand(5, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        views = [images, TF.horizontal_flip(images), TF.vertical_flip(images), TF.vertical_flip(TF.horizontal_flip(images))]
+        views = [
+            images,
+            TF.horizontal_flip(images),
+            TF.vertical_flip(images),
+            TF.vertical_flip(TF.horizontal_flip(images)),
+        ]
         expected = sum(model.network(view).softmax(dim=1) for view in views) / 4
         torch.testing.assert_close(model.class_probabilities(images), expected)
         plain = model.network(images).softmax(dim=1)
@@ -197,8 +235,9 @@ def test_test_time_flips_average_the_softmax_of_the_four_flips():
 
 
 def test_test_time_flips_with_mc_dropout_run_t_passes_per_view():
-    model = BaselineClassifier("resnet18", num_classes=2, image_size=32, drop_rate=0.5, mc_dropout_passes=3,
-                               test_time_flips=True).eval()
+    model = BaselineClassifier(
+        "resnet18", num_classes=2, image_size=32, drop_rate=0.5, mc_dropout_passes=3, test_time_flips=True
+    ).eval()
     calls = []
     model.network.register_forward_pre_hook(lambda module, args: calls.append(args[0].clone()))
     images = torch.rand(2, 3, 32, 32)
@@ -238,8 +277,13 @@ def test_pneumoniamnist_and_demo_configs():
 
 @needs_pneumoniamnist
 def test_pneumoniamnist_config_trains_and_tests_with_flips_on_the_real_file(tmp_path):
-    args = ["--config=configs/resnet18_pneumoniamnist.yaml", f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--data.init_args.num_workers=0"]
+    args = [
+        "--config=configs/resnet18_pneumoniamnist.yaml",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--data.init_args.num_workers=0",
+    ]
     main(["fit", *args, "--trainer.max_steps=2", "--trainer.limit_val_batches=1", "--trainer.num_sanity_val_steps=0"])
     cli = main(["test", *args, "--ckpt_path=last"])
     assert cli.model.hparams.test_time_flips and cli.model.hparams.image_channels == 3
@@ -257,12 +301,24 @@ def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
     for key in ("accuracy", "f1", "auroc", "ece", "brier", "aurc", "error_detection_auroc"):
         assert isinstance(metrics[key], float), key
     assert list(metrics["accuracy_filtered"]) == [f"{0.05 * i:.2f}" for i in range(11)]
-    assert metrics["n_images"] == 7 and metrics["uncertainty"] == "mc_dropout_entropy" and metrics["mc_dropout_passes"] == 3
+    assert (
+        metrics["n_images"] == 7
+        and metrics["uncertainty"] == "mc_dropout_entropy"
+        and metrics["mc_dropout_passes"] == 3
+    )
     assert "n_steps" not in metrics and "mean_forwards" not in metrics  # diffusion-only keys are absent
     assert metrics["accuracy"] == pytest.approx(float(cli.trainer.callback_metrics["test/accuracy"]))
     rows = list(csv.DictReader((folder / "predictions.csv").open()))
-    assert list(rows[0]) == ["id", "label", "prediction", "prob_no_finding", "prob_pleural_effusion",
-                             "entropy", "entropy_normalized", "score"]
+    assert list(rows[0]) == [
+        "id",
+        "label",
+        "prediction",
+        "prob_no_finding",
+        "prob_pleural_effusion",
+        "entropy",
+        "entropy_normalized",
+        "score",
+    ]
     assert [int(r["id"]) for r in rows] == TEST_IDS  # the 7 test images, after 24 train + 8 val
     for row in rows:
         assert float(row["score"]) == pytest.approx(float(row["prob_pleural_effusion"]), abs=1e-5)
@@ -276,8 +332,14 @@ def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
 
 
 def test_data_properties_are_linked_into_the_model(tmp_path):
-    cli = main(["fit", *tiny_baseline_args(tmp_path, "--data.init_args.kind=skin", "--data.init_args.image_size=48"),
-                "--trainer.max_steps=1", "--trainer.limit_val_batches=0"])
+    cli = main(
+        [
+            "fit",
+            *tiny_baseline_args(tmp_path, "--data.init_args.kind=skin", "--data.init_args.image_size=48"),
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+        ]
+    )
     model = cli.model
     assert model.hparams.num_classes == 2 and model.class_names == ["benign", "melanoma"]
     assert model.hparams.image_size == 48 and model.hparams.image_channels == 3

@@ -18,15 +18,19 @@ def test_the_installed_lightning_is_the_minor_release_they_were_checked_against(
     checked = internals.CHECKED_AGAINST.rsplit(".", 1)[0]
     assert lightning.__version__.startswith(checked + "."), (
         f"lightning {lightning.__version__}: re-check lightning_modules/checkpoint_internals.py against it "
-        f"(written for {internals.CHECKED_AGAINST}), then update CHECKED_AGAINST")
+        f"(written for {internals.CHECKED_AGAINST}), then update CHECKED_AGAINST"
+    )
 
 
-@pytest.mark.parametrize("name, parameters", [
-    ("_should_save_on_train_epoch_end", ["self", "trainer"]),
-    ("_should_skip_saving_checkpoint", ["self", "trainer"]),
-    ("_save_last_checkpoint", ["self", "trainer", "monitor_candidates"]),
-    ("_monitor_candidates", ["self", "trainer"]),
-])
+@pytest.mark.parametrize(
+    "name, parameters",
+    [
+        ("_should_save_on_train_epoch_end", ["self", "trainer"]),
+        ("_should_skip_saving_checkpoint", ["self", "trainer"]),
+        ("_save_last_checkpoint", ["self", "trainer", "monitor_candidates"]),
+        ("_monitor_candidates", ["self", "trainer"]),
+    ],
+)
 def test_model_checkpoint_methods(name, parameters):
     method = getattr(ModelCheckpoint, name, None)
     assert callable(method), f"ModelCheckpoint.{name} is gone"
@@ -35,8 +39,16 @@ def test_model_checkpoint_methods(name, parameters):
 
 def trained_trainer(tmp_path) -> tuple[Trainer, ModelCheckpoint]:
     callback = ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    trainer = Trainer(default_root_dir=tmp_path, max_steps=2, limit_val_batches=0, callbacks=[callback], logger=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        max_steps=2,
+        limit_val_batches=0,
+        callbacks=[callback],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(BoringModel())
     return trainer, callback
 

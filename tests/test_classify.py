@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from diffusion.classify import error_matrix, reconstruction_error, shared_noise, step_seed
+from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, reconstruction_error
+from diffusion.noise import shared_noise
 from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 
@@ -23,22 +24,10 @@ class ToyDenoiser(torch.nn.Module):
         return self.mix(z) * t.view(-1, 1, 1, 1) + self.class_bias[labels]
 
 
-def test_step_seed_is_deterministic_and_separates_id_and_step():
-    assert step_seed(0, 5, 7) == step_seed(0, 5, 7)
-    seeds = {step_seed(0, i, k) for i in range(50) for k in range(50)}
-    assert len(seeds) == 2500
-    assert step_seed(0, 1, 0) != step_seed(0, 0, 1)
-    assert step_seed(1, 0, 0) != step_seed(0, 0, 0)
-
-
-def test_shared_noise_depends_only_on_seed_id_and_step():
-    t_all, eps_all = shared_noise(torch.tensor([3, 9]), range(0, 4), (2, 4, 4), seed=1)
-    t_one, eps_one = shared_noise(torch.tensor([9]), range(2, 4), (2, 4, 4), seed=1)
-    torch.testing.assert_close(t_one[0], t_all[1, 2:])
-    torch.testing.assert_close(eps_one[0], eps_all[1, 2:])
-    t_other, _ = shared_noise(torch.tensor([3]), range(0, 4), (2, 4, 4), seed=2)
-    assert not torch.equal(t_other[0], t_all[0])
-    assert ((t_all >= 0) & (t_all < 1)).all()
+def error_matrix(denoiser, x, ids, num_classes, num_steps, schedule, space="eps", max_forward_batch=256):
+    """The full (B, C, N) error matrix: every step, every class."""
+    settings = ClassifierSettings(num_steps=num_steps, error_space=space, max_forward_batch=max_forward_batch)
+    return classify_images(denoiser, x, ids, num_classes, schedule, settings)["errors"]
 
 
 def reference_errors(denoiser, x, ids, num_classes, num_steps, space):
@@ -75,7 +64,9 @@ def test_errors_do_not_depend_on_batch_composition_or_chunking():
     denoiser = ToyDenoiser()
     x, ids = torch.randn(4, 4, 8, 8), torch.tensor([7, 1, 42, 3])
     together = error_matrix(denoiser, x, ids, 3, 7, SCHEDULE, max_forward_batch=1000)
-    one_by_one = torch.cat([error_matrix(denoiser, x[i : i + 1], ids[i : i + 1], 3, 7, SCHEDULE, max_forward_batch=3) for i in range(4)])
+    one_by_one = torch.cat(
+        [error_matrix(denoiser, x[i : i + 1], ids[i : i + 1], 3, 7, SCHEDULE, max_forward_batch=3) for i in range(4)]
+    )
     torch.testing.assert_close(together, one_by_one, rtol=1e-5, atol=1e-6)
     reordered = error_matrix(denoiser, x.flip(0), ids.flip(0), 3, 7, SCHEDULE)
     torch.testing.assert_close(reordered.flip(0), together, rtol=1e-5, atol=1e-6)
@@ -115,8 +106,7 @@ def test_unknown_error_space_is_refused():
 
 
 # ---- the engine: early exit, pruning, stratified t, batch-size invariance ---------------------
-from diffusion.classify import ClassifierSettings, classify_images  # noqa: E402
-from diffusion.voting import majority_vote, summarize  # noqa: E402
+from diffusion.voting import summarize  # noqa: E402
 
 
 def biased_denoiser(num_classes=2, channels=4):
@@ -130,8 +120,10 @@ def biased_denoiser(num_classes=2, channels=4):
 def test_exact_early_exit_gives_the_full_n_prediction_with_fewer_forwards():
     denoiser, x, ids = biased_denoiser(), torch.randn(16, 4, 8, 8), torch.arange(16)
     full = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=41, max_forward_batch=64))
-    fast = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=41, early_exit="exact", max_forward_batch=64))
-    assert torch.equal(summarize(fast["errors"])["prediction"], majority_vote(full["errors"]))
+    fast = classify_images(
+        denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=41, early_exit="exact", max_forward_batch=64)
+    )
+    assert torch.equal(summarize(fast["errors"])["prediction"], summarize(full["errors"])["prediction"])
     assert (full["forwards"] == 2 * 41).all()
     assert fast["forwards"].sum() < full["forwards"].sum()
     # the steps it did evaluate are the very same ones as in the full run
@@ -142,7 +134,9 @@ def test_exact_early_exit_gives_the_full_n_prediction_with_fewer_forwards():
 
 def test_sequential_early_exit_stops_confident_images():
     denoiser, x, ids = ToyDenoiser(2), torch.randn(8, 4, 8, 8), torch.arange(8)
-    settings = ClassifierSettings(num_steps=101, early_exit="sequential", alpha=0.01, min_steps=10, max_forward_batch=32)
+    settings = ClassifierSettings(
+        num_steps=101, early_exit="sequential", alpha=0.01, min_steps=10, max_forward_batch=32
+    )
     fast = classify_images(denoiser, x, ids, 2, SCHEDULE, settings)
     full = classify_images(denoiser, x, ids, 2, SCHEDULE, ClassifierSettings(num_steps=101))
     summary = summarize(fast["errors"])
@@ -181,6 +175,64 @@ def test_stratified_times_cover_every_stratum_once():
     classify_images(recording_denoiser, torch.randn(1, 4, 8, 8), torch.tensor([3]), 2, SCHEDULE, settings)
     t = torch.cat(seen)[::2]  # two classes per step share t
     assert sorted((t * 10).floor().long().tolist()) == list(range(10))
+
+
+def test_decision_points_depend_on_the_settings_alone():
+    exact = ClassifierSettings(num_steps=51, early_exit="exact", check_every=10)
+    assert exact.decision_points(2) == [10, 20, 30, 40, 50] and exact.segment_ends(2) == [10, 20, 30, 40, 50, 51]
+    assert ClassifierSettings(num_steps=51).decision_points(2) == []  # no exit: one segment
+    assert ClassifierSettings(num_steps=51).segment_ends(2) == [51]
+    pruning = ClassifierSettings(num_steps=51, early_exit="sequential", check_every=10, prune_after=25, prune_keep=2)
+    assert pruning.decision_points(4) == [30, 40, 50]  # never before the classes are pruned
+    assert pruning.segment_ends(4) == [25, 30, 40, 50, 51]
+    assert pruning.decision_points(2) == [10, 20, 30, 40, 50]  # 2 classes: nothing to prune
+
+
+def test_every_output_is_the_same_whatever_the_batch_the_order_and_the_forward_size():
+    """The contract, on the engine: early exit none / exact / sequential, 2 classes, and 4 classes
+    with pruning; one image at a time, all together, reversed, with other forward sizes."""
+    x, ids = torch.randn(9, 4, 8, 8), torch.arange(100, 109)
+    for num_classes, extra in [(2, {}), (4, {"prune_after": 15, "prune_keep": 2})]:
+        denoiser = biased_denoiser(num_classes)
+        for rule in ("none", "exact", "sequential"):
+            settings = ClassifierSettings(num_steps=61, early_exit=rule, check_every=5, max_forward_batch=12, **extra)
+            together = classify_images(denoiser, x, ids, num_classes, SCHEDULE, settings)
+            alone = [
+                classify_images(denoiser, x[i : i + 1], ids[i : i + 1], num_classes, SCHEDULE, settings)
+                for i in range(9)
+            ]
+            assert torch.equal(together["forwards"], torch.cat([a["forwards"] for a in alone]))
+            assert torch.equal(together["errors"].isnan(), torch.cat([a["errors"] for a in alone]).isnan())
+            torch.testing.assert_close(together["errors"], torch.cat([a["errors"] for a in alone]), equal_nan=True)
+            larger = ClassifierSettings(num_steps=61, early_exit=rule, check_every=5, max_forward_batch=64, **extra)
+            reversed_run = classify_images(denoiser, x.flip(0), ids.flip(0), num_classes, SCHEDULE, larger)
+            assert torch.equal(reversed_run["forwards"].flip(0), together["forwards"])
+            for key in ("prediction", "votes", "steps"):
+                assert torch.equal(summarize(reversed_run["errors"])[key].flip(0), summarize(together["errors"])[key])
+
+
+def test_sequential_exit_after_pruning_uses_fewer_forwards_than_full_n():
+    denoiser, x, ids = ToyDenoiser(4), torch.randn(6, 4, 8, 8), torch.arange(6)
+    prune = {"prune_after": 10, "prune_keep": 2, "max_forward_batch": 64}
+    full = classify_images(denoiser, x, ids, 4, SCHEDULE, ClassifierSettings(num_steps=101, **prune))
+    fast = classify_images(
+        denoiser, x, ids, 4, SCHEDULE, ClassifierSettings(num_steps=101, early_exit="sequential", **prune)
+    )
+    assert (full["forwards"] == 4 * 10 + 2 * 91).all()
+    assert (fast["forwards"] < full["forwards"]).all() and (fast["forwards"] >= 4 * 10).all()  # not before pruning
+    agree = summarize(fast["errors"])["prediction"] == summarize(full["errors"])["prediction"]
+    assert agree.float().mean() >= 5 / 6
+
+
+def test_a_non_finite_network_output_is_an_error_naming_image_step_and_class():
+    def broken(z, t, labels):
+        v = torch.zeros_like(z)
+        v[(labels == 1) & (t > 0.5)] = float("nan")  # class 1 at large t
+        return v
+
+    settings = ClassifierSettings(num_steps=20, max_forward_batch=8)
+    with pytest.raises(NonFiniteOutputError, match=r"image id 7 at step \d+, class 1"):
+        classify_images(broken, torch.randn(1, 4, 8, 8), torch.tensor([7]), 2, SCHEDULE, settings)
 
 
 def test_settings_refuse_bad_options_by_name():

@@ -22,11 +22,37 @@ from datamodules import CheXpertDataModule, CSVDataModule, ISICDataModule, MedMN
 from datamodules.base import DataError, load_image
 from tests.helpers import PNEUMONIAMNIST, needs_pneumoniamnist
 
-CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "No Finding", "Enlarged Cardiomediastinum",
-                   "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation", "Pneumonia",
-                   "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices"]
-ISIC2020_HEADER = ["image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
-                   "diagnosis", "benign_malignant", "target"]
+CHEXPERT_HEADER = [
+    "Path",
+    "Sex",
+    "Age",
+    "Frontal/Lateral",
+    "AP/PA",
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+]
+ISIC2020_HEADER = [
+    "image_name",
+    "patient_id",
+    "sex",
+    "age_approx",
+    "anatom_site_general_challenge",
+    "diagnosis",
+    "benign_malignant",
+    "target",
+]
 ISIC2019_HEADER = ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 ISIC2019_META_HEADER = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
 
@@ -53,9 +79,18 @@ def write_csv(path: Path, header, rows):
 def chexpert_row(layout, split, patient, study, view, no_finding, effusion):
     name = f"view1_{view.lower()}.jpg" if view == "Frontal" else "view2_lateral.jpg"
     row = dict.fromkeys(CHEXPERT_HEADER, "")
-    row.update({"Path": f"{layout}/{split}/patient{patient:05d}/study{study}/{name}", "Sex": "Female",
-                "Age": "63", "Frontal/Lateral": view, "AP/PA": "AP" if view == "Frontal" else "",
-                "No Finding": no_finding, "Pleural Effusion": effusion, "Support Devices": "1.0"})
+    row.update(
+        {
+            "Path": f"{layout}/{split}/patient{patient:05d}/study{study}/{name}",
+            "Sex": "Female",
+            "Age": "63",
+            "Frontal/Lateral": view,
+            "AP/PA": "AP" if view == "Frontal" else "",
+            "No Finding": no_finding,
+            "Pleural Effusion": effusion,
+            "Support Devices": "1.0",
+        }
+    )
     return [row[c] for c in CHEXPERT_HEADER]
 
 
@@ -82,28 +117,48 @@ def make_chexpert(root: Path, layout="CheXpert-v1.0-small", positives=50, negati
 
 
 def make_isic2020(root: Path, melanomas=20, benign=40, per_patient=2):
-    rows = [[f"ISIC_{i:07d}", f"IP_{i // per_patient:07d}", "male", "45.0", "torso",
-             "melanoma" if i < melanomas else "nevus", "malignant" if i < melanomas else "benign",
-             int(i < melanomas)] for i in range(melanomas + benign)]
+    rows = [
+        [
+            f"ISIC_{i:07d}",
+            f"IP_{i // per_patient:07d}",
+            "male",
+            "45.0",
+            "torso",
+            "melanoma" if i < melanomas else "nevus",
+            "malignant" if i < melanomas else "benign",
+            int(i < melanomas),
+        ]
+        for i in range(melanomas + benign)
+    ]
     write_csv(root / "train.csv", ISIC2020_HEADER, rows)
     for i, row in enumerate(rows):
         write_image(root / "train" / f"{row[0]}.jpg", seed=1000 + i, mode="RGB", size=(40, 30))
 
 
 def make_isic2019(root: Path, melanomas=8, benign=16, lesion_every=2):
-    rows = [[f"ISIC_{9000000 + i:07d}", "1.0" if i < melanomas else "0.0", "0.0" if i < melanomas else "1.0"]
-            + ["0.0"] * 7 for i in range(melanomas + benign)]
+    rows = [
+        [f"ISIC_{9000000 + i:07d}", "1.0" if i < melanomas else "0.0", "0.0" if i < melanomas else "1.0"] + ["0.0"] * 7
+        for i in range(melanomas + benign)
+    ]
     write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ISIC2019_HEADER, rows)
-    meta = [[r[0], "50.0", "anterior torso", f"HAM_{i // lesion_every:07d}" if i % 5 else "", "female"]
-            for i, r in enumerate(rows)]  # every 5th image has no lesion_id (as the MSK images)
+    meta = [
+        [r[0], "50.0", "anterior torso", f"HAM_{i // lesion_every:07d}" if i % 5 else "", "female"]
+        for i, r in enumerate(rows)
+    ]  # every 5th image has no lesion_id (as the MSK images)
     write_csv(root / "ISIC_2019_Training_Metadata.csv", ISIC2019_META_HEADER, meta)
     for i, row in enumerate(rows):
         write_image(root / "ISIC_2019_Training_Input" / f"{row[0]}.jpg", seed=2000 + i, mode="RGB", size=(30, 30))
 
 
 def options(tmp_path, **overrides):
-    return {"image_size": 16, "num_workers": 0, "batch_size": 8, "splits_file": str(tmp_path / "splits.csv"),
-            "cache_dir": str(tmp_path / "cache"), **overrides}
+    return {
+        "image_size": 16,
+        "num_workers": 0,
+        "batch_size": 8,
+        "splits_file": str(tmp_path / "splits.csv"),
+        "cache_dir": str(tmp_path / "cache"),
+        **overrides,
+    }
 
 
 def assert_no_patient_in_two_splits(table):
@@ -126,8 +181,12 @@ def test_chexpert_filters_frontal_views_and_the_two_labels(chexpert_root, tmp_pa
     dm = CheXpertDataModule(root=str(chexpert_root), balance=False, **options(tmp_path))
     table, dropped = dm.read_table()
     assert np.bincount(table["label"]).tolist() == [61, 50]  # valid.csv's two rows pooled in
-    assert dropped == {"not a frontal view": 5, "uncertain Pleural Effusion (-1)": 3,
-                       "both No Finding and Pleural Effusion": 2, "neither No Finding nor Pleural Effusion": 4}
+    assert dropped == {
+        "not a frontal view": 5,
+        "uncertain Pleural Effusion (-1)": 3,
+        "both No Finding and Pleural Effusion": 2,
+        "neither No Finding nor Pleural Effusion": 4,
+    }
     assert table["path"].str.startswith("CheXpert-v1.0-small/").all()
     assert not table["path"].str.contains("lateral").any()
     assert table["patient"].str.fullmatch(r"patient\d{5}").all()
@@ -135,10 +194,15 @@ def test_chexpert_filters_frontal_views_and_the_two_labels(chexpert_root, tmp_pa
     assert "dropped 5 rows: not a frontal view" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("uncertain, both, counts", [
-    ("positive", "drop", [61, 53]), ("negative", "drop", [61, 50]),
-    ("drop", "positive", [61, 52]), ("drop", "negative", [63, 50]),
-])
+@pytest.mark.parametrize(
+    "uncertain, both, counts",
+    [
+        ("positive", "drop", [61, 53]),
+        ("negative", "drop", [61, 50]),
+        ("drop", "positive", [61, 52]),
+        ("drop", "negative", [63, 50]),
+    ],
+)
 def test_chexpert_uncertain_and_both_rules_are_configurable(chexpert_root, tmp_path, uncertain, both, counts):
     dm = CheXpertDataModule(root=str(chexpert_root), uncertain=uncertain, both=both, balance=False, **options(tmp_path))
     assert np.bincount(dm.read_table()[0]["label"]).tolist() == counts
@@ -220,7 +284,9 @@ def make_csv_folder(root: Path, n=40, modes=("L", "RGB", "RGBA", "P", "I;16"), s
         mode = modes[i % len(modes)]
         path = f"images/{i:03d}.{'jpg' if mode in ('L', 'RGB') else 'png'}"
         write_image(root / path, seed=3000 + i, mode=mode, size=(20 + i % 7, 16 + i % 5))
-        rows.append([path, "malignant" if (i // 2) % 2 == 0 else "benign", f"p{i // 2}"] + ([split(i)] if split else []))
+        rows.append(
+            [path, "malignant" if (i // 2) % 2 == 0 else "benign", f"p{i // 2}"] + ([split(i)] if split else [])
+        )
     header = ["path", "label", "patient_id"] + (["split"] if split else [])
     write_csv(root / "labels.csv", header, rows)
 
@@ -270,7 +336,11 @@ def test_batches_follow_the_contract(chexpert_root, tmp_path):
         ids += dm.datasets[split].ids.tolist()
     assert len(set(ids)) == len(ids) == 100
     assert (dm.num_classes, dm.class_names, dm.image_size, dm.image_channels) == (
-        2, ["no_finding", "pleural_effusion"], 16, 3)
+        2,
+        ["no_finding", "pleural_effusion"],
+        16,
+        3,
+    )
     assert dm.train_dataloader().dataset is dm.datasets["train"]
 
 
@@ -282,7 +352,9 @@ def test_splits_file_is_written_and_reused(chexpert_root, tmp_path):
     again = CheXpertDataModule(root=str(chexpert_root), seed=1, **options(tmp_path))  # other seed: file wins
     again.setup("fit")
     assert again.table[["id", "path", "split"]].equals(first.table[["id", "path", "split"]])
-    other = CheXpertDataModule(root=str(chexpert_root), seed=1, **options(tmp_path, splits_file=str(tmp_path / "b.csv")))
+    other = CheXpertDataModule(
+        root=str(chexpert_root), seed=1, **options(tmp_path, splits_file=str(tmp_path / "b.csv"))
+    )
     other.setup("fit")
     assert not other.table[["path", "split"]].equals(first.table[["path", "split"]])
 
@@ -332,9 +404,15 @@ def test_medmnist_reads_the_real_pneumoniamnist_subset(image_size):
 
 def test_medmnist_reads_sized_files_and_colour_flags(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = {f"{s}_{k}": (rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8) if k == "images"
-                           else rng.integers(0, 8, (n, 1), dtype=np.uint8))
-              for s, n in [("train", 12), ("val", 4), ("test", 4)] for k in ("images", "labels")}
+    arrays = {
+        f"{s}_{k}": (
+            rng.integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
+            if k == "images"
+            else rng.integers(0, 8, (n, 1), dtype=np.uint8)
+        )
+        for s, n in [("train", 12), ("val", 4), ("test", 4)]
+        for k in ("images", "labels")
+    }
     np.savez(tmp_path / "bloodmnist_64.npz", **arrays)
     dm = MedMNISTDataModule(root=str(tmp_path), flag="bloodmnist", size=64, num_workers=0)
     dm.setup("fit")
@@ -349,8 +427,12 @@ def test_medmnist_reads_sized_files_and_colour_flags(tmp_path):
 
 
 def test_bad_missing_root(tmp_path):
-    for make in (lambda r: CheXpertDataModule(root=r), lambda r: ISICDataModule(root=r),
-                 lambda r: CSVDataModule(root=r, csv="x.csv"), lambda r: MedMNISTDataModule(root=r)):
+    for make in (
+        lambda r: CheXpertDataModule(root=r),
+        lambda r: ISICDataModule(root=r),
+        lambda r: CSVDataModule(root=r, csv="x.csv"),
+        lambda r: MedMNISTDataModule(root=r),
+    ):
         with pytest.raises(DataError, match=r"data\.init_args\.root: .*nowhere.* is not a directory"):
             make(str(tmp_path / "nowhere"))
 
@@ -395,15 +477,21 @@ def test_bad_missing_image_file(chexpert_root, tmp_path):
 def test_bad_unreadable_image(tmp_path, cache):
     make_csv_folder(tmp_path / "mine", modes=("L",))
     (tmp_path / "mine/images/005.jpg").write_bytes(b"not a jpeg at all")
-    dm = CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", verify_images=not cache,
-                       **options(tmp_path, cache_dir=str(tmp_path / "cache") if cache else None))
+    dm = CSVDataModule(
+        root=str(tmp_path / "mine"),
+        csv="labels.csv",
+        verify_images=not cache,
+        **options(tmp_path, cache_dir=str(tmp_path / "cache") if cache else None),
+    )
     with pytest.raises(DataError, match=r"cannot read image .*005\.jpg"):
         dm.setup("fit")
 
 
 def test_bad_label_not_in_the_class_list(tmp_path):
     make_csv_folder(tmp_path / "mine", n=6, modes=("L",))
-    dm = CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", class_names=["benign", "nevus"], **options(tmp_path))
+    dm = CSVDataModule(
+        root=str(tmp_path / "mine"), csv="labels.csv", class_names=["benign", "nevus"], **options(tmp_path)
+    )
     with pytest.raises(DataError, match=r"label 'malignant' \(row 2, images/000\.jpg\) is not in the class list"):
         dm.setup("fit")
 
@@ -415,7 +503,12 @@ def test_bad_class_empty_after_filtering(tmp_path):
 
 
 def test_bad_split_leaves_a_class_absent(tmp_path):
-    make_csv_folder(tmp_path / "mine", n=12, modes=("L",), split=lambda i: "test" if i in (2, 3) else "val" if i in (0, 1, 6, 7) else "train")
+    make_csv_folder(
+        tmp_path / "mine",
+        n=12,
+        modes=("L",),
+        split=lambda i: "test" if i in (2, 3) else "val" if i in (0, 1, 6, 7) else "train",
+    )
     with pytest.raises(DataError, match=r"class 'malignant' has no images in split 'test'"):
         CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path)).setup("fit")
 
@@ -438,7 +531,9 @@ def test_bad_splits_file_that_no_longer_matches_the_data(chexpert_root, tmp_path
     CheXpertDataModule(root=str(root), **options(tmp_path)).setup("fit")
     kept = pd.read_csv(tmp_path / "splits.csv")["path"].iloc[0]
     table = pd.read_csv(root / "CheXpert-v1.0-small/train.csv", dtype=str, keep_default_na=False)
-    table[~table["Path"].str.endswith(kept.split("/", 1)[1])].to_csv(root / "CheXpert-v1.0-small/train.csv", index=False)
+    table[~table["Path"].str.endswith(kept.split("/", 1)[1])].to_csv(
+        root / "CheXpert-v1.0-small/train.csv", index=False
+    )
     with pytest.raises(DataError, match=r"splits file .*splits\.csv: 1 images are no longer in the data .*" + kept):
         CheXpertDataModule(root=str(root), **options(tmp_path)).setup("fit")
 

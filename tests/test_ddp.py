@@ -65,24 +65,70 @@ def test_test_metrics_under_ddp_equal_single_process_exactly(checkpoint, tmp_pat
     assert set(single) == set(ddp)
     for key in single:
         assert ddp[key] == single[key], key  # exactly: every image once, the same votes
-    print(f"\nsingle-process and DDP test metrics: accuracy {single['accuracy']}, f1 {single['f1']}, "
-          f"auroc {single.get('auroc')}, ece {single.get('ece')}, n_images {single['n_images']}")
+    print(
+        f"\nsingle-process and DDP test metrics: accuracy {single['accuracy']}, f1 {single['f1']}, "
+        f"auroc {single.get('auroc')}, ece {single.get('ece')}, n_images {single['n_images']}"
+    )
 
     single_rows, ddp_rows = (read_rows(outputs_of(tmp_path / name) / "predictions.csv") for name in ("single", "ddp"))
     assert [int(row["id"]) for row in ddp_rows] == TEST_IDS  # each id once, sorted
     assert ddp_rows == single_rows
 
 
-def test_predict_under_ddp_writes_every_image_once(checkpoint, tmp_path, one_thread):
-    main(["predict", *tiny_args(tmp_path / "single"), *SINGLE, f"--ckpt_path={checkpoint}"])
-    run_cli("predict", *tiny_args(tmp_path / "ddp"), *DDP, f"--ckpt_path={checkpoint}")
-    single_rows, ddp_rows = (read_rows(outputs_of(tmp_path / name) / "predictions.csv") for name in ("single", "ddp"))
-    assert [int(row["id"]) for row in ddp_rows] == TEST_IDS
-    assert ddp_rows == single_rows
+@pytest.fixture(scope="module")
+def four_class_checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("four_classes")
+    main(["fit", *tiny_args(root, "--data=tests.helpers.FourClassSynthetic", "--trainer.max_steps=2"), *SINGLE])
+    return root / "checkpoints" / "last.ckpt"
 
 
-EXPLAIN = ["--model.init_args.explain=true", "--model.init_args.explanation.sampling_steps=3",
-           "--model.init_args.explanation.flip_steps=3"]
+CONTRACT = ["--model.init_args.classification.num_steps=31", "--model.init_args.classification.check_every=5",
+            "--model.init_args.classification.min_steps=5", "--model.init_args.classification.alpha=0.1",
+            "--model.init_args.classification.max_forward_batch=16"]  # fmt: skip
+PRUNING = ["--data=tests.helpers.FourClassSynthetic", "--model.init_args.classification.prune_after=10"]
+
+
+def exact(row: dict) -> dict:
+    """A predictions.csv row without its mean-error columns."""
+    return {key: value for key, value in row.items() if not key.startswith("error_")}
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+@pytest.mark.parametrize("early_exit", ["none", "exact", "sequential"])
+def test_every_row_is_the_same_at_batch_1_7_32_and_under_ddp(
+    early_exit, classes, checkpoint, four_class_checkpoint, tmp_path, one_thread
+):
+    """The engine's promise through the CLI: an image's predictions.csv row (votes, fractions,
+    entropy, score, forwards, prediction) depends on the image alone: not on the batch it is
+    classified in, nor on the number of processes; with early exit and with class pruning. The mean
+    errors agree to float rounding (the network's batched kernels may round differently)."""
+    weights = checkpoint if classes == 2 else four_class_checkpoint
+    options = [*CONTRACT, f"--model.init_args.classification.early_exit={early_exit}", *(PRUNING * (classes == 4))]
+    rows = {}
+    for batch in (1, 7, 32):
+        main(["predict", *tiny_args(tmp_path / f"b{batch}", *options, f"--global_batch_size={batch}"), *SINGLE,
+              f"--ckpt_path={weights}"])  # fmt: skip
+        rows[batch] = read_rows(outputs_of(tmp_path / f"b{batch}") / "predictions.csv")
+    run_cli("predict", *tiny_args(tmp_path / "ddp", *options, "--global_batch_size=4"), *DDP, f"--ckpt_path={weights}")
+    rows["ddp"] = read_rows(outputs_of(tmp_path / "ddp") / "predictions.csv")
+    assert [int(row["id"]) for row in rows[1]] == TEST_IDS and len(rows[1][0]) > 2 * classes
+    for other in (rows[7], rows[32], rows["ddp"]):
+        assert [exact(row) for row in other] == [exact(row) for row in rows[1]]
+        for row, reference in zip(other, rows[1]):
+            for key in row.keys() - exact(row).keys():
+                assert float(row[key]) == pytest.approx(float(reference[key]), rel=1e-5), key
+    forwards = [int(row["forwards"]) for row in rows[1]]
+    if early_exit == "none":
+        assert forwards == [classes * 31 if classes == 2 else 4 * 10 + 2 * 21] * len(TEST_IDS)
+    else:
+        assert min(forwards) < (2 * 31 if classes == 2 else 4 * 10 + 2 * 21)  # some image stopped early
+
+
+EXPLAIN = [
+    "--model.init_args.explain=true",
+    "--model.init_args.explanation.sampling_steps=3",
+    "--model.init_args.explanation.flip_steps=3",
+]
 
 
 def test_explanations_under_ddp_are_written_once_per_image_and_equal_single_process(checkpoint, tmp_path, one_thread):
@@ -116,7 +162,11 @@ class TrainingNoiseRecorder(Callback):
 
 
 def test_ddp_ranks_draw_different_training_noise(tmp_path):
-    run_cli("fit", *tiny_args(tmp_path, "--trainer.max_steps=1", "--trainer.callbacks+=tests.test_ddp.TrainingNoiseRecorder"), *DDP)
+    run_cli(
+        "fit",
+        *tiny_args(tmp_path, "--trainer.max_steps=1", "--trainer.callbacks+=tests.test_ddp.TrainingNoiseRecorder"),
+        *DDP,
+    )
     rank0, rank1 = ((tmp_path / f"noise_rank{r}.txt").read_text() for r in (0, 1))
     assert rank0 != rank1  # seed_everything alone gives both ranks the same t and eps
 
@@ -160,7 +210,8 @@ class ConvInputFormat(Callback):
         self.channels_last = []
         first_conv = next(m for m in pl_module.network.modules() if isinstance(m, torch.nn.Conv2d))
         first_conv.register_forward_pre_hook(
-            lambda module, args: self.channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+            lambda module, args: self.channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
 
 
 def conv_weights(model) -> list[torch.Tensor]:
@@ -168,16 +219,35 @@ def conv_weights(model) -> list[torch.Tensor]:
 
 
 def test_speed_switches_stay_off_on_cpu_unless_asked(tmp_path):
-    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1", f"--trainer.callbacks+={CHANNELS_LAST}",
-                                  f"--trainer.callbacks+={COMPILE}")])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path,
+                "--trainer.max_steps=1",
+                f"--trainer.callbacks+={CHANNELS_LAST}",
+                f"--trainer.callbacks+={COMPILE}",
+            ),
+        ]
+    )
     assert {ChannelsLast, CompileNetwork} <= {type(c) for c in cli.trainer.callbacks}
     assert getattr(cli.model.network, "_compiled_call_impl", None) is None
     assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
 
 
 def test_channels_last_switched_on_for_a_cpu_run(tmp_path, checkpoint):
-    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2", f"--trainer.callbacks+={CHANNELS_LAST}",
-                                  "--trainer.callbacks.on_cpu=true", "--trainer.callbacks+=tests.test_ddp.ConvInputFormat")])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path,
+                "--trainer.max_steps=2",
+                f"--trainer.callbacks+={CHANNELS_LAST}",
+                "--trainer.callbacks.on_cpu=true",
+                "--trainer.callbacks+=tests.test_ddp.ConvInputFormat",
+            ),
+        ]
+    )
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
     recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ConvInputFormat")
     assert len(recorder.channels_last) == 2 and all(recorder.channels_last)
@@ -192,8 +262,18 @@ def test_compile_switched_on_for_a_cpu_run(tmp_path, checkpoint):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2", f"--trainer.callbacks+={COMPILE}",
-                                  "--trainer.callbacks.on_cpu=true", "--trainer.callbacks.backend=eager")])
+    cli = main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path,
+                "--trainer.max_steps=2",
+                f"--trainer.callbacks+={COMPILE}",
+                "--trainer.callbacks.on_cpu=true",
+                "--trainer.callbacks.backend=eager",
+            ),
+        ]
+    )
     assert getattr(cli.model.network, "_compiled_call_impl", None) is not None
     assert counters["stats"]["unique_graphs"] >= 1  # compiled lazily, at the first forward
     # compiled in place: the same state_dict keys as an uncompiled run, so checkpoints mix freely
@@ -204,7 +284,12 @@ def test_compile_switched_on_for_a_cpu_run(tmp_path, checkpoint):
 @pytest.mark.slow
 def test_compile_with_inductor_trains_and_matches_eager(tmp_path):
     losses = {}
-    for name, extra in [("eager", []), ("inductor", [f"--trainer.callbacks+={COMPILE}", "--trainer.callbacks.on_cpu=true"])]:
-        cli = main(["fit", *tiny_args(tmp_path / name, "--trainer.max_steps=2", "--trainer.deterministic=true", *extra)])
+    for name, extra in [
+        ("eager", []),
+        ("inductor", [f"--trainer.callbacks+={COMPILE}", "--trainer.callbacks.on_cpu=true"]),
+    ]:
+        cli = main(
+            ["fit", *tiny_args(tmp_path / name, "--trainer.max_steps=2", "--trainer.deterministic=true", *extra)]
+        )
         losses[name] = float(cli.trainer.callback_metrics["train/loss"])
     assert losses["inductor"] == pytest.approx(losses["eager"], rel=1e-3)

@@ -1,7 +1,9 @@
 """The DiffusionClassifier through the real CLI: fit, test, resume, EMA, links from the data."""
 
+import csv
 import functools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +26,8 @@ def test_fit_then_test_writes_checkpoints_logs_and_metrics(tmp_path):
     metrics_file = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}" / "metrics.json"
     metrics = json.loads(metrics_file.read_text())
     assert metrics["n_images"] == 7 and metrics["n_steps"] == 3
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["f1"] <= 1.0
+    rows = list(csv.DictReader((metrics_file.parent / "predictions.csv").open()))
+    assert metrics["accuracy"] == pytest.approx(sum(r["prediction"] == r["label"] for r in rows) / len(rows))
     logged = cli.trainer.callback_metrics
     assert metrics["accuracy"] == pytest.approx(float(logged["test/accuracy"]))
 
@@ -79,8 +82,10 @@ def test_validation_and_checkpoint_use_the_ema_weights(tmp_path):
     torch.testing.assert_close(model.seen_in_validation, model.reference_ema)
     assert not torch.allclose(model.seen_in_validation, model.raw_weights)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
-    ema_state = {k[len("network."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
-    raw_state = {k[len("network."):]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("network.")}
+    ema_state = {k[len("network.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    raw_state = {
+        k[len("network.") :]: v for k, v in checkpoint["current_model_state"].items() if k.startswith("network.")
+    }
     names = [name for name, _ in model.network.named_parameters()]
     to_vector = lambda state: torch.cat([state[name].flatten() for name in names])  # noqa: E731
     torch.testing.assert_close(to_vector(ema_state), model.reference_ema)
@@ -132,6 +137,23 @@ def test_same_images_same_results_at_batch_1_7_32_and_with_exact_early_exit(tmp_
         torch.testing.assert_close(other["errors"], reference["errors"], rtol=1e-4, atol=1e-6)
         assert torch.equal(other["prediction"], reference["prediction"])
         assert torch.equal(other["votes"], reference["votes"])
-    exact = run(7, ClassifierSettings(num_steps=9, early_exit="exact", max_forward_batch=64))
+    exact = run(7, ClassifierSettings(num_steps=9, early_exit="exact", check_every=3, max_forward_batch=64))
     assert torch.equal(exact["prediction"], reference["prediction"])
     assert exact["forwards"].sum() < reference["forwards"].sum()
+
+
+def test_a_tiny_model_learns_the_synthetic_task(tmp_path):
+    """End to end, on the CPU in about 40 s: the demo UNet trained 150 steps at batch 32 classifies
+    100 synthetic test images far above chance. Measured: 0.89 accuracy (AUROC 0.97); the same run
+    with the labels never reaching the network (label_dropout 1.0) scores 0.50. A broken loss, schedule,
+    label conditioning or vote lands near chance, below the 0.8 asked here."""
+    args = [
+        "--config=configs/demo.yaml", f"--trainer.default_root_dir={tmp_path}", *helpers.QUIET,
+        "--trainer.limit_val_batches=0", "--trainer.max_steps=150", "--global_batch_size=32",
+        "--data.init_args.num_test=100", "--model.init_args.warmup_steps=20",
+        "--model.init_args.explanation.every_n_epochs=0",
+    ]  # fmt: skip
+    main(["fit", *args])
+    cli = main(["test", *args, "--ckpt_path=last"])
+    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    assert metrics["n_images"] == 100 and metrics["accuracy"] >= 0.8 and metrics["auroc"] >= 0.85

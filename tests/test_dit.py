@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from networks.dit import DIT_VARIANTS, DiT
+from tests.helpers import dit_parameter_count
 
 TINY = dict(patch_size=2, hidden_size=64, depth=2, num_heads=4)
 
@@ -29,23 +30,6 @@ def randomise(model: DiT) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
-
-
-def expected_param_count(num_classes, in_channels, patch, hidden, depth, mlp_ratio=4.0, freq=256):
-    """DiT parameter count by hand, layer by layer (weights + biases)."""
-    mlp = int(hidden * mlp_ratio)
-    patch_embed = in_channels * patch * patch * hidden + hidden
-    t_embed = (freq * hidden + hidden) + (hidden * hidden + hidden)
-    label_table = (num_classes + 1) * hidden
-    block = (
-        (hidden * 3 * hidden + 3 * hidden)  # attention qkv
-        + (hidden * hidden + hidden)  # attention proj
-        + (hidden * mlp + mlp) + (mlp * hidden + hidden)  # MLP
-        + (hidden * 6 * hidden + 6 * hidden)  # adaLN: shift/scale/gate x 2
-    )
-    patch_out = patch * patch * in_channels
-    final = (hidden * 2 * hidden + 2 * hidden) + (hidden * patch_out + patch_out)  # adaLN + linear
-    return patch_embed + t_embed + label_table + depth * block + final
 
 
 def test_output_shape_matches_input():
@@ -97,7 +81,7 @@ def test_pos_embed_is_a_fixed_buffer():
     assert "pos_embed" not in dict(model.named_parameters())
     assert model.pos_embed.shape == (1, (16 // 2) ** 2, 64)
     assert not model.pos_embed.requires_grad
-    assert sum(p.numel() for p in model.parameters()) == expected_param_count(3, 12, 2, 64, 2)
+    assert sum(p.numel() for p in model.parameters()) == dit_parameter_count(3, 12, 2, 64, 2)
 
 
 @pytest.mark.parametrize(
@@ -138,7 +122,7 @@ def test_dit_b4_paper_size_one_training_step():
     torch.manual_seed(0)
     model = DiT(2, 12, 128, variant="DiT-B/4")
     n_params = sum(p.numel() for p in model.parameters())
-    expected = expected_param_count(2, 12, patch=4, hidden=768, depth=12)
+    expected = dit_parameter_count(2, 12, patch=4, hidden=768, depth=12)
     print(f"DiT-B/4 at 12x128x128, 2 classes: {n_params:,} parameters (by hand: {expected:,})")
     assert n_params == expected
     # DiT paper Table 1 gives ~130 M for DiT-B (4 latent channels in, 8 out, 1000 classes); ours

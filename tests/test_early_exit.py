@@ -4,15 +4,12 @@ import math
 import pytest
 import torch
 
-from diffusion.early_exit import (
-    EXIT_RULES,
-    binomial_upper_tail,
-    exact_decided,
-    prune_classes,
-    sequential_decided,
-    stratified_times,
-)
-from diffusion.voting import majority_vote, vote_counts
+from diffusion.early_exit import EXIT_RULES, binomial_upper_tail, exact_decided, prune_classes, sequential_decided
+from diffusion.voting import summarize, vote_counts
+
+
+def majority_vote(errors: torch.Tensor) -> torch.Tensor:
+    return summarize(errors)["prediction"]
 
 
 def decided(counts, steps_done, total):
@@ -188,27 +185,6 @@ def test_sequential_never_fires_without_a_lead():
     assert not sequential_decided(ties[:, :2], alpha=0.5, min_steps=0).any()
 
 
-def test_stratified_times_one_per_stratum_and_deterministic():
-    for num_steps in (1, 2, 7, 51, 501):
-        t = stratified_times(seed=3, sample_id=11, num_steps=num_steps)
-        assert t.shape == (num_steps,) and t.dtype == torch.float64
-        assert ((t >= 0) & (t < 1)).all()
-        strata = torch.floor(t * num_steps).long()
-        assert sorted(strata.tolist()) == list(range(num_steps))
-        assert torch.equal(t, stratified_times(seed=3, sample_id=11, num_steps=num_steps))
-
-
-def test_stratified_times_order_differs_per_image_and_seed():
-    num_steps = 51
-    order = lambda seed, sample_id: torch.floor(stratified_times(seed, sample_id, num_steps) * num_steps).long()
-    assert not torch.equal(order(0, 0), order(0, 1))
-    assert not torch.equal(order(0, 0), order(1, 0))
-    # not the identity either: an early exit after a prefix sees t spread over [0, 1)
-    assert not torch.equal(order(0, 0), torch.arange(num_steps))
-    with pytest.raises(ValueError):
-        stratified_times(0, 0, 0)
-
-
 def test_prune_classes_by_hand():
     # means per class: image 0 [3, 1, 2, 0.5] -> lowest two are 3 and 1
     #                  image 1 [1, 1, 0, 1]   -> class 2, then the tie 0/1/3 goes to 0
@@ -218,15 +194,29 @@ def test_prune_classes_by_hand():
             [[1.0, 1.0, 1.0], [0.0, 2.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]],
         ]
     )
-    assert prune_classes(errors, keep=2).tolist() == [[1, 3], [0, 2]]
-    assert prune_classes(errors, keep=1).tolist() == [[3], [2]]
-    assert prune_classes(errors, keep=3).tolist() == [[1, 2, 3], [0, 1, 2]]
-    assert prune_classes(errors, keep=4).tolist() == [[0, 1, 2, 3]] * 2
-    assert prune_classes(errors, keep=9).tolist() == [[0, 1, 2, 3]] * 2
+
+    def kept(keep):
+        return [row.nonzero().flatten().tolist() for row in prune_classes(errors, keep)]
+
+    assert kept(2) == [[1, 3], [0, 2]]
+    assert kept(1) == [[3], [2]]
+    assert kept(3) == [[1, 2, 3], [0, 1, 2]]
+    assert kept(4) == [[0, 1, 2, 3]] * 2
+    assert kept(9) == [[0, 1, 2, 3]] * 2
     with pytest.raises(ValueError):
         prune_classes(errors, keep=0)
 
 
-def test_prune_classes_drops_nan_first():
-    errors = torch.tensor([[[float("nan"), 1.0], [5.0, 5.0], [4.0, 4.0]]])
-    assert prune_classes(errors, keep=2).tolist() == [[1, 2]]
+def test_pruned_classes_take_no_part_in_either_exit():
+    kept = torch.tensor([[False, True, True, False]])
+    # 26 of 36 steps done, 10 to come; class 0 won 6 before it was pruned and can win no more
+    counts = torch.tensor([[6, 15, 5, 0]])
+    assert not exact_decided(counts, 26, 36).item()  # unmasked, class 0 could reach 16 > 15 ...
+    assert exact_decided(counts, 26, 36, kept).item()  # ... masked, only class 2 can tie at 15, and 1 < 2 wins
+    # the runner-up is the best kept class, not a pruned one with more votes before pruning
+    counts = torch.tensor([[12, 12, 0, 0]])
+    assert not sequential_decided(counts, alpha=0.01, min_steps=0).item()  # a tie between 0 and 1
+    assert sequential_decided(counts, alpha=0.01, min_steps=0, kept=kept).item()  # 12 vs 0: p = 2**-12
+    # one kept class: nothing to beat
+    alone = torch.tensor([[False, True, False, False]])
+    assert sequential_decided(torch.tensor([[0, 7, 0, 0]]), alpha=0.01, min_steps=5, kept=alone).item()

@@ -1,13 +1,12 @@
 """Counterfactual explanations: difference-map conventions, faithfulness numbers computed by hand,
 reproducibility, and the `predict --model.init_args.explain true` command end to end."""
 
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from test_diffusion_classifier import tiny_args
-from test_sampler import LabelledLinear
 
 from cli import main
 from diffusion.explain import (
@@ -22,6 +21,8 @@ from diffusion.explain import (
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.wavelet import HaarWavelet
 from evaluation.explanations import faithfulness
+from tests import helpers
+from tests.helpers import TEST_IDS, LabelledLinear, flip_rate_of
 from tools.summary import explanation_summary
 
 
@@ -94,14 +95,18 @@ def test_t0_zero_explains_with_the_input_itself_and_the_same_seed_gives_the_same
     ids, factual = torch.tensor([5, 9]), torch.tensor([1, 0])
     settings = ExplainSettings(t0=0.0, flip_steps=0)
     record = explain_batch(model, wavelet, schedule, images, ids, factual, 2, 2, settings)
-    torch.testing.assert_close(record["reconstructions"], images.unsqueeze(1).expand(2, 2, 3, 16, 16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        record["reconstructions"], images.unsqueeze(1).expand(2, 2, 3, 16, 16), atol=1e-6, rtol=0
+    )
     assert record["maps"].abs().max() < 1e-6
 
     settings = ExplainSettings(t0=0.5, sampling_steps=4, flip_steps=0)
     first = explain_batch(model, wavelet, schedule, images, ids, factual, 2, 2, settings)["reconstructions"]
     again = explain_batch(model, wavelet, schedule, images, ids, factual, 2, 2, settings)["reconstructions"]
     alone = explain_batch(model, wavelet, schedule, images[1:], ids[1:], factual[1:], 2, 2, settings)["reconstructions"]
-    other_seed = explain_batch(model, wavelet, schedule, images, ids, factual, 2, 2, ExplainSettings(t0=0.5, sampling_steps=4, seed=1))
+    other_seed = explain_batch(
+        model, wavelet, schedule, images, ids, factual, 2, 2, ExplainSettings(t0=0.5, sampling_steps=4, seed=1)
+    )
     assert torch.equal(first, again)
     torch.testing.assert_close(first[1:], alone)  # an image's explanation does not depend on its batch
     assert not torch.allclose(first, other_seed["reconstructions"])
@@ -123,35 +128,63 @@ EXPLAIN_ARGS = [
 ]
 
 
+tiny_args = functools.partial(helpers.tiny_args, validate=True)
+
+
 def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):
     main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2")])
-    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS, "--model.init_args.explanation.flip_steps=3"])
+    cli = main(
+        [
+            "predict",
+            *tiny_args(tmp_path),
+            "--ckpt_path=last",
+            *EXPLAIN_ARGS,
+            "--model.init_args.explanation.flip_steps=3",
+        ]
+    )
     run = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}"
     pictures = sorted(p.name for p in (run / "explanations").glob("image_*.png"))
-    test_ids = [int(i) for i in cli.datamodule.split("test").ids] if hasattr(cli.datamodule.split("test"), "ids") else None
-    assert len(pictures) == 7 and (run / "explanations" / "summary.png").is_file()
-    if test_ids is not None:
-        assert pictures == sorted(f"image_{i}.png" for i in test_ids)
+    assert pictures == sorted(f"image_{i}.png" for i in TEST_IDS) and (run / "explanations" / "summary.png").is_file()
     arrays = [np.load(path) for path in (run / "explanations").glob("ids_*.npz")]
     assert sum(len(a["id"]) for a in arrays) == 7
     assert arrays[0]["reconstructions"].shape[1:] == (2, 3, 16, 16) and arrays[0]["maps"].shape[1:] == (2, 16, 16)
     numbers = json.loads((run / "explain.json").read_text())
     assert numbers["n_images"] == 7 and numbers["n_counterfactuals"] == 7
-    assert 0.0 <= numbers["flip_rate"] <= 1.0 and numbers["settings"]["sampling_steps"] == 3
+    assert numbers["flip_rate"] == pytest.approx(flip_rate_of(arrays)) and numbers["settings"]["sampling_steps"] == 3
     assert (run / "predictions.csv").read_text().count("\n") == 8  # predictions are still written
     assert str(run / "explanations" / "summary.png") in explanation_summary(tmp_path)  # what `make demo` prints
 
     # flip_steps = 0 skips the flip check: the other numbers are still there
-    cli = main(["predict", *tiny_args(tmp_path), "--ckpt_path=last", *EXPLAIN_ARGS, "--model.init_args.explanation.flip_steps=0"])
-    numbers = json.loads((tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}" / "explain.json").read_text())
+    cli = main(
+        [
+            "predict",
+            *tiny_args(tmp_path),
+            "--ckpt_path=last",
+            *EXPLAIN_ARGS,
+            "--model.init_args.explanation.flip_steps=0",
+        ]
+    )
+    numbers = json.loads(
+        (tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}" / "explain.json").read_text()
+    )
     assert "flip_rate" not in numbers and numbers["n_images"] == 7 and numbers["l2_input_factual"] > 0
 
 
 def test_fit_logs_monitoring_images_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=3", "--model.init_args.explanation.every_n_epochs=1",
-                             "--model.init_args.explanation.monitor_steps=2", "--model.init_args.explanation.monitor_images=2")])
+    main(
+        [
+            "fit",
+            *tiny_args(
+                tmp_path,
+                "--trainer.max_steps=3",
+                "--model.init_args.explanation.every_n_epochs=1",
+                "--model.init_args.explanation.monitor_steps=2",
+                "--model.init_args.explanation.monitor_images=2",
+            ),
+        ]
+    )
     events = next((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events), size_guidance={"images": 0})
     accumulator.Reload()

@@ -56,8 +56,10 @@ def test_nan_loss_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
 
 def test_nan_loss_skip_leaves_weights_and_optimizer_unchanged_and_counts_it(tmp_path):
     skip = tmp_path / "skip.yaml"
-    skip.write_text("trainer:\n  callbacks:\n    - class_path: lightning_modules.callbacks.NonFiniteLoss\n"
-                    "      init_args: {action: skip, max_skips: 2}\n")
+    skip.write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning_modules.callbacks.NonFiniteLoss\n"
+        "      init_args: {action: skip, max_skips: 2}\n"
+    )
     cli = main(["fit", *tiny_args(tmp_path, NAN_MODEL, f"--config={skip}", "--trainer.max_steps=4")])
     guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteLoss)]
     assert [g.action for g in guards] == ["skip"]  # the config's, no default one beside it
@@ -94,22 +96,33 @@ class ThreeClassSynthetic(SyntheticDataModule):
 
 
 def test_checkpoint_of_another_model_class_is_refused(checkpoint, tmp_path):
-    baseline = [f"--config={ROOT / 'configs/baseline_demo.yaml'}", f"--trainer.default_root_dir={tmp_path}",
-                "--data.init_args.image_size=16", "--model.init_args.mc_dropout_passes=0"]
+    baseline = [
+        f"--config={ROOT / 'configs/baseline_demo.yaml'}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.image_size=16",
+        "--model.init_args.mc_dropout_passes=0",
+    ]
     with pytest.raises(IncompatibleCheckpoint) as raised:
         main(["test", *baseline, f"--ckpt_path={checkpoint}"])
     assert str(raised.value).startswith(
         f"checkpoint {checkpoint} holds a lightning_modules.DiffusionClassifier, "
-        "this config has model.class_path lightning_modules.baseline_classifier.BaselineClassifier")
+        "this config has model.class_path lightning_modules.baseline_classifier.BaselineClassifier"
+    )
 
 
 def test_checkpoint_with_another_number_of_classes_is_refused(checkpoint, tmp_path):
     with pytest.raises(IncompatibleCheckpoint) as raised:
-        main(["test", *tiny_args(tmp_path, "--data=tests.test_faults.ThreeClassSynthetic", "--data.init_args.image_size=16"),
-              f"--ckpt_path={checkpoint}"])
+        main(
+            [
+                "test",
+                *tiny_args(tmp_path, "--data=tests.test_faults.ThreeClassSynthetic", "--data.init_args.image_size=16"),
+                f"--ckpt_path={checkpoint}",
+            ]
+        )
     assert str(raised.value).startswith(
         f"checkpoint {checkpoint} was trained with num_classes=2, this config has num_classes=3 "
-        "(model.init_args.num_classes, linked from the data, data ThreeClassSynthetic)")
+        "(model.init_args.num_classes, linked from the data, data ThreeClassSynthetic)"
+    )
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
@@ -118,18 +131,27 @@ def test_checkpoint_for_another_input_size_is_refused(checkpoint, tmp_path, subc
         main([subcommand, *tiny_args(tmp_path, "--data.init_args.image_size=32"), f"--ckpt_path={checkpoint}"])
     assert str(raised.value).startswith(
         f"checkpoint {checkpoint} was trained with image_size=16, this config has image_size=32 "
-        "(model.init_args.image_size, linked from data.init_args.image_size")
+        "(model.init_args.image_size, linked from data.init_args.image_size"
+    )
 
 
 def test_checkpoint_with_other_network_options_is_refused(checkpoint, tmp_path):
     expected = rf"checkpoint {re.escape(str(checkpoint))} does not fit this model: \d+ tensors differ, e\.g\. network\."
     with pytest.raises(IncompatibleCheckpoint, match=expected):
-        main(["test", *tiny_args(tmp_path, "--model.network.init_args.block_out_channels=[8, 16]"), f"--ckpt_path={checkpoint}"])
+        main(
+            [
+                "test",
+                *tiny_args(tmp_path, "--model.network.init_args.block_out_channels=[8, 16]"),
+                f"--ckpt_path={checkpoint}",
+            ]
+        )
 
 
 def test_last_is_resolved_like_lightning_before_the_check(checkpoint, tmp_path):
     # `--ckpt_path last` in the checkpoint's own run folder, with a config for 32-pixel images
-    with pytest.raises(IncompatibleCheckpoint, match=f"checkpoint {re.escape(str(checkpoint))} was trained with image_size=16"):
+    with pytest.raises(
+        IncompatibleCheckpoint, match=f"checkpoint {re.escape(str(checkpoint))} was trained with image_size=16"
+    ):
         main(["test", *tiny_args(checkpoint.parent.parent, "--data.init_args.image_size=32"), "--ckpt_path=last"])
 
 
@@ -157,8 +179,14 @@ def test_full_disk_fails_before_training(tmp_path, monkeypatch):
 
 def test_the_config_not_the_checkpoint_decides_the_model_options(checkpoint, tmp_path):
     # LightningCLI would overlay the checkpoint's hyperparameters (num_steps=3) for a file path
-    cli = main(["predict", *tiny_args(tmp_path, "--model.init_args.classification.num_steps=5"),
-                "--trainer.limit_predict_batches=1", f"--ckpt_path={checkpoint}"])
+    cli = main(
+        [
+            "predict",
+            *tiny_args(tmp_path, "--model.init_args.classification.num_steps=5"),
+            "--trainer.limit_predict_batches=1",
+            f"--ckpt_path={checkpoint}",
+        ]
+    )
     assert cli.model.classification.num_steps == 5
 
 

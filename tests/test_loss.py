@@ -31,15 +31,21 @@ def test_min_snr_v_weight_equals_x_weight_through_the_parameterization():
 def test_weighted_v_loss_reduces_to_mse_without_gamma():
     v_pred, v_true = torch.randn(2, 4, 3, 8, 8)
     logsnr = torch.randn(4)
-    torch.testing.assert_close(weighted_v_loss(v_pred, v_true, logsnr, gamma=None), torch.nn.functional.mse_loss(v_pred, v_true))
+    torch.testing.assert_close(
+        weighted_v_loss(v_pred, v_true, logsnr, gamma=None), torch.nn.functional.mse_loss(v_pred, v_true)
+    )
     per_sample = (v_pred - v_true).pow(2).mean(dim=(1, 2, 3))
-    torch.testing.assert_close(weighted_v_loss(v_pred, v_true, logsnr, 5.0), (per_sample * min_snr_weight(logsnr)).mean())
+    torch.testing.assert_close(
+        weighted_v_loss(v_pred, v_true, logsnr, 5.0), (per_sample * min_snr_weight(logsnr)).mean()
+    )
 
 
 def test_v_eps_x_conversions_round_trip():
     torch.manual_seed(1)
     x, eps = torch.randn(2, 5, 12, 8, 8, dtype=torch.float64)
-    alpha, sigma = (broadcast_like(s, x) for s in ShiftedCosineSchedule(8).alpha_sigma(torch.rand(5, dtype=torch.float64)))
+    alpha, sigma = (
+        broadcast_like(s, x) for s in ShiftedCosineSchedule(8).alpha_sigma(torch.rand(5, dtype=torch.float64))
+    )
     z = diffuse(x, eps, alpha, sigma)
     v = v_target(x, eps, alpha, sigma)
     torch.testing.assert_close(x_from_v(z, v, alpha, sigma), x)

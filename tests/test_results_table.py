@@ -42,16 +42,24 @@ def train_and_test(root, config, *extra):
 
 def test_the_table_from_real_baseline_and_diffusion_runs(tmp_path, capsys):
     runs = tmp_path / "runs"
-    train_and_test(runs / "resnet18_skin", "baseline_demo", "--data.init_args.kind=skin", "--model.init_args.mc_dropout_passes=0")
+    train_and_test(
+        runs / "resnet18_skin", "baseline_demo", "--data.init_args.kind=skin", "--model.init_args.mc_dropout_passes=0"
+    )
     train_and_test(runs / "unet_chest", "demo", *TINY_UNET)
     (runs / "not_tested_yet").mkdir()  # a run without test results is skipped, not an error
     capsys.readouterr()
 
-    markdown = results_table([str(p) for p in sorted(runs.iterdir())] + ["--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")])
+    markdown = results_table(
+        [str(p) for p in sorted(runs.iterdir())]
+        + ["--markdown", str(tmp_path / "t.md"), "--csv", str(tmp_path / "t.csv")]
+    )
     assert capsys.readouterr().out == markdown == (tmp_path / "t.md").read_text()
     lines = markdown.splitlines()
-    assert lines[0] == ("| group | model | Synthetic chest accuracy (%) | Synthetic chest F1 | Synthetic chest AUROC | Synthetic chest ECE"
-                        " | Synthetic skin accuracy (%) | Synthetic skin F1 | Synthetic skin AUROC | Synthetic skin ECE |")
+    assert lines[0] == (
+        "| group | model | Synthetic chest accuracy (%) | Synthetic chest F1 | Synthetic chest AUROC"
+        " | Synthetic chest ECE"
+        " | Synthetic skin accuracy (%) | Synthetic skin F1 | Synthetic skin AUROC | Synthetic skin ECE |"
+    )
     assert [line.split(" | ")[:2] for line in lines[2:]] == [["| CNN", "ResNet-18"], ["| DM", "UNet"]]
     assert lines[2].split(" | ")[2:6] == ["-"] * 4  # no ResNet-18 run on the chest images
     assert lines[3].endswith("| - | - | - | - |")  # nor a UNet run on the skin images
@@ -85,14 +93,23 @@ def data(name, **args):
 
 
 def test_paper_layout_groups_and_order(tmp_path):
-    dit = {"class_path": "lightning_modules.DiffusionClassifier", "init_args": {"network": {
-        "class_path": "networks.DiT", "init_args": {"patch_size": 4, "hidden_size": 768, "depth": 12, "num_heads": 12}}}}
+    dit = {
+        "class_path": "lightning_modules.DiffusionClassifier",
+        "init_args": {
+            "network": {
+                "class_path": "networks.DiT",
+                "init_args": {"patch_size": 4, "hidden_size": 768, "depth": 12, "num_heads": 12},
+            }
+        },
+    }
     scores = lambda acc: {"accuracy": acc, "f1": acc - 0.001, "auroc": 0.95, "ece": 0.05}  # noqa: E731
     write_run(tmp_path / "a", dit, data("ISICDataModule", root="x"), scores(0.904))
     write_run(tmp_path / "b", baseline("swin_b"), data("CheXpertDataModule", root="x"), scores(0.861))
     write_run(tmp_path / "c", baseline("resnet50"), data("ISICDataModule", root="x"), scores(0.936))
     write_run(tmp_path / "d", baseline("resnet18"), data("CheXpertDataModule", root="x"), scores(0.909))
-    write_run(tmp_path / "e", baseline("resnet18"), data("ISICDataModule", root="x"), {**scores(0.944), "auroc": float("nan")})
+    write_run(
+        tmp_path / "e", baseline("resnet18"), data("ISICDataModule", root="x"), {**scores(0.944), "auroc": float("nan")}
+    )
     markdown = results_table([str(tmp_path / name) for name in "abcde"])
     assert markdown.splitlines() == [
         "| group | model | CheXpert accuracy (%) | CheXpert F1 | CheXpert AUROC | CheXpert ECE"
@@ -111,8 +128,10 @@ def test_models_and_data_sets_are_named_from_the_config():
     flips = baseline("resnet18")
     flips["init_args"]["test_time_flips"] = True
     assert describe_model(flips) == ("CNN", "ResNet-18 + test-time flips")
-    unet = {"class_path": "lightning_modules.DiffusionClassifier",
-            "init_args": {"network": {"class_path": "networks.ClassConditionalUNet"}}}
+    unet = {
+        "class_path": "lightning_modules.DiffusionClassifier",
+        "init_args": {"network": {"class_path": "networks.ClassConditionalUNet"}},
+    }
     assert describe_model(unet) == ("DM", "UNet")
     assert describe_data(data("MedMNISTDataModule", flag="pneumoniamnist")) == "PneumoniaMNIST"
     assert describe_data(data("SyntheticDataModule", kind="skin")) == "Synthetic skin"

@@ -61,8 +61,6 @@ data:
     return folder / "experiment.yaml"
 
 
-
-
 def fit(config: Path, root: Path, epochs: int, *extra: str):
     return main(["fit", *tiny_args(root, f"--config={config}", f"--trainer.max_epochs={epochs}"), *extra])
 
@@ -110,8 +108,9 @@ def test_resume_from_last_equals_straight_training(experiment, tmp_path):
     assert len(list((resumed_root / "tensorboard/version_0").glob("events.out.tfevents.*"))) == 2  # both runs
 
     # the same raw weights, EMA weights and EMA count, Adam state and LR schedule
-    end_straight, end_resumed = (torch.load(root / "checkpoints/last.ckpt", weights_only=False)
-                                 for root in (tmp_path / "straight", resumed_root))
+    end_straight, end_resumed = (
+        torch.load(root / "checkpoints/last.ckpt", weights_only=False) for root in (tmp_path / "straight", resumed_root)
+    )
     assert end_resumed["global_step"] == end_straight["global_step"] == 2 * STEPS_PER_EPOCH
     for key in ("state_dict", "current_model_state", "averaging_state", "optimizer_states", "lr_schedulers"):
         assert_same_tensors(end_resumed[key], end_straight[key], key)
@@ -138,11 +137,25 @@ def test_last_checkpoint_follows_the_run_when_the_monitored_metric_stops_improvi
     run killed in epoch 3 must resume from the end of epoch 2, not of epoch 1)."""
     from test_diffusion_classifier import tiny_args as tiny_with_validation
 
-    cli = main(["fit", *tiny_with_validation(
-        tmp_path, "--trainer.max_steps=-1", "--trainer.max_epochs=3", "--trainer.val_check_interval=null",
-        "--trainer.check_val_every_n_epoch=1", "--checkpoint.monitor=epoch", "--checkpoint.mode=min",
-        "--checkpoint.save_top_k=1", "--trainer.callbacks+=tests.test_resume.LastCheckpointSteps")])
+    cli = main(
+        [
+            "fit",
+            *tiny_with_validation(
+                tmp_path,
+                "--trainer.max_steps=-1",
+                "--trainer.max_epochs=3",
+                "--trainer.val_check_interval=null",
+                "--trainer.check_val_every_n_epoch=1",
+                "--checkpoint.monitor=epoch",
+                "--checkpoint.mode=min",
+                "--checkpoint.save_top_k=1",
+                "--trainer.callbacks+=tests.test_resume.LastCheckpointSteps",
+            ),
+        ]
+    )
     steps_per_epoch = 6  # 24 synthetic training images in batches of 4
     assert [p.name for p in (tmp_path / "checkpoints").glob("epoch=*.ckpt")] == [f"epoch=0-step={steps_per_epoch}.ckpt"]
-    recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "LastCheckpointSteps")  # imported as tests.test_resume
+    recorder = next(
+        c for c in cli.trainer.callbacks if type(c).__name__ == "LastCheckpointSteps"
+    )  # imported as tests.test_resume
     assert recorder.steps == [steps_per_epoch, 2 * steps_per_epoch]

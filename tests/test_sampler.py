@@ -9,22 +9,10 @@ import torch
 
 from diffusion.sampler import ddim_sample, guided_velocity, noise_to, sampling_times
 from diffusion.schedule import ShiftedCosineSchedule
+from tests.helpers import LabelledLinear
 
 SCHEDULE = ShiftedCosineSchedule(image_size=8)
-NULL = 2
-
-
-class LabelledLinear(torch.nn.Module):
-    """A small untrained denoiser whose output depends on z, t and the label."""
-
-    def __init__(self, channels=3):
-        super().__init__()
-        self.mix = torch.nn.Conv2d(channels, channels, 1)
-        self.label_shift = torch.nn.Embedding(NULL + 1, channels)
-        torch.nn.init.normal_(self.label_shift.weight)
-
-    def forward(self, z, t, labels):
-        return self.mix(z) * (1 + t.view(-1, 1, 1, 1)) + self.label_shift(labels)[:, :, None, None]
+NULL = 2  # LabelledLinear's null label: two classes
 
 
 def alpha_sigma(t: float):
@@ -104,8 +92,10 @@ def test_deterministic_ddim_follows_the_probability_flow_of_gaussian_data():
     a1, s1 = alpha_sigma(1.0)
     m = mu[labels].view(-1, 1, 1, 1)
     expected = m + spread * (z1 - a1 * m) / math.sqrt(a1**2 * spread**2 + s1**2)
-    errors = {steps: (ddim_sample(optimal_v, z1, labels, SCHEDULE, 1.0, steps, 0.0, NULL) - expected).abs().max().item()
-              for steps in (200, 400, 800)}
+    errors = {
+        steps: (ddim_sample(optimal_v, z1, labels, SCHEDULE, 1.0, steps, 0.0, NULL) - expected).abs().max().item()
+        for steps in (200, 400, 800)
+    }
     assert errors[800] < 3e-3, errors
     # DDIM is a first-order ODE solver: doubling the steps halves the error
     assert 0.4 < errors[400] / errors[200] < 0.6 and 0.4 < errors[800] / errors[400] < 0.6, errors

@@ -27,7 +27,9 @@ def test_logsnr_matches_the_closed_form_inside_the_clamp():
     expected = -2 * torch.log(torch.tan(angle)) + 2 * math.log(64 / 128)
     torch.testing.assert_close(schedule.logsnr(t), expected)
     # the remap is symmetric, so the midpoint is exactly the shift (lam = 0 unshifted)
-    assert schedule.logsnr(torch.tensor([0.5], dtype=torch.float64)).item() == pytest.approx(2 * math.log(0.5), abs=1e-12)
+    assert schedule.logsnr(torch.tensor([0.5], dtype=torch.float64)).item() == pytest.approx(
+        2 * math.log(0.5), abs=1e-12
+    )
     # and the remap barely moves t: within 1e-3 of the unclamped cosine schedule
     unclamped = -2 * torch.log(torch.tan(math.pi * t / 2)) + 2 * math.log(0.5)
     assert (schedule.logsnr(t) - unclamped).abs().max() < 1e-2

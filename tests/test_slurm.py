@@ -45,7 +45,7 @@ def directives(script: str) -> dict[str, str | bool]:
 
 def cli_words(script: str) -> list[str]:
     """The `python cli.py fit ...` command the job's srun runs, as words."""
-    after_srun = script[script.index("\nsrun "):].split("\n", 2)[2]  # skip srun's own line
+    after_srun = script[script.index("\nsrun ") :].split("\n", 2)[2]  # skip srun's own line
     return shlex.split(after_srun.replace("\\\n", " "))
 
 
@@ -54,6 +54,7 @@ def option_values(words: list[str]) -> dict[str, str]:
 
 
 # ---- rendering ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("nodes, gpus", [(1, 4), (2, 4), (3, 2)])
 def test_slurm_tasks_and_nodes_mirror_the_trainer(nodes, gpus):
@@ -86,7 +87,9 @@ def test_each_experiment_gets_the_run_root_of_its_config(tmp_path):
     nameless = tmp_path / "no_root.yaml"  # a config without default_root_dir: runs/<its name>
     nameless.write_text(yaml.safe_dump({"trainer": {"max_steps": 1}}))
     assert f"RUN_ROOT={REPO_ROOT}/runs/no_root\n" in render("--config", str(nameless))
-    assert f"RUN_ROOT={tmp_path}/elsewhere\n" in render("--config", str(nameless), "--root-dir", str(tmp_path / "elsewhere"))
+    assert f"RUN_ROOT={tmp_path}/elsewhere\n" in render(
+        "--config", str(nameless), "--root-dir", str(tmp_path / "elsewhere")
+    )
 
 
 def test_gres_only_for_gpus_and_cpus_per_task_from_the_data_workers():
@@ -100,13 +103,27 @@ def test_gres_only_for_gpus_and_cpus_per_task_from_the_data_workers():
 def test_optional_resources_only_when_asked():
     plain = directives(render("--config", "configs/demo.yaml"))
     assert not {"partition", "account", "mem"} & plain.keys()
-    full = directives(render("--config", "configs/demo.yaml", "--partition", "gpu", "--account", "lab",
-                             "--mem", "200G", "--cpus-per-task", "6"))
+    full = directives(
+        render(
+            "--config",
+            "configs/demo.yaml",
+            "--partition",
+            "gpu",
+            "--account",
+            "lab",
+            "--mem",
+            "200G",
+            "--cpus-per-task",
+            "6",
+        )
+    )
     assert (full["partition"], full["account"], full["mem"], full["cpus-per-task"]) == ("gpu", "lab", "200G", "6")
 
 
 def test_extra_args_reach_the_cli_and_may_not_override_the_resume():
-    script = render("--config", "configs/demo.yaml", "--extra-args", "--trainer.max_steps 7 --data.init_args.root='/a b'")
+    script = render(
+        "--config", "configs/demo.yaml", "--extra-args", "--trainer.max_steps 7 --data.init_args.root='/a b'"
+    )
     words = cli_words(script)
     assert words[-3:] == ["--trainer.max_steps", "7", "--data.init_args.root=/a b"]
     # No --ckpt_path: it would take precedence over the hpc checkpoint after a requeue.
@@ -127,7 +144,10 @@ def test_job_scripts_in_the_repository_are_up_to_date(script_path):
 
 
 def test_committed_scripts_cover_one_and_two_nodes_of_four_gpus():
-    shapes = {(d["nodes"], d["ntasks-per-node"], d["gres"]) for d in map(directives, map(Path.read_text, SLURM_DIR.glob("*.sbatch")))}
+    shapes = {
+        (d["nodes"], d["ntasks-per-node"], d["gres"])
+        for d in map(directives, map(Path.read_text, SLURM_DIR.glob("*.sbatch")))
+    }
     assert {("1", "4", "gpu:4"), ("2", "4", "gpu:4")} <= shapes
 
 
@@ -141,14 +161,22 @@ def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
     config = resolved("baseline_demo")  # no callbacks of its own
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config))
-    made = subprocess.run(["make", "-s", "slurm-job", f"CONFIG={tmp_path / 'exp.yaml'}", "NODES=1", "GPUS=2",
-                           f"PYTHON={sys.executable}"], cwd=REPO_ROOT, capture_output=True, text=True)
+    made = subprocess.run(
+        ["make", "-s", "slurm-job", f"CONFIG={tmp_path / 'exp.yaml'}", "NODES=1", "GPUS=2", f"PYTHON={sys.executable}"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert made.returncode == 0, made.stderr
     assert directives(made.stdout)["ntasks-per-node"] == "2"
     # The CLI parses every option the job passes (the callback appended to an absent list too).
     words = cli_words(made.stdout)
-    printed = subprocess.run([sys.executable, *words[1:], "--trainer.accelerator", "cpu", "--print_config"],
-                             cwd=REPO_ROOT, capture_output=True, text=True)
+    printed = subprocess.run(
+        [sys.executable, *words[1:], "--trainer.accelerator", "cpu", "--print_config"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert printed.returncode == 0, printed.stderr[-3000:]
     trainer = yaml.safe_load(printed.stdout)["trainer"]
     assert (str(trainer["devices"]), trainer["num_nodes"], trainer["strategy"]) == ("2", 1, "ddp")
@@ -160,16 +188,20 @@ def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
 SLURM_PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "scancel", "sinfo")
 FINISHED_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # The demo config made tiny: 2 x 8 images a step, no sanity check; `val_steps` 2 noise draws.
-TINY_DEMO = ("--trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1 --trainer.enable_model_summary false "
-             "--data.init_args.num_train 256 --data.init_args.num_val 16 --data.init_args.num_test 16 "
-             "--global_batch_size=8 --model.init_args.val_steps 2")
+TINY_DEMO = (
+    "--trainer.num_sanity_val_steps 0 --trainer.log_every_n_steps 1 --trainer.enable_model_summary false "
+    "--data.init_args.num_train 256 --data.init_args.num_val 16 --data.init_args.num_test 16 "
+    "--global_batch_size=8 --model.init_args.val_steps 2"
+)
 
 
 def why_no_slurm() -> str | None:
     missing = [program for program in SLURM_PROGRAMS if shutil.which(program) is None]
     if missing:
-        return (f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
-                "slurm-client munge (Debian), as .ci/run does")
+        return (
+            f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd "
+            "slurm-client munge (Debian), as .ci/run does"
+        )
     if os.geteuid() != 0:
         return "the local SLURM runs slurmd and slurmctld as root (SlurmUser=root): run as root"
     try:
@@ -222,10 +254,21 @@ class LocalSlurm:
         key.chmod(0o600)
         for path in (self.munge, key):
             shutil.chown(path, "munge", "munge")
-        subprocess.run(["munged", f"--key-file={key}", f"--socket={self.munge}/munge.socket",
-                        f"--pid-file={self.munge}/munged.pid", f"--log-file={self.munge}/munged.log",
-                        f"--seed-file={self.munge}/munged.seed"],
-                       user="munge", group="munge", extra_groups=[], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "munged",
+                f"--key-file={key}",
+                f"--socket={self.munge}/munge.socket",
+                f"--pid-file={self.munge}/munged.pid",
+                f"--log-file={self.munge}/munged.log",
+                f"--seed-file={self.munge}/munged.seed",
+            ],
+            user="munge",
+            group="munge",
+            extra_groups=[],
+            check=True,
+            capture_output=True,
+        )
 
     def slurm_conf(self) -> str:
         # `slurmd -C` prints this machine as a NodeName line: its real CPUs and RealMemory.
@@ -286,8 +329,9 @@ PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
         return dict(re.findall(r"(\w+)=(\S*)", self.slurm("scontrol", "-o", "show", "job", job_id)))
 
     def wait_until_finished(self, job_id: str, log: Path, timeout: float) -> dict[str, str]:
-        self.wait_for(lambda: self.job(job_id)["JobState"] in FINISHED_STATES, timeout,
-                      f"job {job_id} to finish", log=log)
+        self.wait_for(
+            lambda: self.job(job_id)["JobState"] in FINISHED_STATES, timeout, f"job {job_id} to finish", log=log
+        )
         return self.job(job_id)
 
     def wait_for(self, condition, timeout: float, what: str, log: Path | None = None, fail: bool = True) -> bool:
@@ -297,8 +341,10 @@ PartitionName=debug Nodes={name} Default=YES MaxTime=INFINITE State=UP
                 return True
             time.sleep(0.5)
         if fail:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{read_log(log) if log else ''}"
-                        f"\n{self.daemon_logs()}")
+            pytest.fail(
+                f"timed out after {timeout:.0f} s waiting for {what}\n{read_log(log) if log else ''}"
+                f"\n{self.daemon_logs()}"
+            )
         return False
 
     def daemon_logs(self) -> str:
@@ -332,8 +378,11 @@ def read_log(log: Path) -> str:
     return re.sub(r"\n\s*\n", "\n", text)
 
 
-KEY_LINES = re.compile(r"^job \d+ |GLOBAL_RANK|Starting with|training starts|auto-requeue|Requeued|"
-                       r"DUE TO JOB REQUEUE|Restor|hpc checkpoints|TensorBoard:|fit` stopped", re.MULTILINE)
+KEY_LINES = re.compile(
+    r"^job \d+ |GLOBAL_RANK|Starting with|training starts|auto-requeue|Requeued|"
+    r"DUE TO JOB REQUEUE|Restor|hpc checkpoints|TensorBoard:|fit` stopped",
+    re.MULTILINE,
+)
 
 
 def print_key_lines(text: str) -> None:
@@ -364,26 +413,46 @@ def submit_demo(cluster: LocalSlurm, name: str, extra_args: str) -> tuple[str, P
     """Renders the demo config's job script for 2 CPU tasks on 1 node and sbatches it."""
     root = cluster.folder / "runs" / name
     script = cluster.folder / f"{name}.sbatch"
-    script.write_text(render("--config", "configs/demo.yaml", "--accelerator", "cpu", "--gpus-per-node", "2",
-                             "--job-name", name, "--root-dir", str(root), "--time", "10:00",
-                             "--python", sys.executable, "--extra-args", f"{TINY_DEMO} {extra_args}"))
+    script.write_text(
+        render(
+            "--config",
+            "configs/demo.yaml",
+            "--accelerator",
+            "cpu",
+            "--gpus-per-node",
+            "2",
+            "--job-name",
+            name,
+            "--root-dir",
+            str(root),
+            "--time",
+            "10:00",
+            "--python",
+            sys.executable,
+            "--extra-args",
+            f"{TINY_DEMO} {extra_args}",
+        )
+    )
     root.mkdir(parents=True)
     job_id = cluster.submit(script)
     return job_id, root, root / f"slurm-{job_id}.out"
 
 
 def test_real_slurm_runs_the_rendered_job_with_two_ddp_ranks(slurm):
-    job_id, root, log = submit_demo(slurm, "two_ranks", "--trainer.max_steps 4 --trainer.val_check_interval 4 "
-                                                         "--trainer.limit_val_batches 1")
+    job_id, root, log = submit_demo(
+        slurm, "two_ranks", "--trainer.max_steps 4 --trainer.val_check_interval 4 --trainer.limit_val_batches 1"
+    )
     job = slurm.wait_until_finished(job_id, log, timeout=240)
     text = read_log(log)
     print_key_lines(text)
     assert job["JobState"] == "COMPLETED", text
-    for line in ("Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2",
-                 "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2",
-                 "All distributed processes registered. Starting with 2 processes",
-                 "training starts at global step 0, epoch 0 (SLURM restart 0, 2 processes)",
-                 f"TensorBoard: tensorboard --logdir {root}/tensorboard"):
+    for line in (
+        "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2",
+        "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2",
+        "All distributed processes registered. Starting with 2 processes",
+        "training starts at global step 0, epoch 0 (SLURM restart 0, 2 processes)",
+        f"TensorBoard: tensorboard --logdir {root}/tensorboard",
+    ):
         assert line in text, text
     assert global_step(root / "checkpoints" / "last.ckpt") == 4
     assert list((root / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
@@ -397,8 +466,11 @@ def test_real_slurm_runs_the_rendered_job_with_two_ddp_ranks(slurm):
 @pytest.mark.slow
 def test_real_slurm_requeues_on_sigusr1_and_resumes_from_the_hpc_checkpoint(slurm):
     max_steps = 16
-    job_id, root, log = submit_demo(slurm, "requeue", f"--trainer.max_steps {max_steps} --trainer.limit_val_batches 0 "
-                                                      "--checkpoint.every_n_train_steps 4")
+    job_id, root, log = submit_demo(
+        slurm,
+        "requeue",
+        f"--trainer.max_steps {max_steps} --trainer.limit_val_batches 0 --checkpoint.every_n_train_steps 4",
+    )
     # Signal once training has made progress: the first periodic checkpoint shows step 4 is done.
     slurm.wait_for(lambda: any((root / "checkpoints").glob("*step=*.ckpt")), 180, "step 4 of the training", log=log)
     # Plain `scancel --signal` signals the job steps (srun's Lightning processes), as
@@ -408,9 +480,11 @@ def test_real_slurm_requeues_on_sigusr1_and_resumes_from_the_hpc_checkpoint(slur
     job = slurm.wait_until_finished(job_id, log, timeout=240)
     text = read_log(log)
     print_key_lines(text)
-    print(f"scontrol: JobState={job['JobState']} Restarts={job['Restarts']}; hpc_ckpt_1.ckpt at global step "
-          f"{global_step(hpc_checkpoint) if hpc_checkpoint.exists() else None}; "
-          f"last.ckpt at global step {global_step(root / 'checkpoints' / 'last.ckpt')}")
+    print(
+        f"scontrol: JobState={job['JobState']} Restarts={job['Restarts']}; hpc_ckpt_1.ckpt at global step "
+        f"{global_step(hpc_checkpoint) if hpc_checkpoint.exists() else None}; "
+        f"last.ckpt at global step {global_step(root / 'checkpoints' / 'last.ckpt')}"
+    )
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", text
 
     assert hpc_checkpoint.exists(), text

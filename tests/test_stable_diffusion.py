@@ -21,8 +21,11 @@ from diffusion.sampler import ddim_sample, noise_to
 from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
 from networks.stable_diffusion import PAPER_PROMPTS, LatentTransform, MissingWeightsError, PromptDenoiser
+from tests.helpers import flip_rate_of
 
-PROMPT_WORDS = sorted({word for prompts in PAPER_PROMPTS.values() for prompt in prompts for word in prompt.replace(",", " ").split()})
+PROMPT_WORDS = sorted(
+    {word for prompts in PAPER_PROMPTS.values() for prompt in prompts for word in prompt.replace(",", " ").split()}
+)
 IMAGE_SIZE = 16  # the tiny VAE halves it: 4 x 8 x 8 latents
 
 
@@ -53,6 +56,8 @@ def build_tiny_stable_diffusion(root, prediction_type="epsilon"):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
+    # one call per part, compact: expanded one argument per line, the four calls look alike
+    # fmt: off
     vocab_size = write_tiny_tokenizer(root / "tokenizer")
     CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
                                  num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=1,
@@ -66,6 +71,7 @@ def build_tiny_stable_diffusion(root, prediction_type="epsilon"):
                   norm_num_groups=8, sample_size=IMAGE_SIZE).save_pretrained(root / "vae")
     DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                   prediction_type=prediction_type).save_pretrained(root / "scheduler")
+    # fmt: on
     return root
 
 
@@ -90,7 +96,9 @@ def v_weights(weights, tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-sd-v")
     for part in ("unet", "vae", "text_encoder", "tokenizer"):
         (root / part).symlink_to(weights / part)
-    config = json.loads((weights / "scheduler" / "scheduler_config.json").read_text()) | {"prediction_type": "v_prediction"}
+    config = json.loads((weights / "scheduler" / "scheduler_config.json").read_text()) | {
+        "prediction_type": "v_prediction"
+    }
     (root / "scheduler").mkdir()
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
     return root
@@ -98,19 +106,28 @@ def v_weights(weights, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chest_model(weights):
-    return StableDiffusionClassifier(str(weights), num_classes=2, class_names=["no_finding", "pleural_effusion"],
-                                     image_size=IMAGE_SIZE, gradient_checkpointing=False).eval()
+    return StableDiffusionClassifier(
+        str(weights),
+        num_classes=2,
+        class_names=["no_finding", "pleural_effusion"],
+        image_size=IMAGE_SIZE,
+        gradient_checkpointing=False,
+    ).eval()
 
 
 def tiny_data(kind="chest", **options):
-    return SyntheticDataModule(kind=kind, image_size=IMAGE_SIZE, **{"num_train": 4, "num_val": 2, "num_test": 3, "batch_size": 2} | options)
+    return SyntheticDataModule(
+        kind=kind, image_size=IMAGE_SIZE, **{"num_train": 4, "num_val": 2, "num_test": 3, "batch_size": 2} | options
+    )
 
 
 def test_missing_sub_folders_are_named_before_anything_loads(weights, tmp_path):
     partial = tmp_path / "partial"
     for part in ("unet", "text_encoder", "scheduler"):
         shutil.copytree(weights / part, partial / part)
-    with pytest.raises(MissingWeightsError, match=r"missing sub-folder\(s\) vae/, tokenizer/ \(expected the diffusers layout"):
+    with pytest.raises(
+        MissingWeightsError, match=r"missing sub-folder\(s\) vae/, tokenizer/ \(expected the diffusers layout"
+    ):
         StableDiffusionClassifier(str(partial))
     (partial / "vae").mkdir()  # an interrupted download: the folder without its files
     with pytest.raises(FileNotFoundError, match=r"vae/config\.json, tokenizer/"):
@@ -127,8 +144,12 @@ def test_loading_freezes_vae_and_text_encoder_and_reads_the_prediction_type(ches
     assert not any(p.requires_grad for p in [*model.vae.parameters(), *model.text_encoder.parameters()])
     assert all(p.requires_grad for p in model.unet.parameters())
     model.eval()
-    assert StableDiffusionClassifier(str(v_weights), gradient_checkpointing=False,
-                                     class_names=["benign", "melanoma"]).prediction_type == "v_prediction"
+    assert (
+        StableDiffusionClassifier(
+            str(v_weights), gradient_checkpointing=False, class_names=["benign", "melanoma"]
+        ).prediction_type
+        == "v_prediction"
+    )
 
 
 def test_a_class_without_prompt_is_refused_by_name(weights):
@@ -145,8 +166,12 @@ def test_latents_use_the_vae_scaling_factor_and_grayscale_is_repeated(chest_mode
 
 
 def test_text_embeddings_average_the_prompts_and_are_cached_until_they_change(weights):
-    model = StableDiffusionClassifier(str(weights), class_names=["benign", "melanoma"], gradient_checkpointing=False,
-                                      prompts={"benign": ["a benign skin lesion", "a skin lesion"], "melanoma": "melanoma"})
+    model = StableDiffusionClassifier(
+        str(weights),
+        class_names=["benign", "melanoma"],
+        gradient_checkpointing=False,
+        prompts={"benign": ["a benign skin lesion", "a skin lesion"], "melanoma": "melanoma"},
+    )
     table = model.text_embeddings()
     assert table.shape == (3, 16, 32)  # two classes and the empty prompt, 16 tokens, width 32
     torch.testing.assert_close(table[0], model.encode_prompts(["a benign skin lesion", "a skin lesion"]).mean(0))
@@ -195,7 +220,9 @@ def test_classification_votes_for_every_image_and_is_reproducible(chest_model):
     torch.testing.assert_close(first["errors"], again["errors"])  # same seed, same (eps, t), same errors
     other_seed = model.classify(batch, ClassifierSettings(num_steps=5, max_forward_batch=8, seed=1))
     assert not torch.equal(other_seed["errors"], first["errors"])
-    alone = model.classify({key: value[1:] for key, value in batch.items()}, settings)  # noise is per image id, not per batch
+    alone = model.classify(
+        {key: value[1:] for key, value in batch.items()}, settings
+    )  # noise is per image id, not per batch
     torch.testing.assert_close(alone["errors"], first["errors"][1:], rtol=1e-4, atol=1e-6)
 
 
@@ -204,7 +231,12 @@ class TargetOracle(torch.nn.Module):
 
     def __init__(self, latents, noise, alphas_cumprod, prediction_type):
         super().__init__()
-        self.latents, self.noise, self.alphas_cumprod, self.prediction_type = latents, noise, alphas_cumprod, prediction_type
+        self.latents, self.noise, self.alphas_cumprod, self.prediction_type = (
+            latents,
+            noise,
+            alphas_cumprod,
+            prediction_type,
+        )
 
     def forward(self, noisy, timesteps, encoder_hidden_states, return_dict):
         alpha_squared = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
@@ -212,28 +244,44 @@ class TargetOracle(torch.nn.Module):
         torch.testing.assert_close(noisy, z)  # the recipe's add_noise is z = alpha*x + sigma*eps
         if self.prediction_type == "epsilon":
             return (self.noise,)
-        return (alpha_squared.sqrt() * self.noise - (1 - alpha_squared).sqrt() * self.latents,)  # v = alpha*eps - sigma*x
+        return (
+            alpha_squared.sqrt() * self.noise - (1 - alpha_squared).sqrt() * self.latents,
+        )  # v = alpha*eps - sigma*x
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_training_target_follows_the_prediction_type(prediction_type, weights, v_weights):
-    model = StableDiffusionClassifier(str(weights if prediction_type == "epsilon" else v_weights), gradient_checkpointing=False,
-                                      class_names=["benign", "melanoma"])
+    model = StableDiffusionClassifier(
+        str(weights if prediction_type == "epsilon" else v_weights),
+        gradient_checkpointing=False,
+        class_names=["benign", "melanoma"],
+    )
     latents, noise, timesteps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999])
     model.unet = TargetOracle(latents, noise, model.noise_scheduler.alphas_cumprod, prediction_type)
     loss = model.diffusion_loss(latents, torch.tensor([0, 1, 0]), timesteps, noise, dropout=0.0)
     assert loss < 1e-10
     model.unet.prediction_type = "v_prediction" if prediction_type == "epsilon" else "epsilon"
-    assert model.diffusion_loss(latents, torch.tensor([0, 1, 0]), timesteps, noise, dropout=0.0) > 1e-3  # the other target
+    assert (
+        model.diffusion_loss(latents, torch.tensor([0, 1, 0]), timesteps, noise, dropout=0.0) > 1e-3
+    )  # the other target
 
 
 def test_one_fine_tuning_step_changes_the_unet_only(weights, tmp_path):
-    model = StableDiffusionClassifier(str(weights), class_names=["no_finding", "pleural_effusion"], label_dropout=0.5,
-                                      image_size=IMAGE_SIZE)  # gradient checkpointing on, as in the configs
+    model = StableDiffusionClassifier(
+        str(weights), class_names=["no_finding", "pleural_effusion"], label_dropout=0.5, image_size=IMAGE_SIZE
+    )  # gradient checkpointing on, as in the configs
     assert model.unet.is_gradient_checkpointing
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=tiny_data())
     assert trainer.global_step == 1
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
@@ -244,10 +292,20 @@ def test_one_fine_tuning_step_changes_the_unet_only(weights, tmp_path):
 
 
 def test_validation_loss_and_test_outputs(weights, tmp_path):
-    model = StableDiffusionClassifier(str(weights), class_names=["no_finding", "pleural_effusion"], gradient_checkpointing=False,
-                                      val_steps=2, classification=ClassifierSettings(num_steps=3, max_forward_batch=8))
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      default_root_dir=tmp_path)
+    model = StableDiffusionClassifier(
+        str(weights),
+        class_names=["no_finding", "pleural_effusion"],
+        gradient_checkpointing=False,
+        val_steps=2,
+        classification=ClassifierSettings(num_steps=3, max_forward_batch=8),
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     validation = trainer.validate(model, datamodule=tiny_data(), verbose=False)[0]
     assert {"val/loss", "val/accuracy", "val/f1"} <= set(validation)
     trainer.test(model, datamodule=tiny_data(), verbose=False)
@@ -260,7 +318,9 @@ def test_validation_loss_and_test_outputs(weights, tmp_path):
 def test_combined_datamodule_concatenates_sources_with_their_own_prompt_sets():
     chest, skin = tiny_data("chest", num_train=4), tiny_data("skin", num_train=6)
     combined = CombinedDataModule([chest, skin], batch_size=5, num_workers=0)
-    assert combined.class_names == ["no_finding", "pleural_effusion", "benign", "melanoma"] and combined.num_classes == 4
+    assert (
+        combined.class_names == ["no_finding", "pleural_effusion", "benign", "melanoma"] and combined.num_classes == 4
+    )
     assert combined.image_size == IMAGE_SIZE
     combined.setup()
     chest.setup()
@@ -291,26 +351,49 @@ def in_repo_root(repo_root, monkeypatch):
 
 
 def synthetic_overrides(kind):
-    return ["--data=datamodules.SyntheticDataModule", f"--data.init_args.kind={kind}",
-            f"--data.init_args.image_size={IMAGE_SIZE}", "--data.init_args.num_train=4", "--data.init_args.num_val=2",
-            "--data.init_args.num_test=3", "--global_batch_size=2", "--data.init_args.num_workers=0"]
+    return [
+        "--data=datamodules.SyntheticDataModule",
+        f"--data.init_args.kind={kind}",
+        f"--data.init_args.image_size={IMAGE_SIZE}",
+        "--data.init_args.num_train=4",
+        "--data.init_args.num_val=2",
+        "--data.init_args.num_test=3",
+        "--global_batch_size=2",
+        "--data.init_args.num_workers=0",
+    ]
 
 
-CLI_QUIET = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.enable_progress_bar=false",
-             "--trainer.enable_model_summary=false", "--model.init_args.gradient_checkpointing=false"]
+CLI_QUIET = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.init_args.gradient_checkpointing=false",
+]
 
 
 def synthetic_source(kind):
-    return (f"{{class_path: datamodules.SyntheticDataModule, init_args: {{kind: {kind}, image_size: {IMAGE_SIZE}, "
-            "num_train: 2, num_val: 2, num_test: 2, num_workers: 0}}")
+    return (
+        f"{{class_path: datamodules.SyntheticDataModule, init_args: {{kind: {kind}, image_size: {IMAGE_SIZE}, "
+        "num_train: 2, num_val: 2, num_test: 2, num_workers: 0}}"
+    )
 
 
-@pytest.mark.parametrize("config,kind", [("sd_zeroshot_chexpert", "chest"), ("sd_zeroshot_isic", "skin"),
-                                         ("sd_chexpert", "chest"), ("sd_isic", "skin")])
+@pytest.mark.parametrize(
+    "config,kind",
+    [("sd_zeroshot_chexpert", "chest"), ("sd_zeroshot_isic", "skin"), ("sd_chexpert", "chest"), ("sd_isic", "skin")],
+)
 def test_classification_configs_parse_and_build_the_model(config, kind, weights, tmp_path, in_repo_root):
-    cli = load_experiment(f"configs/{config}.yaml", overrides=[
-        f"--model.init_args.weights_dir={weights}", f"--trainer.default_root_dir={tmp_path}", *CLI_QUIET,
-        *synthetic_overrides(kind), "--model.init_args.finetuned_checkpoint=null"])
+    cli = load_experiment(
+        f"configs/{config}.yaml",
+        overrides=[
+            f"--model.init_args.weights_dir={weights}",
+            f"--trainer.default_root_dir={tmp_path}",
+            *CLI_QUIET,
+            *synthetic_overrides(kind),
+            "--model.init_args.finetuned_checkpoint=null",
+        ],
+    )
     model = cli.model
     assert isinstance(model, StableDiffusionClassifier) and model.prediction_type == "epsilon"
     expected = ["no_finding", "pleural_effusion"] if kind == "chest" else ["benign", "melanoma"]
@@ -320,25 +403,50 @@ def test_classification_configs_parse_and_build_the_model(config, kind, weights,
         assert model.hparams.explain is False
         explanation = model.explanation
         assert (explanation.t0, explanation.guidance_scale, explanation.sampling_steps) == (
-            0.5 if kind == "chest" else 0.3, 7.5, 256)
+            0.5 if kind == "chest" else 0.3,
+            7.5,
+            256,
+        )
     assert cli.trainer.precision == "32-true"  # overridden here; the configs ask for bf16-mixed
 
 
-def test_finetune_config_trains_on_combined_data_and_a_test_config_classifies_with_its_checkpoint(weights, tmp_path, in_repo_root):
+def test_finetune_config_trains_on_combined_data_and_a_test_config_classifies_with_its_checkpoint(
+    weights, tmp_path, in_repo_root
+):
     sources = f"--data.init_args.datamodules=[{synthetic_source('chest')}, {synthetic_source('skin')}]"
-    fit = main(["fit", "--config=configs/sd_finetune.yaml", f"--model.init_args.weights_dir={weights}", sources,
-                f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-                "--global_batch_size=2", "--data.init_args.num_workers=0",
-                "--model.init_args.classification.num_steps=3", *CLI_QUIET])
+    fit = main(
+        [
+            "fit",
+            "--config=configs/sd_finetune.yaml",
+            f"--model.init_args.weights_dir={weights}",
+            sources,
+            f"--trainer.default_root_dir={tmp_path}",
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+            "--global_batch_size=2",
+            "--data.init_args.num_workers=0",
+            "--model.init_args.classification.num_steps=3",
+            *CLI_QUIET,
+        ]
+    )
     assert fit.trainer.global_step == 1 and isinstance(fit.datamodule, CombinedDataModule)
     assert fit.model.class_names == ["no_finding", "pleural_effusion", "benign", "melanoma"]
     assert fit.model.hparams.learning_rate == 1e-5 and fit.trainer.max_steps == 1
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
     tuned_unet = {k: v.clone() for k, v in fit.model.unet.state_dict().items()}
 
-    test = main(["test", "--config=configs/sd_chexpert.yaml", f"--model.init_args.weights_dir={weights}",
-                 f"--model.init_args.finetuned_checkpoint={checkpoint}", "--model.init_args.classification.num_steps=3",
-                 f"--trainer.default_root_dir={tmp_path / 'test'}", *CLI_QUIET, *synthetic_overrides("chest")])
+    test = main(
+        [
+            "test",
+            "--config=configs/sd_chexpert.yaml",
+            f"--model.init_args.weights_dir={weights}",
+            f"--model.init_args.finetuned_checkpoint={checkpoint}",
+            "--model.init_args.classification.num_steps=3",
+            f"--trainer.default_root_dir={tmp_path / 'test'}",
+            *CLI_QUIET,
+            *synthetic_overrides("chest"),
+        ]
+    )
     model = test.model
     assert model.class_names == ["no_finding", "pleural_effusion"]
     assert model.class_prompts == [PAPER_PROMPTS["no_finding"], PAPER_PROMPTS["pleural_effusion"]]
@@ -355,11 +463,19 @@ def test_configs_without_weights_dir_are_refused(tmp_path, capsys, in_repo_root)
             main(["test", f"--config=configs/{config}.yaml", *CLI_QUIET, *synthetic_overrides("chest")])
         assert "weights_dir" in capsys.readouterr().err
     with pytest.raises((ValueError, FileNotFoundError), match=r"Stable Diffusion weights at .*nowhere"):
-        main(["test", "--config=configs/sd_zeroshot_chexpert.yaml", f"--model.init_args.weights_dir={tmp_path / 'nowhere'}",
-              *CLI_QUIET, *synthetic_overrides("chest")])
+        main(
+            [
+                "test",
+                "--config=configs/sd_zeroshot_chexpert.yaml",
+                f"--model.init_args.weights_dir={tmp_path / 'nowhere'}",
+                *CLI_QUIET,
+                *synthetic_overrides("chest"),
+            ]
+        )
 
 
 # ---- counterfactual explanations (predict with explain: true) ------------------------------
+
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_ddim_in_discrete_time_returns_the_clean_latent_of_an_oracle_unet(prediction_type, chest_model):
@@ -422,24 +538,58 @@ def test_explanations_at_t0_zero_are_the_vae_round_trip_and_the_seed_fixes_them(
 
 
 def test_predict_with_explain_writes_pngs_npz_and_explain_json(weights, tmp_path, in_repo_root):
-    cli = main(["predict", "--config=configs/sd_isic.yaml", f"--model.init_args.weights_dir={weights}",
-                "--model.init_args.finetuned_checkpoint=null", "--model.init_args.classification.num_steps=2",
-                "--model.init_args.explain=true", "--model.init_args.explanation.sampling_steps=2",
-                "--model.init_args.explanation.flip_steps=2", f"--trainer.default_root_dir={tmp_path}",
-                *CLI_QUIET, *synthetic_overrides("skin")])
+    cli = main(
+        [
+            "predict",
+            "--config=configs/sd_isic.yaml",
+            f"--model.init_args.weights_dir={weights}",
+            "--model.init_args.finetuned_checkpoint=null",
+            "--model.init_args.classification.num_steps=2",
+            "--model.init_args.explain=true",
+            "--model.init_args.explanation.sampling_steps=2",
+            "--model.init_args.explanation.flip_steps=2",
+            f"--trainer.default_root_dir={tmp_path}",
+            *CLI_QUIET,
+            *synthetic_overrides("skin"),
+        ]
+    )
     run = tmp_path / "tensorboard" / f"version_{cli.trainer.logger.version}"
     folder = run / "explanations"
     assert sorted(p.name for p in folder.glob("image_*.png")) == ["image_6.png", "image_7.png", "image_8.png"]
     assert (folder / "summary.png").is_file()
     arrays = [np.load(path) for path in sorted(folder.glob("ids_*.npz"))]
     assert sorted(int(i) for a in arrays for i in a["id"]) == [6, 7, 8]
-    assert {"id", "factual", "images", "reconstructions", "maps", "signed", "l1", "l2", "inside", "outside", "flip",
-            "flip_prediction", "label"} <= set(arrays[0].files)
+    assert {
+        "id",
+        "factual",
+        "images",
+        "reconstructions",
+        "maps",
+        "signed",
+        "l1",
+        "l2",
+        "inside",
+        "outside",
+        "flip",
+        "flip_prediction",
+        "label",
+    } <= set(arrays[0].files)
     assert arrays[0]["reconstructions"].shape[1:] == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
     assert arrays[0]["maps"].shape[1:] == (2, IMAGE_SIZE, IMAGE_SIZE) and not arrays[0]["signed"].any()  # colour
     numbers = json.loads((run / "explain.json").read_text())
-    assert {"n_images", "n_counterfactuals", "flip_rate", "factual_kept_rate", "flip_rate_by_target", "concentration_ratio",
-            "l1_input_factual", "l2_input_counterfactual", "settings"} <= set(numbers)
-    assert numbers["n_images"] == 3 and numbers["n_counterfactuals"] == 3 and 0 <= numbers["flip_rate"] <= 1
+    assert {
+        "n_images",
+        "n_counterfactuals",
+        "flip_rate",
+        "factual_kept_rate",
+        "flip_rate_by_target",
+        "concentration_ratio",
+        "l1_input_factual",
+        "l2_input_counterfactual",
+        "settings",
+    } <= set(numbers)
+    arrays = [np.load(path) for path in (run / "explanations").glob("ids_*.npz")]
+    assert numbers["n_images"] == 3 and numbers["n_counterfactuals"] == 3
+    assert numbers["flip_rate"] == pytest.approx(flip_rate_of(arrays))
     assert numbers["settings"]["t0"] == 0.3 and numbers["settings"]["sampling_steps"] == 2  # sd_isic.yaml's t0
     assert (run / "predictions.csv").read_text().count("\n") == 1 + 3  # predictions are still written

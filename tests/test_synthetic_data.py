@@ -9,8 +9,7 @@ KINDS = ["chest", "skin"]
 
 
 def make(kind="chest", size=16, n=(20, 10, 10), **kwargs):
-    return SyntheticDataModule(kind=kind, image_size=size, num_train=n[0], num_val=n[1],
-                               num_test=n[2], **kwargs)
+    return SyntheticDataModule(kind=kind, image_size=size, num_train=n[0], num_val=n[1], num_test=n[2], **kwargs)
 
 
 def images(dm, split):
@@ -111,8 +110,7 @@ def chest_statistic(x):
     """Brightness of the lung bases: mean intensity in a box over the lower part of each lung
     field (y in [0.05, 0.3], |x| in [0.22, 0.5] in [-1, 1] coordinates), the brighter side."""
     y, xx = coordinates(x.shape[-1])
-    side_means = [x[:, 0][:, (y > 0.05) & (y < 0.3) & (s * xx > 0.22) & (s * xx < 0.5)].mean(1)
-                  for s in (-1, 1)]
+    side_means = [x[:, 0][:, (y > 0.05) & (y < 0.3) & (s * xx > 0.22) & (s * xx < 0.5)].mean(1) for s in (-1, 1)]
     return torch.maximum(*side_means)
 
 
@@ -120,7 +118,7 @@ def skin_statistic(x):
     """Lesion area: fraction of the pixels inside the dermatoscope's field (radius 0.9) darker than
     0.75 x the median brightness there (the median is skin, since lesions cover well under half)."""
     y, xx = coordinates(x.shape[-1])
-    field = xx ** 2 + y ** 2 < 0.81
+    field = xx**2 + y**2 < 0.81
     brightness = (x + 1).mean(1)[:, field]
     return (brightness < 0.75 * brightness.median(1, keepdim=True).values).float().mean(1)
 

@@ -4,8 +4,14 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D, DownBloc
 
 from networks import ClassConditionalUNet
 
-TINY = dict(block_out_channels=(16, 32, 32), layers_per_block=1, cross_attention_resolution=4,
-            cross_attention_dim=32, attention_heads=2, norm_num_groups=8)
+TINY = dict(
+    block_out_channels=(16, 32, 32),
+    layers_per_block=1,
+    cross_attention_resolution=4,
+    cross_attention_dim=32,
+    attention_heads=2,
+    norm_num_groups=8,
+)
 
 
 def test_shape_and_class_conditioning():
@@ -29,7 +35,11 @@ def test_cross_attention_only_at_and_below_the_configured_resolution():
     kinds = [type(block) for block in model.unet.down_blocks]
     assert kinds == [DownBlock2D, DownBlock2D, CrossAttnDownBlock2D]
     model = ClassConditionalUNet(2, 12, 16, **{**TINY, "cross_attention_resolution": 8})
-    assert [type(block) for block in model.unet.down_blocks] == [DownBlock2D, CrossAttnDownBlock2D, CrossAttnDownBlock2D]
+    assert [type(block) for block in model.unet.down_blocks] == [
+        DownBlock2D,
+        CrossAttnDownBlock2D,
+        CrossAttnDownBlock2D,
+    ]
 
 
 def test_attention_heads_is_the_number_of_heads():

@@ -1,9 +1,14 @@
+"""voting.summarize, the one path from an error matrix to per-image outputs, on hand-made errors:
+NaN (step not evaluated), +inf (class pruned), ties, entropies and scores computed by hand."""
+
 import math
 
 import pytest
 import torch
 
-from diffusion.voting import majority_vote, mean_error_rule, predict, step_votes, vote_counts, vote_entropy
+from diffusion.voting import summarize, vote_counts, vote_entropy
+
+NAN, INF = float("nan"), float("inf")
 
 
 def hand_made_errors() -> torch.Tensor:
@@ -19,31 +24,64 @@ def hand_made_errors() -> torch.Tensor:
 
 
 def test_majority_and_mean_disagree_on_a_case_built_for_it():
-    errors = hand_made_errors()
-    assert step_votes(errors).tolist() == [[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]]
-    assert vote_counts(errors).tolist() == [[2, 3], [5, 0]]
-    assert majority_vote(errors).tolist() == [1, 0]
-    assert mean_error_rule(errors).tolist() == [0, 0]
-    assert predict(errors, "majority").tolist() == [1, 0]
-    assert predict(errors, "mean").tolist() == [0, 0]
+    out = summarize(hand_made_errors())
+    assert out["votes"].tolist() == [[2, 3], [5, 0]]
+    assert out["prediction"].tolist() == out["majority_prediction"].tolist() == [1, 0]
+    assert out["mean_error_prediction"].tolist() == [0, 0]
+    assert summarize(hand_made_errors(), "mean")["prediction"].tolist() == [0, 0]
+    torch.testing.assert_close(out["mean_error"], torch.tensor([[1.2, 3.0], [0.3, 1.3]]))
+    torch.testing.assert_close(out["probs"], torch.tensor([[0.4, 0.6], [1.0, 0.0]]))
+    h = -(0.4 * math.log(0.4) + 0.6 * math.log(0.6))
+    torch.testing.assert_close(out["entropy"], torch.tensor([h, 0.0]))
+    torch.testing.assert_close(out["entropy_normalized"], torch.tensor([h / math.log(2), 0.0]))
+    torch.testing.assert_close(out["score"], torch.tensor([0.6, 0.0]))  # two classes: class 1's fraction
+    assert out["steps"].tolist() == [5, 5]
+
+
+def test_steps_not_evaluated_take_no_part():
+    # image 0 stopped after 3 steps (early exit): the NaN columns neither vote nor enter the mean
+    errors = torch.tensor(
+        [
+            [[1.0, 2.0, 1.0, NAN, NAN], [2.0, 1.0, 2.0, NAN, NAN]],
+            [[5.0, 5.0, 5.0, 5.0, 0.0], [1.0, 1.0, 1.0, 1.0, 9.0]],
+        ]
+    )
+    out = summarize(errors)
+    assert out["votes"].tolist() == [[2, 1], [1, 4]] and out["steps"].tolist() == [3, 5]
+    torch.testing.assert_close(out["probs"][0], torch.tensor([2 / 3, 1 / 3]))
+    torch.testing.assert_close(out["mean_error"][0], torch.tensor([4 / 3, 5 / 3]))
+    assert out["prediction"].tolist() == [0, 1]
+
+
+def test_a_pruned_class_wins_nothing_and_is_never_predicted():
+    # class 0 had the lowest errors of all before it was pruned: +inf on every evaluated step
+    errors = torch.tensor([[[INF, INF, INF, NAN], [1.0, 3.0, 1.0, NAN], [2.0, 2.0, 2.0, NAN], [3.0, 1.0, 3.0, NAN]]])
+    out = summarize(errors)
+    assert out["votes"].tolist() == [[0, 2, 0, 1]] and out["steps"].tolist() == [3]
+    assert out["prediction"].tolist() == [1] and out["mean_error_prediction"].tolist() == [1]  # means 5/3, 2, 7/3
+    assert out["mean_error"][0, 0] == INF and out["probs"][0, 0] == 0
+    torch.testing.assert_close(out["score"], torch.tensor([2 / 3]))  # more than two classes: the winning fraction
+    h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
+    torch.testing.assert_close(out["entropy_normalized"], torch.tensor([h / math.log(4)]))
+
+
+def test_tie_rules_go_to_the_lowest_class_index():
+    # a step whose errors tie votes for the lowest tied class
+    assert vote_counts(torch.tensor([[[1.0], [1.0], [2.0]]])).tolist() == [[1, 0, 0]]
+    # a tie in vote counts: classes 1 and 2 both have two votes -> 1
+    errors = torch.tensor([[[9.0, 9.0, 9.0, 9.0], [1.0, 1.0, 5.0, 5.0], [5.0, 5.0, 1.0, 1.0]]])
+    out = summarize(errors)
+    assert out["votes"].tolist() == [[0, 2, 2]] and out["prediction"].tolist() == [1]
+    # a tie in mean error -> the lower class
+    assert summarize(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]]), "mean")["prediction"].tolist() == [0]
 
 
 def test_three_classes_plurality():
     # steps won: class 2, 2, 0, 1, 2 -> class 2 has the plurality with 3 votes
     errors = torch.tensor([[[0.5, 0.5, 0.1, 0.9, 0.9], [0.9, 0.9, 0.9, 0.1, 0.9], [0.1, 0.1, 0.5, 0.5, 0.1]]])
-    assert vote_counts(errors).tolist() == [[1, 1, 3]]
-    assert majority_vote(errors).tolist() == [2]
-
-
-def test_tie_rules_go_to_the_lowest_class_index():
-    # a step whose errors tie votes for the lowest tied class
-    assert step_votes(torch.tensor([[[1.0], [1.0], [2.0]]])).tolist() == [[0]]
-    # a tie in vote counts: classes 1 and 2 both have two votes -> 1
-    errors = torch.tensor([[[9.0, 9.0, 9.0, 9.0], [1.0, 1.0, 5.0, 5.0], [5.0, 5.0, 1.0, 1.0]]])
-    assert vote_counts(errors).tolist() == [[0, 2, 2]]
-    assert majority_vote(errors).tolist() == [1]
-    # a tie in mean error -> the lower class
-    assert mean_error_rule(torch.tensor([[[1.0, 3.0], [2.0, 2.0]]])).tolist() == [0]
+    out = summarize(errors)
+    assert out["votes"].tolist() == [[1, 1, 3]] and out["prediction"].tolist() == [2]
+    torch.testing.assert_close(out["score"], torch.tensor([0.6]))
 
 
 def test_vote_entropy_closed_forms():
@@ -56,4 +94,4 @@ def test_vote_entropy_closed_forms():
 
 def test_unknown_rule_names_the_choices():
     with pytest.raises(ValueError, match="majority"):
-        predict(hand_made_errors(), "median")
+        summarize(hand_made_errors(), "median")

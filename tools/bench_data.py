@@ -57,8 +57,13 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         make_jpegs(folder, args.n, (args.width, args.height), args.mode)
-        common = dict(root=tmp, csv="images.csv", image_size=args.image_size, num_workers=0,
-                      splits_file=str(folder / "splits.csv"))
+        common = dict(
+            root=tmp,
+            csv="images.csv",
+            image_size=args.image_size,
+            num_workers=0,
+            splits_file=str(folder / "splits.csv"),
+        )
         started = time.perf_counter()
         cached = CSVDataModule(**common, cache_dir=str(folder / "cache"))
         cached.setup("fit")  # decodes every image once into the cache
@@ -67,7 +72,8 @@ def main(argv=None) -> dict:
         direct.setup("fit")
         data_cached, data_direct = cached.datasets["train"], direct.datasets["train"]
         result = {
-            "images": len(data_cached), "source": f"{args.width}x{args.height} {args.mode} JPEG",
+            "images": len(data_cached),
+            "source": f"{args.width}x{args.height} {args.mode} JPEG",
             "image_size": args.image_size,
             "decode_images_per_s": round(images_per_second(data_direct), 1),
             "cache_images_per_s": round(images_per_second(data_cached, repeats=5), 1),

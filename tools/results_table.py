@@ -34,7 +34,12 @@ DATASET_ORDER = ["CheXpert", "ISIC"]
 DATASET_NAMES = {"CheXpertDataModule": "CheXpert", "ISICDataModule": "ISIC"}
 NETWORK_NAMES = {"ClassConditionalUNet": "UNet"}
 # (column title, metrics.json key, Markdown format); accuracy in percent as in the paper
-COLUMNS = (("accuracy (%)", "accuracy", "{:.1f}"), ("F1", "f1", "{:.3f}"), ("AUROC", "auroc", "{:.3f}"), ("ECE", "ece", "{:.3f}"))
+COLUMNS = (
+    ("accuracy (%)", "accuracy", "{:.1f}"),
+    ("F1", "f1", "{:.3f}"),
+    ("AUROC", "auroc", "{:.3f}"),
+    ("ECE", "ece", "{:.3f}"),
+)
 
 
 @dataclass
@@ -99,7 +104,14 @@ def read_run(directory: str | Path) -> Run:
         raise FileNotFoundError(f"{config_path} is missing: the model and data of {metrics_path} are unknown")
     config = yaml.safe_load(config_path.read_text())
     group, model = describe_model(config.get("model") or {})
-    return Run(directory, metrics_path, group, model, describe_data(config.get("data") or {}), json.loads(metrics_path.read_text()))
+    return Run(
+        directory,
+        metrics_path,
+        group,
+        model,
+        describe_data(config.get("data") or {}),
+        json.loads(metrics_path.read_text()),
+    )
 
 
 def collect_runs(directories: list[str | Path]) -> list[Run]:
@@ -128,7 +140,9 @@ def _rank(order: list[str], value: str) -> tuple[int, str]:
 def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
     """Column titles and rows (dicts of raw values, None where a model has no run on a data set)."""
     datasets = sorted({run.dataset for run in runs}, key=lambda d: _rank(DATASET_ORDER, d))
-    models = sorted({(run.group, run.model) for run in runs}, key=lambda gm: (_rank(list(GROUPS), gm[0]), _rank(MODEL_ORDER, gm[1])))
+    models = sorted(
+        {(run.group, run.model) for run in runs}, key=lambda gm: (_rank(list(GROUPS), gm[0]), _rank(MODEL_ORDER, gm[1]))
+    )
     by_key = {(run.model, run.dataset): run.metrics for run in runs}
     columns = ["group", "model"] + [f"{dataset} {title}" for dataset in datasets for title, _, _ in COLUMNS]
     rows = []
@@ -150,7 +164,9 @@ def _markdown_cell(value, fmt: str) -> str:
 
 
 def to_markdown(columns: list[str], rows: list[dict]) -> str:
-    formats = {"group": "{}", "model": "{}"} | {c: fmt for c in columns for title, _, fmt in COLUMNS if c.endswith(" " + title)}
+    formats = {"group": "{}", "model": "{}"} | {
+        c: fmt for c in columns for title, _, fmt in COLUMNS if c.endswith(" " + title)
+    }
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     previous_group = None
     for row in rows:

@@ -118,14 +118,19 @@ def train_command(experiment: Experiment, resources: Resources, extra_args: list
     return " \\\n        ".join(lines)
 
 
-def render(experiment: Experiment, resources: Resources, extra_args: list[str] = (), python: str = "python",
-           render_command: str = "") -> str:
+def render(
+    experiment: Experiment,
+    resources: Resources,
+    extra_args: list[str] = (),
+    python: str = "python",
+    render_command: str = "",
+) -> str:
     check_extra_args(extra_args)
     processes = resources.nodes * resources.devices_per_node
     unit = "GPUs" if resources.accelerator == "gpu" else "CPU processes"
     fields = {
         "title": f"{experiment.name}: {resources.nodes} node(s) x {resources.devices_per_node} {unit}, "
-                 f"DDP over {processes} processes",
+        f"DDP over {processes} processes",
         "render_command": render_command or "python -m tools.slurm ...",
         "submit_hint": submit_hint(experiment),
         "sbatch_directives": "\n".join(sbatch_directives(experiment, resources)),
@@ -141,8 +146,10 @@ def render(experiment: Experiment, resources: Resources, extra_args: list[str] =
 
 def submit_hint(experiment: Experiment) -> str:
     if experiment.workdir is None:
-        return (f"Submit from the repository root (SLURM does not create the log's folder): "
-                f"mkdir -p {shlex.quote(experiment.run_root)} && sbatch <this file>")
+        return (
+            f"Submit from the repository root (SLURM does not create the log's folder): "
+            f"mkdir -p {shlex.quote(experiment.run_root)} && sbatch <this file>"
+        )
     return "Submit from anywhere: sbatch <this file> (the job runs in the repository, --chdir)"
 
 
@@ -175,43 +182,72 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     cpus = args.cpus_per_task
     if cpus is None:  # the data workers plus the training process itself
         cpus = configured_data_workers(read_config(Path(args.config))) + 1
-    return Resources(args.nodes, args.devices, args.accelerator, args.time, cpus,
-                     args.partition, args.mem, args.account)
+    return Resources(
+        args.nodes, args.devices, args.accelerator, args.time, cpus, args.partition, args.mem, args.account
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m tools.slurm",
         description="Print a SLURM job script that trains an experiment config with DDP over "
-                    "nodes x devices (one srun task per device), with SIGUSR1 auto-requeue and "
-                    "resume from Lightning's hpc checkpoint. Creates the run root, where SLURM "
-                    "writes the job's log.",
+        "nodes x devices (one srun task per device), with SIGUSR1 auto-requeue and "
+        "resume from Lightning's hpc checkpoint. Creates the run root, where SLURM "
+        "writes the job's log.",
         epilog="example: python -m tools.slurm --config configs/unet_chexpert.yaml "
-               "--nodes 2 --gpus-per-node 4 --time 24:00:00 > job.sbatch && sbatch job.sbatch",
+        "--nodes 2 --gpus-per-node 4 --time 24:00:00 > job.sbatch && sbatch job.sbatch",
     )
     parser.add_argument("--config", required=True, help="experiment config (YAML), as for `cli.py fit --config`")
-    parser.add_argument("--nodes", type=positive, default=1, metavar="N", help="nodes (= --trainer.num_nodes); default 1")
-    parser.add_argument("--gpus-per-node", "--devices-per-node", dest="devices", type=positive, default=4, metavar="N",
-                        help="devices per node = srun tasks per node (= --trainer.devices); with "
-                             "--accelerator cpu the number of CPU processes per node; default 4")
-    parser.add_argument("--accelerator", choices=("gpu", "cpu"), default="gpu",
-                        help="gpu requests --gres=gpu:N; cpu requests no GPU (tests, debugging); default gpu")
+    parser.add_argument(
+        "--nodes", type=positive, default=1, metavar="N", help="nodes (= --trainer.num_nodes); default 1"
+    )
+    parser.add_argument(
+        "--gpus-per-node",
+        "--devices-per-node",
+        dest="devices",
+        type=positive,
+        default=4,
+        metavar="N",
+        help="devices per node = srun tasks per node (= --trainer.devices); with "
+        "--accelerator cpu the number of CPU processes per node; default 4",
+    )
+    parser.add_argument(
+        "--accelerator",
+        choices=("gpu", "cpu"),
+        default="gpu",
+        help="gpu requests --gres=gpu:N; cpu requests no GPU (tests, debugging); default gpu",
+    )
     parser.add_argument("--time", default="24:00:00", help="time limit (SLURM format); default 24:00:00")
     parser.add_argument("--partition", help="SLURM partition; default: the cluster's default")
     parser.add_argument("--account", help="SLURM account to charge")
-    parser.add_argument("--cpus-per-task", type=positive, metavar="N",
-                        help="CPUs per task; default: the config's data.init_args.num_workers + 1")
+    parser.add_argument(
+        "--cpus-per-task",
+        type=positive,
+        metavar="N",
+        help="CPUs per task; default: the config's data.init_args.num_workers + 1",
+    )
     parser.add_argument("--mem", help="memory per node (SLURM format, e.g. 200G); default: the cluster's default")
     parser.add_argument("--job-name", help="default: the config's file name without .yaml")
-    parser.add_argument("--root-dir", metavar="DIR", help="run root for checkpoints, hpc checkpoints, TensorBoard and the "
-                                           "SLURM log; default: the config's trainer.default_root_dir, "
-                                           "else runs/<job name>")
-    parser.add_argument("--extra-args", default="", metavar='"ARGS"',
-                        help='more `cli.py fit` options, one string: "--data.init_args.root=/data/CheXpert"')
+    parser.add_argument(
+        "--root-dir",
+        metavar="DIR",
+        help="run root for checkpoints, hpc checkpoints, TensorBoard and the "
+        "SLURM log; default: the config's trainer.default_root_dir, "
+        "else runs/<job name>",
+    )
+    parser.add_argument(
+        "--extra-args",
+        default="",
+        metavar='"ARGS"',
+        help='more `cli.py fit` options, one string: "--data.init_args.root=/data/CheXpert"',
+    )
     parser.add_argument("--python", default="python", help="interpreter the job runs; default python (from PATH)")
-    parser.add_argument("--portable", action="store_true",
-                        help="relative paths and no --chdir: for scripts kept in the repository, "
-                             "submitted from its root (mkdir -p the run root first)")
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="relative paths and no --chdir: for scripts kept in the repository, "
+        "submitted from its root (mkdir -p the run root first)",
+    )
     return parser
 
 
@@ -237,8 +273,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def render_from_argv(argv: list[str]) -> tuple[str, Experiment]:
     args = parse_args(argv)
     experiment = experiment_from_args(args)
-    script = render(experiment, resources_from_args(args), shlex.split(args.extra_args), args.python,
-                    render_command="python -m tools.slurm " + shlex.join(argv))
+    script = render(
+        experiment,
+        resources_from_args(args),
+        shlex.split(args.extra_args),
+        args.python,
+        render_command="python -m tools.slurm " + shlex.join(argv),
+    )
     return script, experiment
 
 

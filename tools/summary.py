@@ -17,8 +17,14 @@ from pathlib import Path
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.results import newest_metrics
 
-EXPLANATION_NUMBERS = ("flip_rate", "factual_kept_rate", "factual_closer_rate", "l2_input_factual",
-                       "l2_input_counterfactual", "concentration_ratio")
+EXPLANATION_NUMBERS = (
+    "flip_rate",
+    "factual_kept_rate",
+    "factual_closer_rate",
+    "l2_input_factual",
+    "l2_input_counterfactual",
+    "concentration_ratio",
+)
 
 
 def summary_table(metrics: dict, seconds: float | None = None) -> str:
@@ -51,9 +57,12 @@ def explanation_summary(run_dir: str | Path) -> str | None:
     folder = found[-1].parent / EXPLANATIONS_DIR
     settings = numbers["settings"]
     lines = [f"  {key:<24} {numbers[key]:.3f}" for key in EXPLANATION_NUMBERS if key in numbers]
-    return (f"Explanations of {numbers['n_images']} images (t0 = {settings['t0']}, w = {settings['guidance_scale']}, "
-            f"{settings['sampling_steps']} DDIM steps):\n" + "\n".join(lines)
-            + f"\n  open {folder / 'summary.png'} (one row per image) and {folder}/image_<id>.png")
+    return (
+        f"Explanations of {numbers['n_images']} images (t0 = {settings['t0']}, w = {settings['guidance_scale']}, "
+        f"{settings['sampling_steps']} DDIM steps):\n"
+        + "\n".join(lines)
+        + f"\n  open {folder / 'summary.png'} (one row per image) and {folder}/image_<id>.png"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
