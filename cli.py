@@ -23,32 +23,48 @@ new one). A NaN or infinite training loss stops the run naming the last good che
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
+import logging
 import os
 import re
 import shutil
+import sys
+import traceback
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.base import DEFAULT_BATCH_SIZE
-from lightning_modules.callbacks import LOGGER_VERSION_KEY, NonFiniteLoss, RunCheckpoint
-from lightning_modules.checkpoint_check import check_checkpoint
+from lightning_modules.callbacks import (
+    LOGGER_VERSION_KEY,
+    AtomicCheckpointIO,
+    NonFiniteLoss,
+    RunCheckpoint,
+    SlurmRequeue,
+)
+from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
+from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+REPO_ROOT = Path(__file__).resolve().parent
+DEBUG_VARIABLE = "DIFFCLS_DEBUG"
+# The kinds of exception the suite's own checks raise for a person's mistake; raised elsewhere they are bugs.
+USER_ERROR_TYPES = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 LOGGER_NAME = "tensorboard"
 # A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
@@ -101,6 +117,13 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             f"per-process batch (default {DEFAULT_BATCH_SIZE}); giving both is refused.",
         )
         parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="validate, test and predict with the model's initial (random) weights when no checkpoint is given "
+            "or found: for debugging only. Without it they refuse to run, since their files would look like results.",
+        )
+        parser.add_argument(
             "--new_log_version",
             type=bool,
             default=False,
@@ -127,7 +150,18 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             callbacks.append(TQDMProgressBar(refresh_rate=10))
         if not any(isinstance(callback, NonFiniteLoss) for callback in callbacks):
             callbacks.append(NonFiniteLoss(action="stop"))
-        kwargs["callbacks"] = callbacks
+        plugins = list(always_a_list(trainer_config.get("plugins")))
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())  # a checkpoint killed mid-write leaves the previous one
+        if SLURMEnvironment.detect():
+            # our SlurmRequeue saves and requeues at a batch end; Lightning's handler saves inside the
+            # signal handler, which can hang DDP (Lightning-AI/pytorch-lightning#21406)
+            plugins = [p for p in plugins if not isinstance(p, SLURMEnvironment)] + [
+                SLURMEnvironment(auto_requeue=False)
+            ]
+            if not any(isinstance(callback, SlurmRequeue) for callback in callbacks):
+                callbacks.append(SlurmRequeue())
+        kwargs["callbacks"], kwargs["plugins"] = callbacks, plugins
         return super().instantiate_trainer(**kwargs)
 
     # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
@@ -209,11 +243,21 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
                 )
 
     def check_checkpoint(self, stage: str) -> str | None:
-        """The checkpoint file Lightning is about to load, refused now if it does not fit the model."""
-        path = resolve_checkpoint_path(self.trainer, stage, self.subcommand_option("ckpt_path"))
+        """The checkpoint file Lightning is about to load, refused now if it does not fit the model;
+        validate, test and predict refuse to run without one (unless --allow_untrained)."""
+        given = self.subcommand_option("ckpt_path")
+        path = resolve_checkpoint_path(self.trainer, stage, given)
         if path:
             check_checkpoint(path, self.model, self.datamodule)
+            if stage == "fit":
+                check_weight_averaging(path, self.trainer)
+        elif stage != "fit" and not self.subcommand_option("allow_untrained") and not self.model_is_pretrained():
+            raise UntrainedModelError(untrained_message(stage, given, self.trainer.checkpoint_callback))
         return path
+
+    def model_is_pretrained(self) -> bool:
+        """A model that classifies without a checkpoint of ours (Stable Diffusion from its weights folder)."""
+        return bool(getattr(self.model, "pretrained", None))
 
     def continue_logging_of(self, checkpoint: str) -> None:
         """Log a resumed run into the TensorBoard version of the run it resumes, not a new one."""
@@ -221,7 +265,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         own_folders = {Path(folder).resolve() for folder in self.run_folders()}
         if Path(checkpoint).resolve().parent not in own_folders:  # another run's: a version of its own
             return
-        version = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False).get(LOGGER_VERSION_KEY)
+        version = load_weights_file(checkpoint).get(LOGGER_VERSION_KEY)
         if version is None:  # written before RunCheckpoint recorded it: the newest version
             version = latest_version(self.trainer.logger.root_dir)
         if version is not None:
@@ -233,6 +277,22 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         if world_size > 1:
             rank_zero_info(note.format(extra=world_size - 1))
         return world_size > 1
+
+
+class UntrainedModelError(RuntimeError):
+    """validate / test / predict without trained weights; the message says where it looked."""
+
+
+def untrained_message(stage: str, given: str | None, callback) -> str:
+    if given == "last":
+        folder = getattr(callback, "dirpath", None) or "the run's checkpoints folder"
+        where = f"--ckpt_path last found no checkpoint in {folder}"
+    else:
+        where = "no --ckpt_path was given"
+    return (
+        f"{stage} needs trained weights, but {where}: train first (python cli.py fit --config ...), give "
+        f"--ckpt_path path/to/checkpoint.ckpt, or pass --allow_untrained true to {stage} random weights (debugging)"
+    )
 
 
 class BatchConfigError(ValueError):
@@ -263,6 +323,9 @@ class BatchPlan:
 
 def batch_plan(global_batch: int | None, per_process: int | None, world_size: int, accumulation: int = 1) -> BatchPlan:
     """Per-process batch from the global one (or the reverse), refusing what does not fit."""
+    for name, value in (("global_batch_size", global_batch), ("data.init_args.batch_size", per_process)):
+        if value is not None and value < 1:
+            raise BatchConfigError(f"{name}={value}: a batch holds at least one image")
     if global_batch is None:
         per_process = per_process or DEFAULT_BATCH_SIZE
         return BatchPlan(per_process * world_size * accumulation, per_process, world_size, accumulation)
@@ -272,12 +335,16 @@ def batch_plan(global_batch: int | None, per_process: int | None, world_size: in
             "(global_batch_size is split over the processes; --global_batch_size null keeps the per-process batch)"
         )
     share = world_size * accumulation
-    if global_batch < 1 or global_batch % share:
+    if global_batch % share:
         raise BatchConfigError(
             f"global_batch_size={global_batch} does not divide over {world_size} process(es) x "
             f"{accumulation} accumulated micro-batch(es) = {share}: choose a multiple of {share}"
         )
     return BatchPlan(global_batch, global_batch // share, world_size, accumulation)
+
+
+def always_a_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def run_root(default_root_dir: str | None) -> str:
@@ -321,7 +388,7 @@ def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[s
     cli.split_global_batch()
     if ckpt_path is not None:
         check_checkpoint(ckpt_path, cli.model, cli.datamodule)
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = load_weights_file(ckpt_path, mmap=False)
         cli.model.load_state_dict(checkpoint["state_dict"])
     return cli
 
@@ -344,13 +411,76 @@ def resolved_config(config: str | Path, *overrides: str) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
-def main(args: list[str] | None = None) -> ExperimentCLI:
+# Lightning warns on every run of a node with `srun` installed (a login or interactive node) unless it
+# runs under srun. The suite's job scripts do (tools/slurm.py); a run started by hand is meant so.
+SRUN_NOT_USED_WARNING = "The `srun` command is available on your system but is not used"
+
+
+def main(args: list[str] | None = None, exit_on_error: bool = True) -> ExperimentCLI:
+    """The CLI, for tests and scripts; exceptions propagate. exit_on_error=False: a parse error raises
+    argparse.ArgumentError instead of printing the usage and exiting."""
+    warnings.filterwarnings("ignore", message=SRUN_NOT_USED_WARNING)
+    subcommands = ("fit", "validate", "test", "predict")
     return ExperimentCLI(
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
+        parser_kwargs={}
+        if exit_on_error
+        else {"exit_on_error": False} | {name: {"exit_on_error": False} for name in subcommands},
     )
 
 
+def run(args: list[str] | None = None) -> int:
+    """The command line: a mistake in the options, data, images or checkpoint prints one line naming
+    the culprit and exits with status 2, without a traceback (set DEBUG_VARIABLE=1 for one)."""
+    lightning_info_to_stdout()
+    try:
+        main(args, exit_on_error=False)
+    except Exception as error:
+        message = user_facing_message(error)
+        if message is None or os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        print(f"       (the full traceback: {DEBUG_VARIABLE}=1 python cli.py ...)", file=sys.stderr)
+        return 2
+    return 0
+
+
+def lightning_info_to_stdout() -> None:
+    """Lightning's progress notes ("Seed set to 0", "GPU available", "Restoring states") go to stdout,
+    so that stderr holds what needs attention: warnings and errors."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        for handler in logging.getLogger(name).handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
+                handler.setStream(sys.stdout)
+
+
+def user_facing_message(error: BaseException) -> str | None:
+    """The message of the exception a person should read, or None for a bug (which keeps its traceback).
+
+    That is the innermost exception of the chain raised by the suite's own code (its checks of
+    options, data and checkpoints say what is wrong and how to fix it; jsonargparse wraps them in
+    errors of its own), or a parse error of an option or config file."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    for candidate in reversed(chain):
+        if isinstance(candidate, USER_ERROR_TYPES) and raised_by_the_suite(candidate):
+            return str(candidate).strip().replace("\n", " ")
+    for candidate in chain:
+        if isinstance(candidate, argparse.ArgumentError):
+            return str(candidate).strip().splitlines()[0]
+    return None
+
+
+def raised_by_the_suite(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in = Path(frames[-1].filename) if frames else None  # compiled extensions give relative names
+    return raised_in is not None and raised_in.is_absolute() and raised_in.resolve().is_relative_to(REPO_ROOT)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -32,13 +33,13 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.dicom import dicom_size, is_dicom, read_dicom
+from datamodules.errors import DataError
+
 SPLITS = ("train", "val", "test")
+UNUSED = "unused"  # splits.csv's split of the images balancing left out
 DEFAULT_BATCH_SIZE = 64  # per process, when neither data.init_args.batch_size nor global_batch_size is given
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-
-
-class DataError(ValueError):
-    """Bad input data, found before training; the message names the culprit."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,11 +52,14 @@ def load_image(path: str | os.PathLike, size: int, channels: int, crop: bool = F
     Any PIL mode is accepted: palette, alpha and CMYK go through PIL's own conversion; 16-bit and
     float images (DICOM-derived PNG/TIFF) are min-max scaled per image to 8 bits, since their
     useful range varies (12-bit detectors, windowing) and a fixed /256 would leave them dark.
+    DICOM files are read with their own rescale and window (datamodules/dicom.py).
     `crop=False` squeezes the whole image into the square (keeps the costophrenic angles of a
     chest film); `crop=True` centre-crops to a square first, as MedMNIST does.
     """
     mode = "L" if channels == 1 else "RGB"
     try:
+        if is_dicom(path):
+            return _square(Image.fromarray(read_dicom(path)), mode, size, channels, crop)
         with Image.open(path) as image:
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below `size`; a 3000 px
             # ISIC photograph then decodes several times faster, with no visible difference.
@@ -65,15 +69,49 @@ def load_image(path: str | os.PathLike, size: int, channels: int, crop: bool = F
                 low, high = float(pixels.min()), float(pixels.max())
                 pixels = (pixels - low) * (255.0 / max(high - low, 1e-12))
                 image = Image.fromarray(pixels.round().astype(np.uint8))
-            image = image.convert(mode)
-            if crop:
-                image = ImageOps.fit(image, (size, size), Image.Resampling.BICUBIC)
-            else:
-                image = image.resize((size, size), Image.Resampling.BICUBIC)
-            # channels first, as the model wants them: reading then needs no transposing copy
-            return np.asarray(image).reshape(size, size, channels).transpose(2, 0, 1).copy()
+            return _square(image, mode, size, channels, crop)
     except (OSError, ValueError, SyntaxError) as error:  # what PIL raises on missing/corrupt files
+        if isinstance(error, DataError):
+            raise
         raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def _square(image: Image.Image, mode: str, size: int, channels: int, crop: bool,
+            resample=Image.Resampling.BICUBIC) -> np.ndarray:  # fmt: skip
+    image = image.convert(mode)
+    if crop:
+        image = ImageOps.fit(image, (size, size), resample)
+    else:
+        image = image.resize((size, size), resample)
+    # channels first, as the model wants them: reading then needs no transposing copy
+    return np.asarray(image).reshape(size, size, channels).transpose(2, 0, 1).copy()
+
+
+def image_size_of(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file's header, without decoding the pixels."""
+    try:
+        if is_dicom(path):
+            return dicom_size(path)
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"cannot read image {path}: {error}") from None
+
+
+def warn_small_images(paths, image_size: int, name: str) -> int:
+    """Count the images whose shorter side is below a quarter of `image_size` (they are stretched
+    beyond recognition into the model's input) and say so; returns the count."""
+    small = [(path, size) for path in paths if min(size := image_size_of(path)) * 4 < image_size]
+    if small:
+        (path, (width, height)), more = small[0], f" and {len(small) - 1} more" if len(small) > 1 else ""
+        warnings.warn(
+            f"{name}: {len(small)} image(s) are far smaller than image_size={image_size} and will be stretched "
+            f"to it, e.g. {path} ({width}x{height}){more}: check that these are the images you meant",
+            stacklevel=2,
+        )
+    return len(small)
 
 
 class DecodedImages:
@@ -87,6 +125,42 @@ class DecodedImages:
 
     def __getitem__(self, i):
         return load_image(self.paths[i], self.size, self.channels, self.crop)
+
+
+def load_mask(path: str | os.PathLike, size: int, crop: bool = False) -> torch.Tensor:
+    """A segmentation mask file as a (1, size, size) float tensor of 0 and 1 (any non-zero pixel is
+    inside), squeezed or cropped exactly as its image is; nearest-neighbour, so it stays binary."""
+    try:
+        with Image.open(path) as image:
+            pixels = _square(image, "L", size, 1, crop, Image.Resampling.NEAREST)
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read mask {path}: {error}") from None
+    return torch.from_numpy(pixels > 0).float()
+
+
+class MaskFiles:
+    """`masks[i]`: the mask of image i, read now; an empty path means no finding (all zeros).
+    Masks score explanations only (validation and test), so they are never cached or trained on."""
+
+    def __init__(self, paths: np.ndarray, size: int, crop: bool = False):
+        self.paths, self.size, self.crop = np.asarray(paths, dtype=str), size, crop
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        return load_mask(path, self.size, self.crop) if path else torch.zeros(1, self.size, self.size)
+
+
+def mask_paths(table: pd.DataFrame, base) -> np.ndarray | None:
+    """Full paths of a table's optional `mask` column ('' where a row has none); None without the column."""
+    if "mask" not in table.columns:
+        return None
+    return np.array([os.path.join(base, m) if m else "" for m in table["mask"]], dtype=str)
+
+
+def check_mask_files(masks: np.ndarray | None, source) -> None:
+    missing = [] if masks is None else [m for m in masks if m and not os.path.isfile(m)]
+    if missing:
+        raise DataError(f"{len(missing)} mask files listed in {source} (column `mask`) are missing, e.g. {missing[0]}")
 
 
 class CachedImages:
@@ -109,17 +183,21 @@ class CachedImages:
 
 
 class ImageDataset(Dataset):
-    """Items `{image, label, id[, path]}`; the image of item i is `images[ids[i]]`, uint8 (C, H, W)
-    with C = 1 (repeated to 3 here) or 3.
+    """Items `{image, id[, label][, path][, mask]}`; the image of item i is `images[ids[i]]`, uint8
+    (C, H, W) with C = 1 (repeated to 3 here) or 3. Without labels (new images to classify) items have
+    none; with `masks` (a data set's optional `mask` column) item i has the (1, H, W) mask `masks[i]`.
 
     Labels, ids and paths are numpy arrays (a fixed-width string array for paths), not Python
     lists: worker processes touching list items bump their refcounts, which copies the pages of
     a forked parent's memory one by one until every worker holds its own copy.
     """
 
-    def __init__(self, images, ids: np.ndarray, labels: np.ndarray, paths: np.ndarray | None = None):
-        self.images, self.ids, self.labels = images, np.asarray(ids, np.int64), np.asarray(labels, np.int64)
+    def __init__(self, images, ids: np.ndarray, labels: np.ndarray | None, paths: np.ndarray | None = None,
+                 masks: MaskFiles | None = None):  # fmt: skip
+        self.images, self.ids = images, np.asarray(ids, np.int64)
+        self.labels = None if labels is None else np.asarray(labels, np.int64)
         self.paths = None if paths is None else np.asarray(paths, dtype=str)
+        self.masks = masks  # item i's mask is masks[i]
 
     def __len__(self):
         return len(self.ids)
@@ -129,9 +207,13 @@ class ImageDataset(Dataset):
         # one copy: out of the memmap, to float, grayscale repeated (a stride-0 expand made dense)
         image = pixels.expand(3, -1, -1).to(torch.float32, memory_format=torch.contiguous_format)
         image = image.div_(127.5).sub_(1)
-        item = {"image": image, "label": torch.tensor(self.labels[i]), "id": torch.tensor(self.ids[i])}
+        item = {"image": image, "id": torch.tensor(self.ids[i])}
+        if self.labels is not None:
+            item["label"] = torch.tensor(self.labels[i])
         if self.paths is not None:
             item["path"] = str(self.paths[i])
+        if self.masks is not None:
+            item["mask"] = self.masks[i]
         return item
 
 
@@ -174,14 +256,32 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions, seed: int) 
 
 
 def read_csv(file: Path, required: list[str], what: str = "") -> pd.DataFrame:
-    """A CSV as strings (no NaN guessing), with a clear error for a missing file or column."""
+    """A CSV as strings (no NaN guessing), with a clear error for a missing or empty file or a missing column."""
     if not file.is_file():
         raise DataError(f"{what or 'CSV'} file not found: {file}")
-    table = pd.read_csv(file, dtype=str, keep_default_na=False, skipinitialspace=True)
+    try:
+        table = pd.read_csv(file, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except pd.errors.EmptyDataError:
+        raise DataError(
+            f"{what or 'CSV'} file {file} is empty: expected a header with {required} and one row per image"
+        ) from None
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise DataError(f"{file} lacks column(s) {missing}; found: {list(table.columns)}")
+    if table.empty:
+        raise DataError(f"{what or 'CSV'} file {file} has a header but no rows: one row per image is expected")
     return table
+
+
+def check_label_spellings(labels: pd.Series, file: Path) -> None:
+    """Refuse labels that differ only by surrounding whitespace or by case: they would become classes of their own."""
+    names = pd.Series(labels.unique())
+    for what, key in (("surrounding whitespace", names.str.strip()), ("case", names.str.strip().str.casefold())):
+        clashes = names.groupby(key.to_numpy()).unique()
+        clash = next((list(group) for group in clashes if len(group) > 1), None)
+        if clash:
+            rows = [int(i) + 2 for i in np.flatnonzero(labels.isin(clash).to_numpy())[:4]]
+            raise DataError(f"{file}: labels {clash} differ only by {what} (rows {rows}): write each class one way")
 
 
 def parse_flags(values: pd.Series, column: str, file, allowed=(1.0, 0.0, -1.0)) -> np.ndarray:
@@ -204,7 +304,7 @@ def _digest(*parts) -> str:
 # Datamodules
 
 
-def _check_image_size(image_size):
+def check_image_size(image_size):
     if not isinstance(image_size, int) or image_size < 8 or image_size % 2:
         raise ValueError(f"image_size must be an even integer >= 8 (the Haar wavelet halves it), got {image_size!r}")
 
@@ -261,7 +361,7 @@ class ImageDataModule(SplitLoaders, L.LightningDataModule):
 
     def __init__(self, image_size: int, batch_size: int | None, num_workers: int):
         super().__init__()
-        _check_image_size(image_size)
+        check_image_size(image_size)
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.datasets: dict[str, ImageDataset] = {}
 
@@ -309,7 +409,9 @@ class TableDataModule(ImageDataModule):
         split_fractions: train / val / test fractions (by images, whole patients per split).
         splits_file: CSV of the split (`path,label,class,patient,split,id`), written on first use
             and reused when present. None: `splits.csv` in `trainer.default_root_dir` (beside the
-            run's checkpoints), or `runs/splits/<name>.csv` without a Trainer. Delete it to re-split.
+            run's checkpoints), or `runs/splits/<name>.csv` without a Trainer. When the data no
+            longer gives the images it lists, the run stops and says what changed.
+        resplit: split again and rewrite splits_file even if it exists (after the data changed).
         cache_dir: folder of the decoded-image cache (uint8 `.npy` memmaps named by data set,
             size and a hash of the root and file list); None decodes every image at every access.
         verify_images: decode every image up front (done anyway when the cache is built);
@@ -333,6 +435,7 @@ class TableDataModule(ImageDataModule):
         cache_dir: str | None = "runs/cache",
         verify_images: bool = False,
         crop: bool = False,
+        resplit: bool = False,
     ):
         super().__init__(image_size, batch_size, num_workers)
         self.root = check_root(root)
@@ -340,7 +443,8 @@ class TableDataModule(ImageDataModule):
             raise ValueError(f"split_fractions must be 3 positive numbers summing to 1, got {split_fractions!r}")
         self.seed, self.balance, self.split_fractions = seed, balance, tuple(split_fractions)
         self.splits_file, self.cache_dir = splits_file, cache_dir
-        self.verify_images, self.crop = verify_images, crop
+        self.verify_images, self.crop, self.resplit = verify_images, crop, resplit
+        self.given_split = False
         self.table: pd.DataFrame | None = None
         self.dropped: dict[str, int] = {}
 
@@ -364,11 +468,14 @@ class TableDataModule(ImageDataModule):
                 if self.cache_dir
                 else DecodedImages(paths, self.image_size, self.channels, self.crop)
             )
+            masks = mask_paths(table, self.root)
             for split in SPLITS:
                 rows = table.index[table["split"] == split].to_numpy()
+                scored = masks is not None and split != "train"  # masks score explanations, not training
                 self.datasets[split] = ImageDataset(
-                    images, table["id"].to_numpy()[rows], table["label"].to_numpy()[rows], paths[rows]
-                )
+                    images, table["id"].to_numpy()[rows], table["label"].to_numpy()[rows], paths[rows],
+                    MaskFiles(masks[rows], self.image_size, self.crop) if scored else None,
+                )  # fmt: skip
             self.report(self.dropped)
 
     def prepare(self) -> pd.DataFrame:
@@ -381,15 +488,16 @@ class TableDataModule(ImageDataModule):
                 f"{self.name}: image {table['path'][twice].iloc[0]} is listed {int(twice.sum()) + 1}+ times"
             )
         self._check_classes(table, "after filtering")
+        self.given_split = "split" in table.columns
         file = self.splits_path()
-        if file.is_file():
-            table = self._reuse_splits(file, table)
+        if file.is_file() and not self.resplit:
+            reused = self._reuse_splits(file, table)
+            # splits.csv records the split, not the masks: they come from the data, every time
+            table = reused.merge(table[["path", "mask"]], on="path", how="left") if "mask" in table else reused
         else:
-            table = self._split(table)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            table.assign(**{"class": np.array(self.class_names)[table["label"]]})[
-                ["id", "path", "label", "class", "patient", "split"]
-            ].to_csv(file, index=False)
+            if file.is_file():
+                print(f"{self.name}: splitting again (resplit: true), rewriting {file}", flush=True)
+            table = self._write_splits(file, table, self._split(table))
         for split in SPLITS:
             self._check_classes(table[table["split"] == split], f"in split {split!r}")
         self.table = table
@@ -398,8 +506,19 @@ class TableDataModule(ImageDataModule):
             self._build_cache(table)
         return table
 
+    def _write_splits(self, file: Path, data: pd.DataFrame, split: pd.DataFrame) -> pd.DataFrame:
+        """splits.csv: every image of the data, those balancing left out too (split `unused`, id -1),
+        so that a later run can tell images added to or removed from the data from balancing."""
+        unused = data[~data["path"].isin(split["path"])].assign(split=UNUSED, id=-1)
+        rows = pd.concat([split, unused], ignore_index=True)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        rows.assign(**{"class": np.array(self.class_names)[rows["label"].to_numpy(np.int64)]})[
+            ["id", "path", "label", "class", "patient", "split"]
+        ].to_csv(file, index=False)
+        return split
+
     def _split(self, table: pd.DataFrame) -> pd.DataFrame:
-        has_split = "split" in table.columns
+        has_split = self.given_split
         if self.balance:
             before = len(table)
             groups = [table[table["split"] == s] for s in SPLITS] if has_split else [table]
@@ -414,27 +533,45 @@ class TableDataModule(ImageDataModule):
         table = table.assign(order=order).sort_values(["order", "path"], kind="stable").drop(columns="order")
         return table.reset_index(drop=True).assign(id=np.arange(len(table)))
 
-    def _reuse_splits(self, file: Path, table: pd.DataFrame) -> pd.DataFrame:
+    def _reuse_splits(self, file: Path, data: pd.DataFrame) -> pd.DataFrame:
+        """The saved split, if the data still holds the images the file lists, with the same labels
+        (and given splits); otherwise an error that counts what was added, removed or relabelled."""
         saved = read_csv(file, ["id", "path", "label", "patient", "split"], "splits")
-        saved = saved.astype({"id": np.int64, "label": np.int64}).sort_values("id").reset_index(drop=True)
-        if not np.array_equal(saved["id"], np.arange(len(saved))):  # ids index the cache rows
-            raise DataError(f"splits file {file}: ids are not 0..{len(saved) - 1}; delete the file to split again")
-        given = ["label", "split"] if "split" in table.columns else ["label"]
-        now = saved.merge(table[["path", *given]], on="path", how="left", suffixes=("", "_now"))
-        gone = now["label_now"].isna()
-        changed = ~gone & (now[[f"{c}_now" for c in given]].to_numpy() != now[given].to_numpy()).any(1)
-        for bad, what in [
-            (gone, "are no longer in the data (missing or filtered out)"),
-            (changed, "changed label or given split"),
-        ]:
-            if bad.any():
-                raise DataError(
-                    f"splits file {file}: {int(bad.sum())} images {what}, e.g. {now['path'][bad].iloc[0]}; "
-                    f"delete the file to split again"
-                )
-        self.dropped["not in the reused split (balancing)"] = len(table) - len(saved)
+        saved = saved.astype({"id": np.int64, "label": np.int64})
+        used = saved[saved["split"].isin(SPLITS)].sort_values("id").reset_index(drop=True)
+        if not np.array_equal(used["id"], np.arange(len(used))):  # ids index the cache rows
+            raise DataError(f"splits file {file}: ids are not 0..{len(used) - 1}; delete the file to split again")
+        both = saved.merge(data[["path", "label", *["split"] * self.given_split]], on="path", how="outer",
+                           suffixes=("", "_now"), indicator=True)  # fmt: skip
+        common = both[both["_merge"] == "both"]
+        changed = common["label_now"].to_numpy() != common["label"].to_numpy()
+        if self.given_split:  # a given split must still be the one the image was used in
+            changed |= common["split"].isin(SPLITS).to_numpy() & (common["split_now"] != common["split"]).to_numpy()
+        # a file of an older version lists only the used images: with balancing, others may be new or unused
+        knows_unused = (saved["split"] == UNUSED).any() or not self.balance
+        problems = [
+            f"{int(mask.sum())} {what}, e.g. {paths[mask].iloc[0]}"
+            for mask, paths, what in [
+                ((both["_merge"] == "right_only") & knows_unused, both["path"], "in the data, not in the file"),
+                (both["_merge"] == "left_only", both["path"], "in the file, no longer in the data"),
+                (pd.Series(changed, index=common.index), common["path"], "with another label or given split"),
+            ]
+            if mask.any()
+        ]
+        if problems:
+            raise DataError(
+                f"splits file {file} no longer matches the data ({len(saved)} images listed, {len(data)} in the "
+                f"data): {'; '.join(problems)}. Set data.init_args.resplit=true to split again and rewrite it, or "
+                "point data.init_args.splits_file elsewhere"
+            )
+        reason = (
+            "undersampled to balance the classes"
+            if knows_unused
+            else ("not in the split file (written by an older version: added to the data, or balanced away)")
+        )
+        self.dropped[reason] = len(data) - len(used)
         print(f"{self.name}: reusing the split in {file}", flush=True)
-        return saved
+        return used
 
     def _check_classes(self, table: pd.DataFrame, where: str):
         counts = np.bincount(table["label"].to_numpy(np.int64), minlength=len(self.class_names))
@@ -454,6 +591,7 @@ class TableDataModule(ImageDataModule):
                 f"{len(missing)} image files are missing, e.g. {missing.iloc[0]}"
                 + (f" and {list(missing.iloc[1:4])}" if len(missing) > 1 else "")
             )
+        check_mask_files(mask_paths(table, self.root), self.name)
         if self.verify_images and not (self.cache_dir and self.cache_file.is_file()):
             for _ in self._decode_all(paths.to_numpy(str)):
                 pass
@@ -476,6 +614,7 @@ class TableDataModule(ImageDataModule):
                 )
             return
         file.parent.mkdir(parents=True, exist_ok=True)
+        warn_small_images(self.full_paths(table), self.image_size, self.name)
         partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npy")  # never read half-built
         print(f"{self.name}: decoding {len(table)} images once into {file}", flush=True)
         try:

@@ -8,15 +8,17 @@ import os
 import numpy as np
 import pandas as pd
 
-from datamodules.base import SPLITS, DataError, TableDataModule, read_csv
+from datamodules.base import SPLITS, DataError, TableDataModule, check_label_spellings, read_csv
 
 
 class CSVDataModule(TableDataModule):
     """Images of any size and mode listed in a CSV.
 
     Columns: `path` (relative to `root`, or absolute), `label` (class name, any string);
-    optional `patient_id` (the split keeps each patient in one split) and `split`
-    (`train`/`val`/`test` for every row: the split is taken as given, nothing is re-split).
+    optional `patient_id` (the split keeps each patient in one split), `split`
+    (`train`/`val`/`test` for every row: the split is taken as given, nothing is re-split) and
+    `mask` (a segmentation of the finding, relative to `root` like `path`, empty for none: explain.json
+    then scores how well the explanations point at it; validation and test only).
 
     Args:
         root: folder the image paths are relative to.
@@ -36,13 +38,19 @@ class CSVDataModule(TableDataModule):
 
     @functools.cached_property
     def _csv_table(self) -> pd.DataFrame:
-        return read_csv(self.csv, ["path", "label"], "CSV")
+        table = read_csv(self.csv, ["path", "label"], "CSV")
+        check_label_spellings(table["label"], self.csv)
+        return table
 
     @property
     def class_names(self) -> list[str]:  # needed at model construction, so read from the CSV then
         if self._given_class_names is not None:
             return self._given_class_names
         labels = self._csv_table["label"].unique()
+        if len(labels) < 2:
+            raise DataError(
+                f"{self.csv}: every row has the label {labels[0]!r}: a classifier needs at least two classes"
+            )
         numeric = pd.to_numeric(pd.Series(labels), errors="coerce")
         return [str(v) for v in (labels[np.argsort(numeric)] if numeric.notna().all() else sorted(labels))]
 
@@ -63,6 +71,8 @@ class CSVDataModule(TableDataModule):
                 "patient": table.get("patient_id", pd.Series("", index=table.index)),
             }
         )
+        if "mask" in table.columns:
+            rows["mask"] = table["mask"]
         if "split" in table.columns:
             bad = ~table["split"].isin(SPLITS)
             if bad.any():

@@ -63,6 +63,9 @@ class ClassifierSettings:
     """Seed of the shared (eps, t) pairs; with the image id and the step it fixes them."""
     stratified: bool = False
     """Draw t_k from one stratum of [0, 1) per step (order shuffled per image): lower variance at small N."""
+    t_range: tuple[float, float] = (0.0, 1.0)
+    """The interval t is drawn from (the paper: all of it); Li et al. and Clark & Jaini found the middle
+    of the schedule the most informative for classification."""
     early_exit: str = "none"
     """"none"; "exact" (stop once no class can overtake the leader: the full-N majority vote, fewer
     forwards); "sequential" (stop once a binomial test puts the leader ahead at level alpha)."""
@@ -92,6 +95,11 @@ class ClassifierSettings:
         for name in ("num_steps", "max_forward_batch", "check_every", "prune_keep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"classification.{name}={getattr(self, name)} must be >= 1")
+        low, high = self.t_range
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(
+                f"classification.t_range={list(self.t_range)} must be [low, high] with 0 <= low < high <= 1"
+            )
         if self.early_exit != "none" and self.rule != "majority":
             raise ValueError(f"early_exit={self.early_exit!r} decides a majority vote; it needs rule='majority'")
 
@@ -113,9 +121,12 @@ class ClassifierSettings:
         return sorted(ends)
 
 
-def pair_times(keys: Tensor, image_rows: Tensor, steps: Tensor, strata: Tensor | None) -> Tensor:
-    """t of each (image, step) pair: the pair's own uniform time, or its stratum's (strata (B, N))."""
-    return uniform_times(keys) if strata is None else strata[image_rows, steps].float()
+def pair_times(keys: Tensor, image_rows: Tensor, steps: Tensor, strata: Tensor | None, t_range) -> Tensor:
+    """t of each (image, step) pair: the pair's own uniform time, or its stratum's (strata (B, N)),
+    mapped onto t_range."""
+    unit = uniform_times(keys) if strata is None else strata[image_rows, steps].float()
+    low, high = t_range
+    return unit if (low, high) == (0.0, 1.0) else low + (high - low) * unit
 
 
 def segment_errors(
@@ -141,7 +152,7 @@ def segment_errors(
         pair = torch.arange(start, min(start + pairs_per_forward, batch * len(steps)), device=x.device)
         image, step = pair // len(steps), steps[pair % len(steps)]
         keys = pair_keys(ids[image], step, settings.seed)
-        t = pair_times(keys, image, step, strata).to(x.dtype)
+        t = pair_times(keys, image, step, strata, settings.t_range).to(x.dtype)
         eps = normals(keys, tuple(x.shape[1:])).to(x.dtype)
         alpha, sigma = (broadcast_like(value, eps) for value in schedule.alpha_sigma(t))
         z = diffuse(x[image], eps, alpha, sigma)

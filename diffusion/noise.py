@@ -150,13 +150,3 @@ def stratified_times(ids: Tensor, num_steps: int, seed: int) -> Tensor:
     order = pair_keys(column, STRATA_STEPS - strata, seed).argsort(dim=1, stable=True)
     within = uniform_times(pair_keys(column, strata, seed)).double()  # float64: t stays inside its stratum
     return (order + within) / num_steps
-
-
-def seed_per_rank(world_size: int, rank: int) -> None:
-    """Give each DDP rank its own training noise: seed_everything seeds every rank alike, so each
-    would draw the same t and eps for its different images. One seed per rank (DiT does
-    seed * world + rank), drawn from the common state so a run stays reproducible; a single
-    process is left untouched."""
-    if world_size > 1:
-        common = int(torch.randint(2**62, (1,)))
-        torch.manual_seed(common + rank)

@@ -50,7 +50,7 @@ def vote_entropy(counts: Tensor, normalize: bool = False) -> Tensor:
     normalize=True divides by log(C), so 0 = unanimous and 1 = votes spread evenly.
     """
     fractions = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    entropy = -(fractions * torch.log(fractions.clamp(min=1e-12))).sum(dim=1)
+    entropy = -(fractions * torch.log(fractions.clamp(min=1e-12))).sum(dim=1) + 0.0  # + 0.0: no "-0" in files
     return entropy / math.log(counts.shape[1]) if normalize else entropy
 
 

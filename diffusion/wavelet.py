@@ -72,3 +72,21 @@ class IdentityTransform(nn.Module):
 
     def decode(self, coefficients: Tensor) -> Tensor:
         return coefficients
+
+
+class GreyscaleTransform(nn.Module):
+    """Grey images seen as one channel: the model learns 4 wavelet bands instead of 12 (3 equal copies),
+    and spends no capacity keeping the copies equal nor paints colour into grey reconstructions.
+
+    encode: the channel mean of (B, C, H, W) images, then `inner` (the wavelet or the identity);
+    decode: `inner`'s inverse, repeated to the `channels` of the images (grey stays grey)."""
+
+    def __init__(self, inner: nn.Module, channels: int = 3):
+        super().__init__()
+        self.inner, self.channels = inner, channels
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.inner.encode(images.mean(dim=1, keepdim=True))
+
+    def decode(self, coefficients: Tensor) -> Tensor:
+        return self.inner.decode(coefficients).expand(-1, self.channels, -1, -1)

@@ -27,6 +27,7 @@ so the Clopper-Pearson bound is an exact binomial CDF and a bisection (`clopper_
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 from matplotlib.figure import Figure
@@ -36,6 +37,7 @@ from torch import Tensor
 from evaluation.uncertainty import _cpu, _new_figure, _order, _save, risk_coverage
 
 CONFORMAL_CORRECTION = "ceil((n+1)(1-alpha))-th smallest of n"
+CONFORMAL_KINDS = ("marginal", "class_conditional")
 
 
 # ---------------------------------------------------------------- Clopper-Pearson
@@ -333,3 +335,63 @@ def plot_risk_coverage(
     ax.grid(True, alpha=0.3)
     ax.legend()
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------- the run's calibration
+@dataclass
+class CalibrationSettings:
+    """The decision rules `validate` calibrates on the validation split; `model.init_args.calibration`."""
+
+    target_accuracy: float | None = 0.95
+    """Referral: the accuracy to certify on the accepted images (null to refer a fixed fraction instead)."""
+    refer_fraction: float | None = None
+    """Referral: the fraction of most uncertain images to refer (with target_accuracy: null)."""
+    delta: float = 0.1
+    """Referral: 1 - the confidence of the accuracy guarantee."""
+    alpha: float = 0.1
+    """Conformal prediction sets: the miscoverage; sets hold the true class with probability >= 1 - alpha."""
+
+    def __post_init__(self):
+        _check_levels(self.target_accuracy, self.refer_fraction, self.delta)
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"calibration.alpha must lie in (0, 1), got {self.alpha}")
+
+
+def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int) -> dict:
+    """calibration.json from per-image validation outputs: the referral threshold and both kinds of
+    conformal thresholds, with the calibration set's size and the finite-sample correction used."""
+    if "label" not in outputs:
+        raise ValueError("calibration needs labelled validation images")
+    referral = referral_threshold(
+        outputs["entropy"], outputs["prediction"], outputs["label"], settings.target_accuracy,
+        settings.refer_fraction, settings.delta,
+    )  # fmt: skip
+    probs, labels = outputs["probs"], outputs["label"]
+    conformal = {
+        kind: conformal_thresholds(probs, labels, settings.alpha, kind == "class_conditional", num_classes)
+        for kind in CONFORMAL_KINDS
+    }
+    return {"n_calibration": len(outputs["label"]), "settings": asdict(settings), "referral": referral,
+            "conformal": conformal}  # fmt: skip
+
+
+def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
+    """Per-image decisions of a calibration on new outputs: `refer` (B,) and the prediction sets (B, C)
+    of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`)."""
+    sets = {kind: prediction_sets(outputs["probs"], calibration["conformal"][kind]) for kind in CONFORMAL_KINDS}
+    return {
+        "refer": apply_referral(outputs["entropy"], calibration["referral"]["threshold"]),
+        "prediction_set": sets["class_conditional"],
+        "prediction_set_marginal": sets["marginal"],
+    }
+
+
+def calibration_metrics(calibration: dict, decisions: dict, outputs: dict) -> dict:
+    """metrics.json's `selective` and `conformal` blocks: the calibrated rules and what they achieved
+    on these (test) images."""
+    labels = outputs["label"]
+    selective = calibration["referral"] | {"test": selective_report(decisions["refer"], outputs["prediction"], labels)}
+    conformal = {"alpha": calibration["settings"]["alpha"], "n_calibration": calibration["n_calibration"]}
+    for kind, key in zip(CONFORMAL_KINDS, ("prediction_set_marginal", "prediction_set")):
+        conformal[kind] = calibration["conformal"][kind] | {"test": conformal_report(decisions[key], labels)}
+    return {"selective": selective, "conformal": conformal}

@@ -7,7 +7,9 @@ writes, beside predictions.csv (the logger's version folder):
   explanations/image_<id>.png    input | factual | counterfactual(s) | difference map with colour bar
   explanations/summary.png       the same rows for the first `summary_images` images (by id)
   explanations/ids_<a>-<b>.npz   the raw tensors of a batch (pixels in [-1, 1])
-  explain.json                   faithfulness numbers (flip rate, concentration, L1/L2)
+  explain.json                   faithfulness numbers (flip rate, concentration, L1/L2; where the data
+                                 mark the finding: pointing game, map mass inside the mask, chance level)
+Where an image has a finding mask, its outline is drawn on the input and on the difference maps.
 Each rank writes the images of its own batches (predict's sampler gives every image to one rank
 only), and the numbers are gathered over ranks and made unique by id before rank 0 writes them.
 """
@@ -32,6 +34,8 @@ from evaluation.results import concat_outputs, gather_unique  # noqa: E402
 EXPLAIN_FILE = "explain.json"
 EXPLANATIONS_DIR = "explanations"
 PER_IMAGE_KEYS = ("id", "label", "factual", "flip", "flip_prediction", "l1", "l2", "inside", "outside")
+LOCALISATION_KEYS = ("hit", "mass_inside", "mask_share")
+MASK_COLOUR = "lime"  # the finding's outline: visible on grey images and on both colour maps
 
 
 class ExplanationOutputs:
@@ -55,7 +59,7 @@ class ExplanationOutputs:
             figure = plot_explanations([row], self.class_names)
             figure.savefig(folder / f"image_{image_id}.png", dpi=100, bbox_inches="tight")
             plt.close(figure)
-        self.rows.append({k: record[k] for k in PER_IMAGE_KEYS if k in record})
+        self.rows.append({k: record[k] for k in PER_IMAGE_KEYS + LOCALISATION_KEYS if k in record})
         self.summary += rows
         self.summary = sorted(self.summary, key=lambda row: row["id"])[: self.settings.summary_images]
 
@@ -91,8 +95,7 @@ class ExplanationOutputs:
 def faithfulness(rows: dict, class_names: list[str]) -> dict:
     """explain.json's numbers from the per-image rows (means over images and counterfactual classes)."""
     factual = rows["factual"]
-    num_classes = len(class_names)
-    counterfactual = torch.ones(len(factual), num_classes, dtype=torch.bool).scatter(1, factual.view(-1, 1), False)
+    counterfactual = counterfactuals(factual, len(class_names))
     at_factual = lambda values: values.gather(1, factual.view(-1, 1)).squeeze(1)  # noqa: E731
     ratio = rows["inside"] / rows["outside"].clamp(min=1e-12)
     closer = at_factual(rows["l2"]).unsqueeze(1) < rows["l2"]
@@ -115,12 +118,33 @@ def faithfulness(rows: dict, class_names: list[str]) -> dict:
             name: float(rows["flip"][:, c][counterfactual[:, c]].mean()) if counterfactual[:, c].any() else None
             for c, name in enumerate(class_names)
         }
+    if "hit" in rows:
+        numbers |= localisation_numbers(rows, counterfactual)
     return numbers
+
+
+def counterfactuals(factual: Tensor, num_classes: int) -> Tensor:
+    """(B, C) True at every class but each image's factual one."""
+    return torch.ones(len(factual), num_classes, dtype=torch.bool).scatter(1, factual.view(-1, 1).cpu(), False)
+
+
+def localisation_numbers(rows: dict, counterfactual: Tensor) -> dict:
+    """Means over the counterfactuals of the images with a finding (a non-empty mask): pointing_game (hit
+    rate), mass_inside_mask (share of |map| inside the mask), chance_mass (mean mask share: what an evenly
+    spread map gets), n_localised (how many counterfactuals; None for the means when there are none)."""
+    scored = counterfactual.to(rows["mask_share"].device) & (rows["mask_share"] > 0)
+    mean = lambda key: float(rows[key][scored].float().mean()) if scored.any() else None  # noqa: E731
+    return {
+        "pointing_game": mean("hit"),
+        "mass_inside_mask": mean("mass_inside"),
+        "chance_mass": mean("mask_share"),
+        "n_localised": int(scored.sum()),
+    }
 
 
 def explanation_rows(record: dict) -> list[dict]:
     """One dict per image of a batch record, on the CPU, with what `plot_explanations` draws."""
-    keys = ("id", "factual", "images", "reconstructions", "maps", "signed", "label", "flip_prediction")
+    keys = ("id", "factual", "images", "reconstructions", "maps", "signed", "label", "flip_prediction", "mask")
     present = {k: record[k].detach().cpu() for k in keys if k in record}
     return [{k: v[i] for k, v in present.items()} for i in range(len(record["id"]))]
 
@@ -133,8 +157,15 @@ def _show_image(axis, image: Tensor) -> None:
         axis.imshow(picture.permute(1, 2, 0).numpy())
 
 
+def _outline(axis, row: dict) -> None:
+    """The outline of the image's finding mask, if it has a non-empty one: where the map should point."""
+    if "mask" in row and bool(row["mask"].any()):
+        axis.contour(row["mask"].float().numpy(), levels=[0.5], colors=MASK_COLOUR, linewidths=0.8)
+
+
 def plot_explanations(rows: list[dict], class_names: list[str]):
-    """One row per image: input | factual | (counterfactual | difference with colour bar) per other class."""
+    """One row per image: input | factual | (counterfactual | difference with colour bar) per other class;
+    the outline of the finding, where the data mark it, on the input and on every difference map."""
     num_classes = len(class_names)
     columns = 2 + 2 * (num_classes - 1)
     figure, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.3 * len(rows)), squeeze=False)
@@ -142,6 +173,7 @@ def plot_explanations(rows: list[dict], class_names: list[str]):
         factual = int(row["factual"])
         label = f", label {class_names[int(row['label'])]}" if "label" in row else ""
         _show_image(axis_row[0], row["images"])
+        _outline(axis_row[0], row)
         axis_row[0].set_title(f"input #{int(row['id'])}{label}", fontsize=8)
         _show_image(axis_row[1], row["reconstructions"][factual])
         axis_row[1].set_title(f"factual: {class_names[factual]}", fontsize=8)
@@ -162,6 +194,7 @@ def plot_explanations(rows: list[dict], class_names: list[str]):
                 shown = map_axis.imshow(difference, cmap="magma", vmin=0)
                 map_axis.set_title("|difference| (channel sum)", fontsize=8)
             figure.colorbar(shown, ax=map_axis, fraction=0.046, pad=0.04)
+            _outline(map_axis, row)
     for axis in axes.flat:
         axis.axis("off")
     figure.tight_layout()

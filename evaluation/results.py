@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from .calibration import apply_calibration, calibration_metrics, plot_risk_coverage
 from .uncertainty import plot_filtered_accuracy, plot_uncertainty_boxes, uncertainty_report
 
 METRICS_FILE = "metrics.json"
@@ -76,7 +77,7 @@ def outputs_from_probs(probs: Tensor) -> dict[str, Tensor]:
     entropy (nats) and entropy_normalized (/ log C) of probs, and score (probability of class 1,
     the positive class, with two classes; the winning probability with more)."""
     probs = probs.float()
-    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1)
+    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1) + 0.0  # + 0.0: no "-0" in files
     return {
         "prediction": probs.argmax(dim=1),
         "probs": probs,
@@ -121,22 +122,34 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     has = lambda key: key in outputs  # noqa: E731
-    header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction"]
+    header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction", "predicted_class"]
     header += [f"votes_{c}" for c in class_names if has("votes")] + [f"prob_{c}" for c in class_names]
     header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
     header += ["score"] + ["forwards"] * has("forwards")
+    header += ["refer", "prediction_set", "prediction_set_marginal"] * has("refer")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
         for i in range(len(outputs["id"])):
             row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if has(k)]
-            row += [int(outputs["prediction"][i])] + (outputs["votes"][i].tolist() if has("votes") else [])
+            prediction = int(outputs["prediction"][i])
+            row += [prediction, class_names[prediction]] + (outputs["votes"][i].tolist() if has("votes") else [])
             row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
             row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
             row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()] if has("mean_error") else []
             row += [f"{float(outputs['score'][i]):.6g}"] + ([int(outputs["forwards"][i])] if has("forwards") else [])
+            if has("refer"):
+                sets = [
+                    set_names(outputs[key][i], class_names) for key in ("prediction_set", "prediction_set_marginal")
+                ]
+                row += [str(bool(outputs["refer"][i])).lower(), *sets]
             writer.writerow(row)
     return path
+
+
+def set_names(members: Tensor, class_names: list[str]) -> str:
+    """A prediction set as its class names joined by "|" (empty when no class is in the set)."""
+    return "|".join(name for name, inside in zip(class_names, members.tolist()) if inside)
 
 
 def _plain(value):
@@ -168,11 +181,17 @@ class PerImageResults:
     def add(self, outputs: dict) -> None:
         self.batches.append({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()})
 
-    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None) -> dict:
+    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None) -> dict:
         """Writes the files; returns metrics.json's content (empty without `metrics`).
-        `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries."""
+        `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries;
+        `calibration`: the run's calibration.json, applied: predictions.csv gets `refer` and the
+        prediction sets, metrics.json the `selective` and `conformal` blocks."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
+        decisions = apply_calibration(calibration, outputs) if calibration and outputs else {}
+        outputs |= decisions
         numbers = test_metrics(outputs, len(self.class_names), settings) | (info or {}) if metrics else {}
+        if metrics and decisions:
+            numbers |= calibration_metrics(calibration, decisions, outputs)
         # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
         # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
@@ -191,7 +210,17 @@ class PerImageResults:
 
     def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
         name = self.uncertainty_name
+        selective = numbers.get("selective", {}).get("test")
+        point = (selective["coverage"], 1 - selective["accuracy"]) if selective and selective["n_accepted"] else None
         figures = {
+            "risk_coverage": plot_risk_coverage(
+                outputs["prediction"],
+                outputs["label"],
+                outputs["entropy"],
+                point,
+                directory / "risk_coverage.png",
+                title=f"Risk-coverage of {name}" + (" (x: the calibrated referral threshold)" if point else ""),
+            ),
             "accuracy_filtered": plot_filtered_accuracy(
                 {name: numbers["accuracy_filtered"]}, directory / "accuracy_filtered.png"
             ),

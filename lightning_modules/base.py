@@ -2,36 +2,56 @@
 
   validation: per-image predictions are collected and, at the epoch's end, gathered over ranks
               and kept once per image id, so `val/accuracy` and `val/f1` count each image once.
+  validate:   (the subcommand, outside fit) the validation images are classified as test would
+              classify them, and the run is calibrated on them: calibration.json in the run's folder
+              holds a referral threshold and conformal-set thresholds (evaluation/calibration.py).
   test:       per-image outputs -> evaluation.results.PerImageResults -> predictions.csv,
-              metrics.json, figures, and `test/...` scalars in the logger.
+              metrics.json, figures, and `test/...` scalars in the logger; with the run's
+              calibration, also who is referred, the prediction sets and how both did.
   predict:    the same per-image outputs, written by the same PerImageResults (predictions.csv).
 
 A subclass implements `classify_batch(batch) -> per-image outputs` (see evaluation.results for the
-keys) and may add `results_info()`, extra metrics.json entries, and `results_settings()`, the
-diffusion classifier's ClassifierSettings.
+keys) and its validation_step calls `record_validation`; it may add `results_info()`, extra
+metrics.json entries, and `results_settings()`, the diffusion classifier's ClassifierSettings.
 """
 
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
+from evaluation.calibration import CalibrationSettings, calibrate
 from evaluation.results import PerImageResults, concat_outputs, gather_unique
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
+CALIBRATION_FILE = "calibration.json"
 
 
 class ClassifierModule(L.LightningModule):
     """Base of DiffusionClassifier, StableDiffusionClassifier and BaselineClassifier (see module docstring)."""
 
-    def __init__(self, num_classes: int, class_names: list[str] | None, uncertainty_name: str = "vote entropy"):
+    def __init__(
+        self,
+        num_classes: int,
+        class_names: list[str] | None,
+        uncertainty_name: str = "vote entropy",
+        calibration: CalibrationSettings = CalibrationSettings(),
+    ):
         super().__init__()
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names {list(class_names)} for num_classes={num_classes}")
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
         self.results = PerImageResults(self.class_names, uncertainty_name)
+        self.calibration = calibration
         self.validation_rows: list[dict] = []
+        self.calibration_rows: list[dict] = []
 
     # ---- what a subclass provides ----------------------------------------------------------
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
@@ -42,6 +62,10 @@ class ClassifierModule(L.LightningModule):
         """Extra metrics.json entries (the model, its uncertainty, its settings)."""
         return {}
 
+    def weights_origin(self) -> str | None:
+        """Where the classifying weights come from (metrics.json's `checkpoint`); None: untrained."""
+        return self.trainer.ckpt_path
+
     def results_settings(self):
         """The diffusion classifiers' ClassifierSettings (metrics.json's N, rule, forwards); None otherwise."""
         return None
@@ -51,38 +75,95 @@ class ClassifierModule(L.LightningModule):
         return {key: batch[key] for key in PASSED_THROUGH if key in batch}
 
     # ---- validation -------------------------------------------------------------------------
-    def record_validation(self, batch: dict, predictions: Tensor) -> None:
-        """Keeps a validation batch's predictions for the epoch-end metrics."""
+    def calibrating(self) -> bool:
+        """The `validate` subcommand (not fit's validation): classify as test does, then calibrate."""
+        return self.trainer.state.fn == TrainerFn.VALIDATING
+
+    def record_validation(self, batch: dict, predictions: Tensor, outputs: dict | None = None) -> None:
+        """Keeps a validation batch's predictions for the epoch-end metrics, and, when calibrating,
+        its full per-image `outputs`."""
         row = {"id": batch["id"], "prediction": predictions, "label": batch["label"]}
         self.validation_rows.append({key: value.detach().cpu() for key, value in row.items()})
+        if outputs is not None and self.calibrating():
+            self.calibration_rows.append(
+                {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+            )
 
     def on_validation_epoch_end(self) -> None:
         # Every rank gathers all ranks' rows and keeps one per image id: the padding repeats of
         # DistributedSampler count once, and every rank logs the same numbers.
         rows, self.validation_rows = gather_unique(concat_outputs(self.validation_rows), self.trainer), []
-        if not rows:
+        if rows:
+            num_classes = len(self.class_names)
+            predictions, labels = rows["prediction"], rows["label"]
+            accuracy = multiclass_accuracy(predictions, labels, num_classes, average="micro")
+            f1 = multiclass_f1_score(predictions, labels, num_classes, average="macro")
+            self.log_dict({"val/accuracy": accuracy, "val/f1": f1}, prog_bar=True)
+        if self.calibrating():
+            self.write_calibration(gather_unique(concat_outputs(self.calibration_rows), self.trainer))
+        self.calibration_rows = []
+
+    # ---- calibration ------------------------------------------------------------------------
+    def calibration_file(self) -> Path:
+        """calibration.json of the run whose checkpoint classifies: beside its checkpoints/ folder
+        (so tools/classify.py finds it for new images), or in default_root_dir."""
+        checkpoint = self.trainer.ckpt_path
+        if checkpoint and Path(checkpoint).parent.name == "checkpoints":
+            return Path(checkpoint).parent.parent / CALIBRATION_FILE
+        return Path(self.trainer.default_root_dir) / CALIBRATION_FILE
+
+    def write_calibration(self, outputs: dict) -> None:
+        if not outputs:
             return
-        num_classes = len(self.class_names)
-        predictions, labels = rows["prediction"], rows["label"]
-        self.log_dict(
-            {
-                "val/accuracy": multiclass_accuracy(predictions, labels, num_classes, average="micro"),
-                "val/f1": multiclass_f1_score(predictions, labels, num_classes, average="macro"),
-            },
-            prog_bar=True,
-        )
+        try:
+            calibration = calibrate(outputs, self.calibration, len(self.class_names))
+        except ValueError as refusal:  # too few validation images for the guarantees asked: validate still reports
+            rank_zero_warn(f"validation did not calibrate referral and prediction sets: {refusal}")
+            return
+        calibration["checkpoint"] = self.weights_origin()
+        if self.trainer.is_global_zero:
+            file = self.calibration_file()
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(json.dumps(calibration, indent=2) + "\n")
+            referral, sets = calibration["referral"], calibration["conformal"]["class_conditional"]
+            rank_zero_info(
+                f"calibrated on {calibration['n_calibration']} validation images -> {file}: referral threshold "
+                f"{referral['threshold']:.4g} (validation coverage {referral['coverage']:.3f}, accuracy "
+                f"{referral['accuracy']:.3f}); conformal sets at alpha {self.calibration.alpha}, per-class "
+                f"thresholds {[round(q, 4) for q in sets['q']]} ({sets['correction']})"
+            )
+
+    def load_calibration(self) -> dict | None:
+        """The run's calibration, if `validate` wrote one for these weights; otherwise None, and a note."""
+        file = self.calibration_file()
+        if not file.is_file():
+            rank_zero_info(f"no {file}: run `python cli.py validate ... --ckpt_path <the same>` to calibrate referral "
+                           "and prediction sets on the validation split")  # fmt: skip
+            return None
+        calibration = json.loads(file.read_text())
+        if calibration.get("checkpoint") != self.weights_origin():
+            rank_zero_warn(f"{file} was calibrated for {calibration.get('checkpoint')}, not {self.weights_origin()}: "
+                           "not applied; run `validate` with these weights to calibrate them")  # fmt: skip
+            return None
+        return calibration
 
     # ---- test and predict -------------------------------------------------------------------
     def test_step(self, batch: dict, batch_idx: int) -> None:
         self.results.add(self.classify_batch(batch))
 
     def on_test_epoch_end(self) -> None:
+        # the weights tested: make results leaves out a test of untrained weights (--allow_untrained)
+        info = self.results_info() | {"checkpoint": self.weights_origin()}
         metrics = self.results.finish(
-            self.trainer, metrics=True, settings=self.results_settings(), info=self.results_info()
+            self.trainer, metrics=True, settings=self.results_settings(), info=info, calibration=self.load_calibration()
         )
         scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
         scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
-        self.log_dict({f"test/{key}": value for key, value in scalars.items()})
+        achieved = {"selective": metrics.get("selective", {}).get("test", {}),
+                    "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {})}  # fmt: skip
+        for block, numbers in achieved.items():
+            scalars |= {f"{block}/{key}": value for key, value in numbers.items() if isinstance(value, float)}
+        self.log_dict({f"test/{key}": value for key, value in scalars.items() if not math.isnan(value)})
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs = self.classify_batch(batch)
@@ -90,4 +171,4 @@ class ClassifierModule(L.LightningModule):
         return outputs
 
     def on_predict_epoch_end(self) -> None:
-        self.results.finish(self.trainer, metrics=False)
+        self.results.finish(self.trainer, metrics=False, calibration=self.load_calibration())

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.augmentation import BLUR_P, BatchAugmentation, training_augmentation
+from evaluation.calibration import CalibrationSettings
 from evaluation.results import outputs_from_probs
 from networks.backbones import BACKBONES, build_backbone
 
@@ -54,6 +55,8 @@ class BaselineClassifier(ClassifierModule):
         mc_dropout_passes: T > 0: test and predict average the softmax of T forwards with the
             dropout layers active (MC dropout; needs drop_rate > 0) and report the entropy of that
             mean; 0: a single deterministic forward and its softmax entropy.
+        calibration: the decision rules `validate` fits on the validation split (referral threshold
+            on the entropy, conformal prediction sets on the probabilities); see CalibrationSettings.
     """
 
     def __init__(
@@ -74,11 +77,11 @@ class BaselineClassifier(ClassifierModule):
         standardize: bool = False,
         test_time_flips: bool = False,
         mc_dropout_passes: int = 0,
+        calibration: CalibrationSettings = CalibrationSettings(),
     ):
         uncertainty = f"MC-dropout entropy (T={mc_dropout_passes})" if mc_dropout_passes else "softmax entropy"
-        super().__init__(
-            num_classes, class_names, uncertainty + (" of the mean over 4 flips" if test_time_flips else "")
-        )
+        flips = " of the mean over 4 flips" if test_time_flips else ""
+        super().__init__(num_classes, class_names, uncertainty + flips, calibration)
         if mc_dropout_passes < 0:
             raise ValueError(f"mc_dropout_passes must be >= 0, got {mc_dropout_passes}")
         self.save_hyperparameters()
@@ -113,7 +116,11 @@ class BaselineClassifier(ClassifierModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         logits = self(batch["image"])
         self.log("val/loss", F.cross_entropy(logits, batch["label"]), batch_size=len(logits), sync_dist=True)
-        self.record_validation(batch, logits.argmax(dim=1))
+        if self.calibrating():  # `validate`: as test classifies (MC dropout, flips), for the calibration
+            outputs = self.classify_batch(batch)
+            self.record_validation(batch, outputs["prediction"], outputs)
+        else:
+            self.record_validation(batch, logits.argmax(dim=1))
 
     # ---- classification -------------------------------------------------------------------
     def class_probabilities(self, images: Tensor) -> Tensor:

@@ -1,25 +1,36 @@
-"""Lightning callbacks: those cli.py adds to every run (RunCheckpoint, NonFiniteLoss), the speed
-switches a config may list under `trainer.callbacks` (CompileNetwork, ChannelsLast), and the one
-SLURM job scripts add (LogTrainStart)."""
+"""Lightning callbacks and the checkpoint writer: those cli.py adds to every run (RunCheckpoint,
+NonFiniteLoss, AtomicCheckpointIO; SlurmRequeue under SLURM) and the speed switches a config may list
+under `trainer.callbacks` (CompileNetwork, ChannelsLast)."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
+import shutil
+import signal as signal_module
+import socket
+import subprocess
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from .checkpoint_internals import last_saved_step, may_save_now, save_last, saves_on_train_epoch_end
 
-# Extra entries RunCheckpoint writes into every checkpoint, read back when a run is resumed.
-RNG_STATES_KEY = "rng_states"
+# Extra entries RunCheckpoint writes into every checkpoint, read back when a run is resumed
+# (the random states, the TensorBoard version) or a checkpoint classifies new images (the config).
+RNG_STATES_KEY = "rng_states"  # rank 0's
+RANK_RNG_STATES_KEY = "rng_states_per_rank"  # under DDP: every rank's, by rank
 LOGGER_VERSION_KEY = "logger_version"
+EXPERIMENT_CONFIG_KEY = "experiment_config"
+CONFIG_FILE = "config.yaml"  # what LightningCLI's SaveConfigCallback writes into the logger's folder
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -47,10 +58,19 @@ class RunCheckpoint(ModelCheckpoint):
       shuffled training batches (a RandomSampler takes its seed from torch's global generator).
       Resuming from an end-of-epoch checkpoint then repeats the straight run step for step; from
       a mid-epoch one Lightning restarts the epoch's data anyway, so it is only approximate.
-      Under DDP the checkpoint holds rank 0's states, which every rank gets back.
+      Under DDP every rank's states are kept (each rank draws its own noise, see `seed_per_rank`)
+      and each rank gets its own back when the run resumes on as many processes; on another
+      number of processes every rank starts from rank 0's states and is reseeded per rank.
     * the TensorBoard version the run logged to, so that cli.py resumes logging in the same
-      `tensorboard/version_N` folder.
+      `tensorboard/version_N` folder;
+    * the run's whole resolved config (the config.yaml beside its logs), so that the checkpoint
+      alone can rebuild its model to classify new images (tools/classify.py), wherever it travels.
     """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # trainer.log_dir is a collective under DDP: asked here, on every rank, not at save time
+        self.config_file = Path(trainer.log_dir or trainer.default_root_dir) / CONFIG_FILE
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -78,18 +98,41 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_last and last_saved_step(self) != trainer.global_step:
             save_last(self, trainer)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # A resumed run continues its folder's last.ckpt. Resumed from a checkpoint written before
+        # the first last.ckpt (a requeue's hpc_ckpt), Lightning would write last-v1.ckpt beside a stale one.
+        if self.save_last and not self.last_model_path and self.dirpath == state_dict.get("dirpath", self.dirpath):
+            self.last_model_path = self.format_checkpoint_name({}, self.CHECKPOINT_NAME_LAST)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if not getattr(self, "restored_every_rank", False):  # a fresh start, or resumed on another world size
+            seed_per_rank(trainer.world_size, trainer.global_rank)
+        self.restored_every_rank = False
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # every rank is here (Lightning's save_checkpoint is a collective), so the gather is safe
         checkpoint[RNG_STATES_KEY] = random_states()
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            every_rank = [None] * trainer.world_size
+            torch.distributed.all_gather_object(every_rank, checkpoint[RNG_STATES_KEY])
+            checkpoint[RANK_RNG_STATES_KEY] = every_rank
         version = getattr(trainer.logger, "version", None)
         if isinstance(version, (int, str)):
             checkpoint[LOGGER_VERSION_KEY] = version
+        config_file = getattr(self, "config_file", None)
+        if config_file is not None and config_file.is_file():
+            checkpoint[EXPERIMENT_CONFIG_KEY] = config_file.read_text()
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
         # Now, before the training DataLoader iterator is made (it draws a seed from torch's
         # generator); the sanity-check validation in between runs under Lightning's isolate_rng.
-        if trainer.state.fn == TrainerFn.FITTING and RNG_STATES_KEY in checkpoint:
-            set_random_states(checkpoint[RNG_STATES_KEY])
+        if trainer.state.fn != TrainerFn.FITTING or RNG_STATES_KEY not in checkpoint:
+            return
+        every_rank = checkpoint.get(RANK_RNG_STATES_KEY)
+        self.restored_every_rank = every_rank is not None and len(every_rank) == trainer.world_size
+        set_random_states(every_rank[trainer.global_rank] if self.restored_every_rank else checkpoint[RNG_STATES_KEY])
 
 
 def random_states() -> dict:
@@ -104,6 +147,16 @@ def random_states() -> dict:
     if torch.cuda.is_available():
         states["torch.cuda"] = torch.cuda.get_rng_state_all()
     return states
+
+
+def seed_per_rank(world_size: int, rank: int) -> None:
+    """Give each DDP rank its own torch random stream: seed_everything seeds every rank alike, so
+    each would draw the same t, eps, label dropout and augmentation for its different images. One
+    seed per rank (DiT does seed * world + rank), drawn from the common state so a run stays
+    reproducible; a single process is left untouched."""
+    if world_size > 1:
+        common = int(torch.randint(2**62, (1,)))
+        torch.manual_seed(common + rank)
 
 
 def set_random_states(states: dict) -> None:
@@ -321,17 +374,131 @@ def _inputs_to_channels_last(module, args, kwargs):
     return tuple(map(_to_channels_last, args)), {key: _to_channels_last(value) for key, value in kwargs.items()}
 
 
+# ---- checkpoints written atomically ----------------------------------------------------------
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing every checkpoint (last, best, periodic, requeue) to a
+    temporary file in the same folder, flushed to disk, then renamed over the target.
+
+    Lightning 2.6 stages a checkpoint in the system temp folder and moves it into place. On a
+    cluster that folder is node-local and the run folder on a shared file system, so the move is a
+    copy into last.ckpt: a process killed in the middle (time limit, preemption, out-of-memory
+    kill) leaves a truncated last.ckpt, and the resume fails (tests/test_faults.py shows both).
+    os.replace within one folder is atomic on POSIX file systems: a reader sees the old file or the
+    new one, never half of one. The temporary files of killed writers are removed at the next save.
+    cli.py gives every Trainer this plugin."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_partials_of_dead_writers(path)
+        partial = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.partial")
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+            with open(partial, "rb") as written:
+                os.fsync(written.fileno())
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def remove_partials_of_dead_writers(path: Path) -> None:
+    """The temporary files that killed writers on this host left beside `path` (they would fill
+    the disk, one checkpoint per kill); those of live writers, or of other hosts, stay."""
+    host = socket.gethostname()
+    for partial in path.parent.glob(f".{path.name}.{host}.*.partial"):
+        pid = partial.name.removesuffix(".partial").rsplit(".", 1)[-1]
+        if pid.isdigit() and not process_alive(int(pid)):
+            partial.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 # ---- SLURM -------------------------------------------------------------------------------------
 
 
-class LogTrainStart(Callback):
-    """Writes the global step training starts from into the log, so that a requeued job's log
-    shows where it resumed (Lightning names the checkpoint it restores, not the step). The job
-    scripts of tools/slurm.py add it."""
+class SlurmRequeue(Callback):
+    """Requeue a SLURM job before its time limit without ever hanging it, and resume where it stopped.
+
+    Lightning's own auto-requeue writes the checkpoint inside the signal handler, which can interrupt
+    a DDP collective and deadlock the job until its time limit (Lightning-AI/pytorch-lightning#21406).
+    Here the handler only raises a flag; at the next batch end every rank learns of it through one
+    all-reduce, all ranks save `hpc_ckpt_<n>.ckpt` in default_root_dir together, rank 0 runs
+    `scontrol requeue` (`<array job>_<task>` for array jobs), and training stops cleanly. The
+    requeued job runs the same command, and Lightning resumes from the newest hpc_ckpt_<n>.ckpt by
+    itself (no --ckpt_path). cli.py switches Lightning's handler off (SLURMEnvironment(auto_requeue=False))
+    and adds this callback to every run under SLURM; the job scripts of tools/slurm.py list it with
+    the signal their `#SBATCH --signal` sends. It also logs the step a run starts from.
+
+    Args:
+        signal: the signal SLURM sends before the time limit (`#SBATCH --signal=<signal>@<seconds>`).
+    """
+
+    def __init__(self, signal: str = "SIGUSR1"):
+        self.signal = signal
+        self.requested = False
+        self._previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self._previous is None:
+            self._previous = signal_module.signal(getattr(signal_module, self.signal), self._request)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal_module.signal(getattr(signal_module, self.signal), self._previous)
+            self._previous = None
+
+    def _request(self, signum, frame) -> None:
+        self.requested = True  # nothing else here: the training step may be inside a collective
 
     def on_train_start(self, trainer, pl_module) -> None:
         restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-        rank_zero_info(
-            f"training starts at global step {trainer.global_step}, epoch {trainer.current_epoch} "
-            f"(SLURM restart {restart}, {trainer.world_size} processes)"
-        )
+        rank_zero_info(f"training starts at global step {trainer.global_step}, epoch {trainer.current_epoch} "
+                       f"(SLURM restart {restart}, {trainer.world_size} processes)")  # fmt: skip
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):  # any rank signalled
+            return
+        path = Path(trainer.default_root_dir) / f"hpc_ckpt_{hpc_checkpoint_number(trainer.default_root_dir) + 1}.ckpt"
+        trainer.save_checkpoint(path)  # every rank, together; rank 0 writes, then they meet at a barrier
+        rank_zero_info(f"{self.signal}: saved {path} at global step {trainer.global_step}")
+        if trainer.is_global_zero:
+            requeue(path)
+        trainer.should_stop = True
+
+
+def hpc_checkpoint_number(folder) -> int:
+    """The highest n of the hpc_ckpt_<n>.ckpt files in `folder` (Lightning resumes from that one), 0 without any."""
+    numbers = [
+        int(m.group(1))
+        for f in Path(folder).glob("hpc_ckpt_*.ckpt")
+        if (m := re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f.name))
+    ]
+    return max(numbers, default=0)
+
+
+def requeue(checkpoint: Path) -> None:
+    """`scontrol requeue` of this job (this task of an array job); a missing scontrol is reported, not ignored."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    job = f"{array_job}_{task}" if array_job and task else os.environ.get("SLURM_JOB_ID")
+    scontrol = shutil.which("scontrol")
+    if scontrol is None or job is None:
+        why = "scontrol is not on this node's PATH (inside a container?)" if scontrol is None else "no SLURM_JOB_ID"
+        rank_zero_warn(f"cannot requeue the job: {why}. The checkpoint {checkpoint} is saved: submit the job again "
+                       "and it resumes from there")  # fmt: skip
+        return
+    done = subprocess.run([scontrol, "requeue", job], capture_output=True, text=True)
+    if done.returncode == 0:
+        rank_zero_info(f"requeued SLURM job {job}")
+    else:
+        rank_zero_warn(f"scontrol requeue {job} failed ({done.stderr.strip()}); the checkpoint {checkpoint} is saved: "
+                       "submit the job again and it resumes from there")  # fmt: skip

@@ -22,7 +22,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import torch
+from lightning.pytorch.callbacks import WeightAveraging
+
+from networks.weights import load_weights_file
 
 # hyperparameter -> where it comes from in a config (for the message)
 CHECKED_HPARAMS = {
@@ -42,7 +44,7 @@ class IncompatibleCheckpoint(ValueError):
 
 def check_checkpoint(path: str | Path, model, datamodule=None) -> None:
     """Raise IncompatibleCheckpoint when the checkpoint at `path` does not fit `model`."""
-    checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    checkpoint = load_weights_file(path)
     saved = checkpoint.get("hyper_parameters") or {}
     _check_class(path, saved.get("_class_path"), type(model))
     _check_hparams(path, saved, dict(model.hparams), datamodule)
@@ -111,3 +113,26 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def check_weight_averaging(path: str | Path, trainer) -> None:
+    """Refuse to resume training across a change of weight averaging (EMA).
+
+    A checkpoint written with Lightning's EMAWeightAveraging holds the averaged weights in its
+    state_dict and the raw ones beside them: resumed without the callback, training would go on
+    from the averaged weights; with the callback but from a checkpoint without one, the average
+    would start again from scratch in the middle of a run. Both silently change the experiment."""
+    checkpoint = load_weights_file(path)
+    saved = "current_model_state" in checkpoint or any(
+        key.split("{")[0].endswith("WeightAveraging") for key in checkpoint.get("callbacks", {})
+    )
+    configured = any(isinstance(callback, WeightAveraging) for callback in trainer.callbacks)
+    if saved != configured:
+        has = (
+            "holds the EMA state of Lightning's EMAWeightAveraging" if saved else "was trained without weight averaging"
+        )
+        config = "lists no EMAWeightAveraging callback" if saved else "lists EMAWeightAveraging"
+        raise IncompatibleCheckpoint(
+            f"checkpoint {path} {has}, but this config {config} under trainer.callbacks: resume with the callbacks it "
+            "was trained with (or start a new run from its weights: --model.init_args... and no --ckpt_path)"
+        )

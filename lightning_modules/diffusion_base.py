@@ -24,8 +24,9 @@ from torch import Tensor
 
 from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images
 from diffusion.explain import ExplainSettings, explain_batch
-from diffusion.noise import seed_per_rank, shared_noise
+from diffusion.noise import shared_noise
 from diffusion.voting import summarize
+from evaluation.calibration import CalibrationSettings
 from evaluation.explanations import ExplanationOutputs
 
 from .base import ClassifierModule
@@ -53,6 +54,8 @@ class DiffusionClassifierBase(ClassifierModule):
             difference maps, PNGs, .npz and explain.json (see evaluation/explanations.py).
         explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
             how often fit logs monitoring images; see ExplainSettings.
+        calibration: the decision rules `validate` fits on the validation split (referral threshold,
+            conformal prediction sets) and test and predict apply; see CalibrationSettings.
     """
 
     hparams_ignored: tuple[str, ...] = ()
@@ -66,8 +69,9 @@ class DiffusionClassifierBase(ClassifierModule):
         save_errors: bool = False,
         explain: bool = False,
         explanation: ExplainSettings = ExplainSettings(),
+        calibration: CalibrationSettings = CalibrationSettings(),
     ):
-        super().__init__(num_classes, class_names)
+        super().__init__(num_classes, class_names, calibration=calibration)
         # the caller's (a subclass's __init__) arguments too: Lightning collects every __init__ frame of self
         self.save_hyperparameters(ignore=list(self.hparams_ignored))
         self.classification = classification
@@ -95,15 +99,15 @@ class DiffusionClassifierBase(ClassifierModule):
         return self.hparams.num_classes
 
     # ---- training and validation -----------------------------------------------------------
-    def on_train_start(self) -> None:
-        seed_per_rank(self.trainer.world_size, self.global_rank)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.encode(batch["image"])
         t, eps = shared_noise(batch["id"].to(x.device), range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
         loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(x.dtype), eps[:, 0].to(x.dtype), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
-        if self.hparams.val_steps > 0:
+        if self.calibrating():  # `validate`: as test classifies, for the calibration
+            outputs = self.classify_batch(batch)
+            self.record_validation(batch, outputs["prediction"], outputs)
+        elif self.hparams.val_steps > 0:
             self.record_validation(batch, self.classify(batch, self.val_classification, x)["prediction"])
 
     # ---- classification -------------------------------------------------------------------
@@ -182,4 +186,5 @@ class DiffusionClassifierBase(ClassifierModule):
             settings,
             classify_pixels,
             self.classification.max_forward_batch,
+            masks=batch.get("mask"),
         )

@@ -5,7 +5,8 @@ the UNet and DiT see an image and learn:
   encode:  the single-stage Haar wavelet (diffusion/wavelet.py), 3 x H x W -> 12 x H/2 x W/2
   fit:     t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight,
            labels dropped to the null label for classifier-free guidance
-  monitor: during fit, explanations of a few validation images and samples from noise in TensorBoard
+  monitor: during fit, explanations of a few validation images and samples from noise in TensorBoard,
+           and, when the data mark the finding (a `mask` per image), how well the maps point at it
 EMA weights come from Lightning's EMAWeightAveraging callback (see configs), which swaps them in
 for validation and writes them to the checkpoint's state_dict.
 """
@@ -22,8 +23,14 @@ from diffusion.explain import samples_from_noise
 from diffusion.loss import drop_labels, weighted_v_loss
 from diffusion.parameterization import diffuse, v_target
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
-from diffusion.wavelet import HaarWavelet, IdentityTransform
-from evaluation.explanations import explanation_rows, noise_sample_grid, plot_explanations
+from diffusion.wavelet import GreyscaleTransform, HaarWavelet, IdentityTransform
+from evaluation.explanations import (
+    counterfactuals,
+    explanation_rows,
+    localisation_numbers,
+    noise_sample_grid,
+    plot_explanations,
+)
 from networks.base import Denoiser
 
 from .diffusion_base import DiffusionClassifierBase
@@ -43,6 +50,8 @@ class DiffusionClassifier(DiffusionClassifierBase):
         image_size: side of the (square) input images; linked from the datamodule.
         image_channels: channels of the input images; linked from the datamodule.
         wavelet: model single-stage Haar wavelet coefficients (4C x H/2 x W/2) instead of pixels.
+        grayscale: model the images' channel mean only (1 channel, 4 wavelet bands), for grey images
+            such as X-rays given as 3 equal channels; reconstructions are grey again.
         schedule_base: base resolution of the shifted-cosine schedule (paper: 64); the shift uses
             the side of the model input (image_size / 2 with the wavelet).
         min_snr_gamma: gamma of the min-SNR loss weight (paper: 5); null for a plain v-loss.
@@ -64,6 +73,7 @@ class DiffusionClassifier(DiffusionClassifierBase):
         image_size: int = 256,
         image_channels: int = 3,
         wavelet: bool = True,
+        grayscale: bool = False,
         schedule_base: int = 64,
         min_snr_gamma: float | None = 5.0,
         label_dropout: float = 0.1,
@@ -73,7 +83,9 @@ class DiffusionClassifier(DiffusionClassifierBase):
     ):
         super().__init__(num_classes, class_names, **kwargs)
         self.transform = HaarWavelet() if wavelet else IdentityTransform()
-        model_channels = image_channels * 4 if wavelet else image_channels
+        if grayscale:
+            self.transform = GreyscaleTransform(self.transform, image_channels)
+        model_channels = (1 if grayscale else image_channels) * (4 if wavelet else 1)
         model_size = image_size // 2 if wavelet else image_size
         self.network = network(num_classes, model_channels, model_size)
         self.schedule = ShiftedCosineSchedule(model_size, base=schedule_base)
@@ -126,15 +138,19 @@ class DiffusionClassifier(DiffusionClassifierBase):
     def log_monitoring_images(self, batch: dict) -> None:
         """Explanations of a few validation images and samples from noise, to TensorBoard. Called from
         validation_step, where EMAWeightAveraging has swapped the EMA weights in (its hooks run
-        before the module's, and it swaps back before the module's on_validation_epoch_end)."""
+        before the module's, and it swaps back before the module's on_validation_epoch_end).
+        Where the batch marks the findings (`mask`), also the pointing game and the map's mass
+        inside the mask over these few images' counterfactuals (explain/pointing_game,
+        explain/mass_inside_mask), so you can watch the maps learn to point at the finding."""
         settings = dataclasses.replace(
             self.explanation, sampling_steps=self.explanation.monitor_steps, flip_steps=0, factual="label"
         )
-        few = {key: batch[key][: settings.monitor_images] for key in ("image", "id", "label")}
+        few = {key: batch[key][: settings.monitor_images] for key in ("image", "id", "label", "mask") if key in batch}
         record = self.explain(few, few["label"], settings)
         experiment, step = self.logger.experiment, self.global_step
         rows = explanation_rows(record | {"label": few["label"]})
         experiment.add_figure("explain/validation", plot_explanations(rows, self.class_names), global_step=step)
+        self.log_localisation(record)
         model_input = (self.network.in_channels, self.network.sample_size, self.network.sample_size)
         per_class = 4
         samples = samples_from_noise(
@@ -148,6 +164,17 @@ class DiffusionClassifier(DiffusionClassifierBase):
             per_class,
         )
         experiment.add_image("explain/samples_from_noise", noise_sample_grid(samples, per_class), global_step=step)
+
+    def log_localisation(self, record: dict) -> None:
+        """explain/pointing_game and explain/mass_inside_mask of an explained batch that has masks; nothing
+        when it has none or none of its images has a finding (the numbers would be undefined)."""
+        if "hit" not in record:
+            return
+        counterfactual = counterfactuals(record["factual"], self.hparams.num_classes)
+        numbers = localisation_numbers(record, counterfactual)
+        if numbers["n_localised"]:
+            for name in ("pointing_game", "mass_inside_mask"):
+                self.logger.experiment.add_scalar(f"explain/{name}", numbers[name], global_step=self.global_step)
 
     # ---- optimisation ---------------------------------------------------------------------
     def configure_optimizers(self):

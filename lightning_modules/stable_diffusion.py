@@ -103,6 +103,7 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
     ):
         super().__init__(num_classes, class_names, val_steps=val_steps, **kwargs)
         root = check_weights_dir(weights_dir)  # before any heavy work
+        self.pretrained = str(finetuned_checkpoint or root)  # a complete classifier without --ckpt_path
         if finetuned_checkpoint and not Path(finetuned_checkpoint).is_file():
             raise FileNotFoundError(
                 f"finetuned_checkpoint {finetuned_checkpoint} not found: run configs/sd_finetune.yaml "
@@ -200,6 +201,9 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
 
     def results_info(self) -> dict:
         return {"prompts": self.class_prompts}
+
+    def weights_origin(self) -> str:
+        return self.trainer.ckpt_path or self.pretrained
 
     def configure_optimizers(self):
         return torch.optim.AdamW(

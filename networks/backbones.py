@@ -23,6 +23,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from timm.models import adapt_input_conv
 from torch import nn
 
+from .weights import load_weights_file
+
 
 @dataclass(frozen=True)
 class BackboneSpec:
@@ -148,7 +150,9 @@ def weights_file(path: str | Path) -> Path:
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: timm's reader (safetensors or torch; unwraps `state_dict`/`model`
     nesting and `module.` prefixes), plus the `network.` prefix of this suite's Lightning checkpoints."""
-    state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=False)
+    if Path(path).suffix != ".safetensors":
+        load_weights_file(path)  # refuses a file that needs arbitrary unpickling, naming it
+    state = timm.models.load_state_dict(str(path), use_ema=True, weights_only=True)
     if state and all(key.startswith("network.") for key in state):
         state = {key[len("network.") :]: value for key, value in state.items()}
     return state

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from diffusion.schedule import DiscreteSchedule, broadcast_like
 
+from .weights import load_weights_file
+
 # The file each diffusers sub-folder must hold (an interrupted download leaves empty folders).
 WEIGHT_FOLDERS = {
     "unet": "config.json",
@@ -153,7 +155,7 @@ def class_prompts(class_names: list[str], prompts: dict[str, str | list[str]]) -
 
 def unet_weights(checkpoint: str | Path) -> dict[str, Tensor]:
     """The UNet's state_dict inside a StableDiffusionClassifier checkpoint (its EMA weights if trained with EMA)."""
-    state = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=False)["state_dict"]
+    state = load_weights_file(checkpoint).get("state_dict", {})
     weights = {name.removeprefix("unet."): value for name, value in state.items() if name.startswith("unet.")}
     if not weights:
         raise ValueError(

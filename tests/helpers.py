@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from torch.utils.data import Dataset
 
 from datamodules import SyntheticDataModule
@@ -180,3 +184,27 @@ def dit_parameter_count(num_classes, in_channels, patch, hidden, depth, mlp_rati
     patch_out = patch * patch * in_channels
     final = (hidden * 2 * hidden + 2 * hidden) + (hidden * patch_out + patch_out)  # adaLN + linear
     return patch_embed + t_embed + label_table + depth * block + final
+
+
+# DICOM files for the readers' tests: 12-bit grey, values chosen to span the window arithmetic
+STORED = np.array([[0, 100, 1000, 2000], [2047, 2500, 3000, 4095]], dtype=np.uint16)
+
+
+def write_dicom(path, pixels=STORED, photometric="MONOCHROME2", window=None, rescale=(1.0, 0.0), syntax=None):
+    """A single-frame 12-bit grayscale DICOM file; window = (center, width) or None."""
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # computed radiography
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    dataset = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, photometric
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.RescaleSlope, dataset.RescaleIntercept = rescale
+    if window is not None:
+        dataset.WindowCenter, dataset.WindowWidth = window
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    if syntax is not None:  # compressed: the bytes must be encapsulated (here, not a valid JPEG stream)
+        dataset.PixelData = encapsulate([dataset.PixelData])
+    dataset.save_as(str(path), enforce_file_format=True)
+    return path

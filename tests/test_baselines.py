@@ -313,6 +313,7 @@ def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
         "id",
         "label",
         "prediction",
+        "predicted_class",
         "prob_no_finding",
         "prob_pleural_effusion",
         "entropy",
@@ -323,6 +324,7 @@ def test_fit_test_predict_write_the_diffusion_classifiers_files(tmp_path):
     for row in rows:
         assert float(row["score"]) == pytest.approx(float(row["prob_pleural_effusion"]), abs=1e-5)
         assert int(row["prediction"]) == int(float(row["prob_pleural_effusion"]) > 0.5)
+        assert row["predicted_class"] == ["no_finding", "pleural_effusion"][int(row["prediction"])]
     assert (folder / "accuracy_filtered.png").is_file() and (folder / "uncertainty_boxes.png").is_file()
     assert (folder / "config.yaml").is_file()  # what results_table reads to name the model and data
 

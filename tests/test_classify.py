@@ -240,3 +240,23 @@ def test_settings_refuse_bad_options_by_name():
         ClassifierSettings(early_exit="sometimes")
     with pytest.raises(ValueError, match="majority"):
         ClassifierSettings(early_exit="exact", rule="mean")
+
+
+def test_t_range_maps_each_pairs_own_time_onto_the_range():
+    """Restricting t keeps each (image, step) pair's own draw, mapped linearly: low + (high - low) * t."""
+    times = {}
+    for t_range in [(0.0, 1.0), (0.25, 0.75)]:
+        seen = []
+
+        def recording_denoiser(z, t, labels, seen=seen):
+            seen.append(t.clone())
+            return torch.zeros_like(z)
+
+        settings = ClassifierSettings(num_steps=12, max_forward_batch=1000, t_range=t_range)
+        classify_images(recording_denoiser, torch.randn(2, 4, 8, 8), torch.tensor([5, 9]), 2, SCHEDULE, settings)
+        times[t_range] = torch.cat(seen)
+    full, restricted = times[(0.0, 1.0)], times[(0.25, 0.75)]
+    torch.testing.assert_close(restricted, 0.25 + 0.5 * full)
+    assert restricted.min() >= 0.25 and restricted.max() < 0.75
+    with pytest.raises(ValueError, match=r"t_range=\[0.5, 0.5\]"):
+        ClassifierSettings(t_range=(0.5, 0.5))

@@ -316,6 +316,40 @@ def test_csv_numeric_labels_sort_numerically(tmp_path):
     assert CSVDataModule(root=str(tmp_path), csv="l.csv", **options(tmp_path)).class_names == ["2", "10"]
 
 
+def write_square_mask(path: Path, size: int, box: slice) -> None:
+    pixels = np.zeros((size, size), np.uint8)
+    pixels[box, box] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def test_csv_masks_reach_validation_and_test_items_aligned_with_their_image(tmp_path):
+    """An optional `mask` column: squeezed to the image size like the image (nearest, stays 0/1),
+    empty for none; train items carry none; a reused split keeps them; a missing file is named."""
+    make_csv_folder(tmp_path / "mine")
+    table = pd.read_csv(tmp_path / "mine/labels.csv")
+    table["mask"] = [f"masks/{i:03d}.png" if label == "malignant" else "" for i, label in enumerate(table["label"])]
+    for path in table["mask"]:
+        if path:
+            write_square_mask(tmp_path / "mine" / path, 32, slice(8, 24))  # the middle half of a 32 px mask
+    table.to_csv(tmp_path / "mine/labels.csv", index=False)
+    expected = torch.zeros(1, 16, 16)
+    expected[:, 4:12, 4:12] = 1
+    for attempt in ("split", "reuse the split"):
+        dm = CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path))
+        dm.setup("fit")
+        assert "mask" not in dm.datasets["train"][0]
+        for split in ("val", "test"):
+            for item in dm.datasets[split]:
+                malignant = dm.class_names[int(item["label"])] == "malignant"
+                assert torch.equal(item["mask"], expected if malignant else torch.zeros(1, 16, 16)), attempt
+    table.loc[table["mask"] != "", "mask"] = "masks/nowhere.png"
+    table.to_csv(tmp_path / "mine/labels.csv", index=False)
+    missing = r"mask files listed in csv-labels \(column `mask`\) are missing, e.g. .*nowhere"
+    with pytest.raises(DataError, match=missing):
+        CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path)).setup("fit")
+
+
 # ----------------------------------------------------------------------------------------------
 # Shared machinery: batches, splits file, cache
 
@@ -534,7 +568,11 @@ def test_bad_splits_file_that_no_longer_matches_the_data(chexpert_root, tmp_path
     table[~table["Path"].str.endswith(kept.split("/", 1)[1])].to_csv(
         root / "CheXpert-v1.0-small/train.csv", index=False
     )
-    with pytest.raises(DataError, match=r"splits file .*splits\.csv: 1 images are no longer in the data .*" + kept):
+    with pytest.raises(
+        DataError,
+        match=r"splits file .*splits\.csv no longer matches the data .*: 1 in the file, no longer in the data, e.g. "
+        + kept,
+    ):
         CheXpertDataModule(root=str(root), **options(tmp_path)).setup("fit")
 
 

@@ -19,6 +19,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from cli import main
+from diffusion.noise import shared_noise
+from lightning_modules import DiffusionClassifier
 from lightning_modules.callbacks import ChannelsLast, CompileNetwork
 from tests.helpers import EXPERIMENTS, NUM_TEST, TEST_IDS, resolved, run_cli, tiny_args
 
@@ -93,8 +95,16 @@ def exact(row: dict) -> dict:
     return {key: value for key, value in row.items() if not key.startswith("error_")}
 
 
-@pytest.mark.parametrize("classes", [2, 4])
-@pytest.mark.parametrize("early_exit", ["none", "exact", "sequential"])
+# Each case starts a DDP run (~25 s): three cover every early-exit mode and pruning in `make test`,
+# the other three run in `make test-all`.
+ENGINE_CASES = [
+    pytest.param(early_exit, classes, marks=[pytest.mark.slow] * slow)
+    for early_exit, classes, slow in [("none", 2, False), ("exact", 4, False), ("sequential", 4, False),
+                                      ("none", 4, True), ("exact", 2, True), ("sequential", 2, True)]
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("early_exit, classes", ENGINE_CASES)
 def test_every_row_is_the_same_at_batch_1_7_32_and_under_ddp(
     early_exit, classes, checkpoint, four_class_checkpoint, tmp_path, one_thread
 ):
@@ -169,6 +179,96 @@ def test_ddp_ranks_draw_different_training_noise(tmp_path):
     )
     rank0, rank1 = ((tmp_path / f"noise_rank{r}.txt").read_text() for r in (0, 1))
     assert rank0 != rank1  # seed_everything alone gives both ranks the same t and eps
+
+
+# ---- training under DDP: the global batch, exact validation -----------------------------------
+
+
+class SameNoiseWhateverTheSplit(DiffusionClassifier):
+    """The diffusion classifier with its training noise drawn per (image id, step) instead of from
+    each rank's random stream, and no label dropout: a step's gradient then depends on which images
+    the global batch holds, not on how they are split over processes or micro-batches."""
+
+    def training_step(self, batch, batch_idx):
+        x = self.encode(batch["image"])
+        t, eps = shared_noise(batch["id"], range(1), tuple(x.shape[1:]), seed=self.global_step)
+        loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(x.dtype), eps[:, 0].to(x.dtype), dropout=0.0)
+        self.log("train/loss", loss)
+        return loss
+
+
+class StepRecorder(Callback):
+    """Writes each rank's micro-batch sizes and the gradient the optimizer applies at the first step
+    (after DDP's all-reduce and the accumulation) to <root>/step_rank<r>.pt."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.sizes, self.gradient = [], None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.sizes.append(len(batch["image"]))
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.gradient is None:
+            self.gradient = torch.cat([p.grad.flatten() for p in pl_module.parameters() if p.grad is not None])
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"sizes": self.sizes, "gradient": self.gradient}
+        torch.save(record, Path(trainer.default_root_dir) / f"step_rank{trainer.global_rank}.pt")
+
+
+# 8 training images: one optimizer step is one epoch, so the split over ranks cannot change which
+# images a step sees (only their order, which a mean does not see).
+ONE_BATCH_EPOCHS = ["--model.class_path=tests.test_ddp.SameNoiseWhateverTheSplit", "--data.init_args.num_train=8",
+                    "--global_batch_size=8"]  # fmt: skip
+
+
+@pytest.mark.parametrize("accumulate", [pytest.param(1, marks=pytest.mark.slow), 2])
+def test_one_optimizer_step_sees_the_global_batch_on_any_number_of_processes(accumulate, tmp_path, one_thread):
+    steps = ["--trainer.max_steps=1", "--trainer.callbacks+=tests.test_ddp.StepRecorder"]
+    main(["fit", *tiny_args(tmp_path / "single", *ONE_BATCH_EPOCHS, *steps), *SINGLE])
+    result = run_cli("fit", *tiny_args(tmp_path / "ddp", *ONE_BATCH_EPOCHS, *steps,
+                                       f"--trainer.accumulate_grad_batches={accumulate}"), *DDP)  # fmt: skip
+    per_device = 8 // (2 * accumulate)
+    assert f"batch: global 8 = 2 process(es) x {per_device} images x {accumulate} accumulated" in result.stdout
+    single = torch.load(tmp_path / "single" / "step_rank0.pt")
+    ranks = [torch.load(tmp_path / "ddp" / f"step_rank{rank}.pt") for rank in (0, 1)]
+    assert single["sizes"] == [8]
+    assert [rank["sizes"] for rank in ranks] == [[per_device] * accumulate] * 2
+    assert torch.equal(ranks[0]["gradient"], ranks[1]["gradient"])  # DDP's all-reduce
+    # the mean gradient over all 8 images, as one process with the whole batch computes it
+    torch.testing.assert_close(ranks[0]["gradient"], single["gradient"], rtol=1e-4, atol=1e-7)
+    assert single["gradient"].norm() > 0
+
+
+def logged_values(root: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(outputs_of(root)))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
+def test_validation_during_ddp_fit_counts_each_image_once_and_picks_the_same_best_checkpoint(tmp_path, one_thread):
+    """9 validation images: DistributedSampler pads them to 10 on 2 ranks, repeating one. Counted
+    twice, the repeat would make val/accuracy k/10 instead of k/9 and could move the best checkpoint."""
+    options = [*ONE_BATCH_EPOCHS, "--data.init_args.num_val=9", "--trainer.max_steps=12",
+               "--trainer.limit_val_batches=1.0", "--trainer.val_check_interval=1.0",
+               "--trainer.check_val_every_n_epoch=2", "--checkpoint.monitor=val/accuracy", "--checkpoint.mode=max",
+               "--checkpoint.filename=best-{step}", "--model.init_args.learning_rate=3e-3"]  # fmt: skip
+    main(["fit", *tiny_args(tmp_path / "single", *options), *SINGLE])
+    run_cli("fit", *tiny_args(tmp_path / "ddp", *options), *DDP)
+    single, ddp = (logged_values(tmp_path / name, "val/accuracy") for name in ("single", "ddp"))
+    print(f"\nval/accuracy by step, single process: {single}; DDP: {ddp}")
+    assert len(single) == 6 and [step for step, _ in single] == [step for step, _ in ddp]
+    assert all(round(value * 9) == pytest.approx(value * 9, abs=1e-4) for _, value in single)  # k / 9
+    assert ddp == single
+    best = {}
+    for name in ("single", "ddp"):
+        state = torch.load(tmp_path / name / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+        (checkpoint_state,) = (value for key, value in state.items() if key.startswith("RunCheckpoint"))
+        best[name] = (Path(checkpoint_state["best_model_path"]).name, float(checkpoint_state["best_model_score"]))
+    assert best["ddp"] == best["single"]
+    assert best["single"][1] == max(value for _, value in single)
 
 
 # ---- speed switches ------------------------------------------------------------------------

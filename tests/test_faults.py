@@ -2,18 +2,26 @@
 input size, an unwritable run folder and a full disk, through the real CLI on a tiny model."""
 
 import copy
+import multiprocessing
+import os
 import re
 import shutil
+import signal
+import tempfile
+import time
 from collections import namedtuple
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.nn.utils import parameters_to_vector
 
 from cli import RunFolderError, main
 from datamodules import SyntheticDataModule
 from lightning_modules import DiffusionClassifier
-from lightning_modules.callbacks import NonFiniteLoss, NonFiniteLossError
+from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLoss, NonFiniteLossError
 from lightning_modules.checkpoint_check import IncompatibleCheckpoint
 from tests.helpers import ROOT, tiny_args
 
@@ -203,3 +211,109 @@ def test_free_space_rule_counts_frozen_parameters_once_per_checkpoint(repo_root,
         p.requires_grad_(False)
     frozen, trained = parameters[: len(parameters) // 2], parameters[len(parameters) // 2 :]
     assert cli.min_free_bytes() == 8 * nbytes(trained) + 2 * nbytes(frozen)
+
+
+# ---- a checkpoint write killed in the middle ----------------------------------------------------
+
+CHECKPOINT_VALUES = 2_000_000  # 8 MB: a write takes long enough to be killed inside it
+# Lightning's own writer stages a checkpoint in the system temp folder and moves it into place. On
+# a cluster that folder is node-local and the run folder on a shared file system: the move is then
+# a copy into last.ckpt. /dev/shm plays the node-local disk here.
+NODE_LOCAL_TEMP = Path("/dev/shm")
+
+
+def keep_saving(path: str, atomic: bool, ready, temp_folder: str | None = None) -> None:
+    """Child process: writes last.ckpt again and again, version 1, 2, ... (each tensor filled with its version)."""
+    torch.set_num_threads(1)  # a forked child: no OpenMP pool of the parent's
+    tempfile.tempdir = temp_folder
+    writer = AtomicCheckpointIO() if atomic else TorchCheckpointIO()
+    version = 0
+    while True:
+        version += 1
+        values = torch.from_numpy(np.full(CHECKPOINT_VALUES, version, dtype=np.float32))
+        writer.save_checkpoint({"version": version, "weights": values}, path)
+        if version == 1:
+            ready.set()
+
+
+def kill_a_writer(path: Path, atomic: bool, delay: float, temp_folder: Path | None = None) -> str:
+    """Starts a writer, SIGKILLs it `delay` s after its first checkpoint, and reads what is left:
+    'intact' (a whole checkpoint of one version; 'intact, killed mid-write' when the writer's
+    temporary file shows the kill landed inside a write) or 'broken'."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    writer = context.Process(target=keep_saving, args=(str(path), atomic, ready, temp_folder and str(temp_folder)))
+    writer.start()
+    assert ready.wait(60), "the writer never finished its first checkpoint"
+    time.sleep(delay)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.join()
+    try:
+        saved = torch.load(path, weights_only=True)
+    except Exception:  # a truncated zip: whatever torch.load says about it
+        return "broken"
+    intact = saved["weights"].shape == (CHECKPOINT_VALUES,) and bool((saved["weights"] == saved["version"]).all())
+    mid_write = any(path.parent.glob(f".{path.name}.*.{writer.pid}.partial"))
+    return ("intact, killed mid-write" if mid_write else "intact") if intact else "broken"
+
+
+def test_a_checkpoint_write_killed_at_a_random_moment_leaves_a_loadable_last_ckpt(tmp_path):
+    """SIGKILL at a random moment of a writer that saves over and over, until 20 kills (and at
+    least 3 of them inside a write: most of a save is serialising, before the file is opened)."""
+    delays = iter(np.random.default_rng(0).uniform(0.0, 0.3, size=200))
+    outcomes = []
+    while len(outcomes) < 20 or outcomes.count("intact, killed mid-write") < 3:
+        outcomes.append(kill_a_writer(tmp_path / "last.ckpt", atomic=True, delay=next(delays)))
+    print(f"\n{len(outcomes)} kills, {outcomes.count('intact, killed mid-write')} inside a write")
+    assert set(outcomes) <= {"intact", "intact, killed mid-write"}
+    # the killed writers' temporary files are removed by the next save, not left to fill the disk
+    AtomicCheckpointIO().save_checkpoint({"version": 0}, tmp_path / "last.ckpt")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+@pytest.mark.skipif(
+    not NODE_LOCAL_TEMP.is_dir() or NODE_LOCAL_TEMP.stat().st_dev == Path(tempfile.gettempdir()).stat().st_dev,
+    reason="needs /dev/shm on another file system than the test's run folder (the cluster case)",
+)
+def test_the_kill_test_catches_lightnings_writer_across_file_systems(tmp_path):
+    """The control: Lightning's own writer, staging in a node-local temp folder, killed the same
+    way, leaves a broken last.ckpt (within 100 tries)."""
+    staging = Path(tempfile.mkdtemp(dir=NODE_LOCAL_TEMP))
+    delays = np.random.default_rng(1).uniform(0.0, 0.3, size=100)
+    try:
+        outcomes = []
+        for delay in delays:
+            outcomes.append(kill_a_writer(tmp_path / "last.ckpt", atomic=False, delay=delay, temp_folder=staging))
+            if outcomes[-1] == "broken":
+                break
+    finally:
+        shutil.rmtree(staging)
+    print(f"\nLightning's writer: last.ckpt broken after {len(outcomes)} kills")
+    assert outcomes[-1] == "broken", outcomes
+
+
+def test_every_cli_trainer_writes_checkpoints_atomically(tmp_path):
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1")])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 1
+
+
+# ---- resuming across a change of weight averaging ----------------------------------------------
+
+NO_CALLBACKS = "--trainer.callbacks=[]"  # the demo config lists EMAWeightAveraging; this removes it
+
+
+@pytest.mark.parametrize("trained_with_ema", [True, False])
+def test_resume_across_a_change_of_ema_is_refused_naming_checkpoint_and_option(trained_with_ema, tmp_path):
+    with_ema, without = [], [NO_CALLBACKS]
+    trained, resumed = (with_ema, without) if trained_with_ema else (without, with_ema)
+    main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=2", *trained)])
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(IncompatibleCheckpoint) as raised:
+        main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=4", *resumed, "--ckpt_path=last")])
+    message = str(raised.value)
+    assert message.startswith(f"checkpoint {last} ") and "trainer.callbacks" in message
+    assert ("lists no EMAWeightAveraging" if trained_with_ema else "lists EMAWeightAveraging") in message
+    # with the callbacks it was trained with, it resumes
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=4", *trained, "--ckpt_path=last")])
+    assert cli.trainer.global_step == 4

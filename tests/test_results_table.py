@@ -141,3 +141,21 @@ def test_models_and_data_sets_are_named_from_the_config():
 def test_no_results_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         results_table([str(tmp_path)])
+
+
+def test_calibrated_runs_add_referral_and_conformal_columns_and_untrained_runs_are_left_out(tmp_path):
+    calibrated = {
+        "accuracy": 0.8, "f1": 0.79, "auroc": 0.9, "ece": 0.1,
+        "selective": {"test": {"accuracy": 0.95, "coverage": 0.6}},
+        "conformal": {"class_conditional": {"test": {"coverage": 0.91, "mean_set_size": 1.25}}},
+    }  # fmt: skip
+    write_run(tmp_path / "a", baseline("resnet18"), data("CheXpertDataModule", root="x"), calibrated)
+    write_run(
+        tmp_path / "b", baseline("resnet50"), data("CheXpertDataModule", root="x"), calibrated | {"checkpoint": None}
+    )
+    lines = results_table([str(tmp_path / "a"), str(tmp_path / "b")]).splitlines()
+    assert lines[0].endswith(
+        " | CheXpert referral accuracy (%) | CheXpert kept | CheXpert set coverage | CheXpert set size |"
+    )
+    assert lines[2] == "| CNN | ResNet-18 | 80.0 | 0.790 | 0.900 | 0.100 | 95.0 | 0.60 | 0.910 | 1.25 |"
+    assert len(lines) == 3  # the run tested without a checkpoint is not in the table

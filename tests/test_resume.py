@@ -8,12 +8,15 @@ learning-rate schedule; the resumed run must reuse its split and its TensorBoard
 """
 
 import filecmp
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from PIL import Image
 
 from cli import main
@@ -159,3 +162,54 @@ def test_last_checkpoint_follows_the_run_when_the_monitored_metric_stops_improvi
         c for c in cli.trainer.callbacks if type(c).__name__ == "LastCheckpointSteps"
     )  # imported as tests.test_resume
     assert recorder.steps == [steps_per_epoch, 2 * steps_per_epoch]
+
+
+# ---- the requeue signal: saved at a batch end, resumed exactly ---------------------------------
+
+
+class SignalAt(Callback):
+    """Sends this process SIGUSR1 as global step 3 starts: the signal arrives inside a training step,
+    as SLURM's does (on the last rank only under DDP: one rank's signal must stop them all)."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 3 and trainer.global_rank == trainer.world_size - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+# 4 training images in batches of 4: every batch end is an epoch end, where a resume is exact
+ONE_BATCH_EPOCHS = ["--data.init_args.num_train=4", "--trainer.max_steps=8"]
+REQUEUE = [
+    "--trainer.callbacks+=lightning_modules.callbacks.SlurmRequeue",
+    "--trainer.callbacks+=tests.test_resume.SignalAt",
+]
+
+
+def test_the_requeue_signal_saves_at_the_next_batch_end_and_the_run_resumes_exactly(tmp_path, monkeypatch):
+    for variable in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID"):
+        monkeypatch.delenv(variable, raising=False)
+    main(["fit", *tiny_args(tmp_path / "straight", *ONE_BATCH_EPOCHS)])
+    root = tmp_path / "requeued"
+    with pytest.warns(UserWarning, match=f"cannot requeue the job: .* The checkpoint {root}/hpc_ckpt_1.ckpt is saved"):
+        stopped = main(["fit", *tiny_args(root, *ONE_BATCH_EPOCHS, *REQUEUE)])
+    assert stopped.trainer.global_step == 4 and signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handler undone
+    hpc = root / "hpc_ckpt_1.ckpt"
+    assert torch.load(hpc, weights_only=False)["global_step"] == 4
+    main(["fit", *tiny_args(root, *ONE_BATCH_EPOCHS, f"--ckpt_path={hpc}")])
+    straight, resumed = (
+        torch.load(run / "checkpoints/last.ckpt", weights_only=False) for run in (tmp_path / "straight", root)
+    )
+    assert resumed["global_step"] == straight["global_step"] == 8
+    assert sorted(path.name for path in (root / "checkpoints").iterdir()) == ["last.ckpt"]  # no stale last + last-v1
+    for key in ("state_dict", "current_model_state", "optimizer_states"):
+        assert_same_tensors(resumed[key], straight[key], key)
+
+
+def test_under_slurm_the_cli_switches_lightnings_requeue_off_for_its_own(tmp_path, monkeypatch):
+    slurm_job = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "unet", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    for variable, value in slurm_job.items():
+        monkeypatch.setenv(variable, value)
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1")])
+    environment = cli.trainer._accelerator_connector.cluster_environment  # a single device's strategy has none
+    assert isinstance(environment, SLURMEnvironment) and environment.auto_requeue is False
+    assert [type(c).__name__ for c in cli.trainer.callbacks].count("SlurmRequeue") == 1

@@ -6,11 +6,13 @@ diffusers layout, then read back by the module with `from_pretrained(..., local_
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from lightning import Trainer
+from PIL import Image
 
 from cli import load_experiment, main
 from datamodules import CombinedDataModule, SyntheticDataModule
@@ -593,3 +595,23 @@ def test_predict_with_explain_writes_pngs_npz_and_explain_json(weights, tmp_path
     assert numbers["flip_rate"] == pytest.approx(flip_rate_of(arrays))
     assert numbers["settings"]["t0"] == 0.3 and numbers["settings"]["sampling_steps"] == 2  # sd_isic.yaml's t0
     assert (run / "predictions.csv").read_text().count("\n") == 1 + 3  # predictions are still written
+
+
+def test_new_images_are_classified_and_explained_without_a_checkpoint_of_ours(weights, tmp_path):
+    """Zero-shot Stable Diffusion is a complete classifier from its weights folder: predict on a folder
+    of new images (datamodules.ImagesDataModule) needs no --ckpt_path, and explains them too."""
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((20, 20, 3), 60 * i, np.uint8)).save(folder / f"scan_{i}.png")
+    cli = main([
+        "predict", "--config=configs/sd_zeroshot_chexpert.yaml", f"--model.init_args.weights_dir={weights}",
+        "--data=datamodules.ImagesDataModule", f"--data.init_args.source={folder}",
+        f"--data.init_args.image_size={IMAGE_SIZE}",
+        "--data.init_args.class_names=[no_finding, pleural_effusion]", f"--trainer.default_root_dir={tmp_path / 'run'}",
+        "--global_batch_size=2", "--model.init_args.classification.num_steps=3", "--model.init_args.explain=true",
+        "--model.init_args.explanation.sampling_steps=2", "--model.init_args.explanation.flip_steps=0", *CLI_QUIET,
+    ])  # fmt: skip
+    rows = (Path(cli.trainer.log_dir) / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("id,path,prediction,predicted_class")
+    assert json.loads((Path(cli.trainer.log_dir) / "explain.json").read_text())["n_images"] == 3

@@ -1,5 +1,7 @@
 """Tests of the procedural synthetic data set (datamodules/synthetic.py). CPU only, a few seconds."""
 
+import hashlib
+
 import pytest
 import torch
 
@@ -43,7 +45,8 @@ def test_item_depends_only_on_seed_split_and_index(kind):
     for split in ("train", "val", "test"):
         assert torch.equal(images(small, split), images(large, split)[: len(small.split(split))])
         data = large.split(split)  # cached tensors equal what lazy rendering gives
-        assert torch.equal(data.images[7], data.render(7))
+        image, mask = data.render(7)
+        assert torch.equal(data.images[7], image) and torch.equal(data.masks[7], mask)
     # splits never share an image
     everything = torch.cat([images(large, s) for s in ("train", "val", "test")]).flatten(1)
     assert torch.unique(everything, dim=0).shape[0] == everything.shape[0]
@@ -68,7 +71,10 @@ def test_shapes_range_and_dtypes(kind, size):
     dm.setup("fit")
     assert set(dm.splits) == {"train", "val"}
     item = dm.split("train")[0]
-    assert set(item) == {"image", "label", "id"}
+    assert set(item) == {"image", "label", "id", "mask"}
+    assert item["mask"].shape == (1, size, size) and item["mask"].dtype == torch.float32
+    masks = torch.stack([m["mask"] for m in dm.split("train")])
+    assert masks.min() >= 0 and masks.max() <= 1
     x = images(dm, "train")
     assert x.shape == (6, 3, size, size) and x.dtype == torch.float32
     assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.1
@@ -90,6 +96,62 @@ def test_large_images_are_rendered_lazily(kind):
     assert torch.equal(data[0]["image"], first["image"])
     with pytest.raises(IndexError):
         data[1000]
+
+
+# sha256 (first 16 hex digits) of the float32 bytes of the first 6 training images, seed 0, computed
+# with datamodules/synthetic.py as it was before the finding masks were added (renderers returning the
+# image only): adding the masks must not change a single draw or pixel.
+IMAGES_BEFORE_MASKS = {
+    ("chest", 16): "443a55852420158f",
+    ("chest", 32): "2cdda04330cb5057",
+    ("skin", 16): "1c6a2608e7862241",
+    ("skin", 32): "c6636f6a8116713d",
+}
+
+
+@pytest.mark.parametrize("kind,size", sorted(IMAGES_BEFORE_MASKS))
+def test_images_are_those_rendered_before_the_masks(kind, size):
+    data = make(kind, size, n=(6, 2, 2), seed=0).split("train")
+    pixels = torch.stack([data[i]["image"] for i in range(6)]).contiguous().numpy().tobytes()
+    assert hashlib.sha256(pixels).hexdigest()[:16] == IMAGES_BEFORE_MASKS[kind, size]
+
+
+def test_chest_masks_mark_the_effusion_at_the_lung_bases():
+    data = make("chest", 32, n=(40, 2, 2), seed=2).split("train")
+    masks, positive = data.masks[:, 0], data.labels == 1
+    assert torch.equal(masks[~positive], torch.zeros_like(masks[~positive]))  # no finding, no mask
+    effusion = masks[positive]
+    assert ((effusion > 0.5).flatten(1).sum(1) >= 5).all()  # every effusion has a region, at 0.5 too
+    y, x = coordinates(32)
+    weight = effusion.flatten(1).sum(1)
+    centre_y = (effusion * y).flatten(1).sum(1) / weight  # image y grows downwards: > 0 is the lower half
+    lateral = (effusion * x.abs()).flatten(1).sum(1) / weight  # inside a lung field, not the mediastinum
+    assert (centre_y > 0).all() and (centre_y < 0.5).all()
+    assert (lateral > 0.25).all() and (lateral < 0.65).all()
+    assert not ((effusion > 0.5) & (y < -0.35)).any()  # nothing in the upper lung fields
+    # the mask is where the image shows fluid: brighter than the same pixels in the healthy images (aerated lung)
+    healthy = data.images[~positive, 0]
+    for image, mask in zip(data.images[positive, 0], effusion > 0.5):
+        assert image[mask].mean() > healthy[:, mask].mean() + 0.3
+
+
+def test_skin_masks_mark_the_melanoma_only():
+    data = make("skin", 32, n=(20, 2, 2), seed=2).split("train")
+    masks, positive = data.masks[:, 0], data.labels == 1
+    assert torch.equal(masks[~positive], torch.zeros_like(masks[~positive]))  # a benign naevus is no finding
+    area = (masks[positive] > 0.5).flatten(1).float().mean(1)
+    assert (area > 0.05).all() and (area < 0.8).all()
+    # the lesion is darker than the skin around it
+    brightness = data.images[positive].mean(1)
+    for image, mask in zip(brightness, masks[positive]):
+        assert image[mask > 0.5].mean() < image[mask < 0.05].mean()
+
+
+def test_lazily_rendered_items_carry_their_mask():
+    data = make("chest", 256, n=(4, 2, 2)).split("train")
+    assert data.masks is None
+    item = data[int(torch.nonzero(data.labels)[0])]
+    assert item["mask"].shape == (1, 256, 256) and item["mask"].max() > 0.5
 
 
 def test_class_names():

@@ -71,3 +71,31 @@ def test_bad_options_name_themselves(options, message):
 def test_sample_size_must_survive_the_downsampling():
     with pytest.raises(ValueError, match="sample_size"):
         ClassConditionalUNet(2, 12, 18, **TINY)
+
+
+@pytest.mark.parametrize("conditioning", ["time_embedding", "both"])
+def test_the_class_can_enter_through_the_time_embedding_with_its_null_label(conditioning):
+    torch.manual_seed(0)
+    model = ClassConditionalUNet(2, 12, 16, **TINY, conditioning=conditioning)
+    torch.nn.init.normal_(model.unet.conv_out.weight, std=0.1)
+    assert model.unet.class_embedding.num_embeddings == 3  # 2 classes + the null label of guidance
+    z, t = torch.randn(2, 12, 16, 16), torch.rand(2)
+    out = [model(z, t, torch.full((2,), label)) for label in range(3)]
+    assert all(not torch.allclose(out[a], out[b]) for a in range(3) for b in range(a + 1, 3))
+    attending = [type(block) for block in model.unet.down_blocks].count(CrossAttnDownBlock2D)
+    if conditioning == "time_embedding":  # no cross-attention anywhere: the embedding is the only way in
+        assert attending == 0 and model.class_encoder is None
+        assert not any("attn2" in name for name, _ in model.named_modules())
+        # the class changes the output only through the embedding table
+        with torch.no_grad():
+            model.unet.class_embedding.weight[1] = model.unet.class_embedding.weight[0]
+        torch.testing.assert_close(model(z, t, torch.ones(2, dtype=torch.long)), out[0])
+    else:
+        assert attending == 1 and model.class_encoder is not None
+
+
+def test_cross_attention_stays_the_default_and_has_no_class_embedding():
+    model = ClassConditionalUNet(2, 12, 16, **TINY)
+    assert model.conditioning == "cross_attention" and model.unet.class_embedding is None
+    with pytest.raises(ValueError, match="conditioning='adain' is not one of"):
+        ClassConditionalUNet(2, 12, 16, **TINY, conditioning="adain")

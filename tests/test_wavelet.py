@@ -3,7 +3,7 @@ import pytest
 import pywt
 import torch
 
-from diffusion.wavelet import HaarWavelet, IdentityTransform
+from diffusion.wavelet import GreyscaleTransform, HaarWavelet, IdentityTransform
 
 
 def pywt_bands(images: torch.Tensor) -> np.ndarray:
@@ -50,3 +50,31 @@ def test_identity_transform_when_the_wavelet_is_off():
     images = torch.randn(2, 3, 8, 8)
     assert IdentityTransform().encode(images) is images
     assert IdentityTransform().decode(images) is images
+
+
+def test_greyscale_transform_models_the_channel_mean_and_paints_no_colour():
+    images = torch.rand(2, 3, 8, 8, dtype=torch.float64) * 2 - 1
+    grey = GreyscaleTransform(HaarWavelet().double(), channels=3)
+    coefficients = grey.encode(images)
+    assert coefficients.shape == (2, 4, 4, 4)  # 4 bands of one channel, not 12
+    np.testing.assert_allclose(coefficients.numpy(), pywt_bands(images.mean(dim=1, keepdim=True)), atol=1e-12)
+    decoded = grey.decode(coefficients)
+    assert decoded.shape == images.shape
+    assert torch.equal(decoded[:, 0], decoded[:, 1]) and torch.equal(decoded[:, 1], decoded[:, 2])  # grey stays grey
+    grey_images = images[:, :1].expand(-1, 3, -1, -1)
+    torch.testing.assert_close(grey.decode(grey.encode(grey_images)), grey_images)  # exact for grey input
+
+
+def test_a_grayscale_diffusion_classifier_sees_one_channel():
+    from lightning_modules import DiffusionClassifier
+    from tests.helpers import LabelledLinear
+
+    built = []
+
+    def network(num_classes, channels, size):
+        built.append((num_classes, channels, size))
+        return LabelledLinear(channels)
+
+    model = DiffusionClassifier(network, image_size=16, grayscale=True)
+    assert built == [(2, 4, 8)]  # 1 channel x 4 wavelet bands at half the side
+    assert model.encode(torch.rand(3, 3, 16, 16)).shape == (3, 4, 8, 8)

@@ -5,7 +5,8 @@ AUROC and ECE per dataset.
     make results
 
 Each argument is a run's `trainer.default_root_dir`. Its newest metrics.json (written by
-`python cli.py test ...`) gives the numbers; the config.yaml the CLI saved beside it names the
+`python cli.py test ...`) gives the numbers, unless that test ran without a checkpoint; the
+config.yaml the CLI saved beside it names the
 model (the model class, the baseline's backbone or the diffusion classifier's network) and the
 data set (the datamodule class; the MedMNIST flag; the synthetic kind). Directories without test
 results are skipped with a note; of two runs of the same model on the same data the newer counts.
@@ -40,6 +41,22 @@ COLUMNS = (
     ("AUROC", "auroc", "{:.3f}"),
     ("ECE", "ece", "{:.3f}"),
 )
+# Where a run was calibrated (`validate`): the referral rule's accuracy on the images it keeps and their
+# share, and the class-conditional conformal sets' coverage and mean size (evaluation/calibration.py).
+CALIBRATED_COLUMNS = (
+    ("referral accuracy (%)", "selective.test.accuracy", "{:.1f}"),
+    ("kept", "selective.test.coverage", "{:.2f}"),
+    ("set coverage", "conformal.class_conditional.test.coverage", "{:.3f}"),
+    ("set size", "conformal.class_conditional.test.mean_set_size", "{:.2f}"),
+)
+PERCENT = {"accuracy", "selective.test.accuracy"}
+
+
+def metric(metrics: dict, key: str):
+    """A metrics.json value by its dotted path; None where the run has none."""
+    for part in key.split("."):
+        metrics = metrics.get(part) if isinstance(metrics, dict) else None
+    return metrics
 
 
 @dataclass
@@ -125,6 +142,9 @@ def collect_runs(directories: list[str | Path]) -> list[Run]:
         except FileNotFoundError as error:
             print(f"skipped {directory}: {error}", file=sys.stderr)
             continue
+        if "checkpoint" in run.metrics and not run.metrics["checkpoint"]:
+            print(f"skipped {directory}: {run.metrics_path} tested untrained weights (no checkpoint)", file=sys.stderr)
+            continue
         key = (run.model, run.dataset)
         if key in newest:
             older, run = sorted([newest[key], run], key=lambda r: r.metrics_path.stat().st_mtime)
@@ -144,15 +164,16 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
         {(run.group, run.model) for run in runs}, key=lambda gm: (_rank(list(GROUPS), gm[0]), _rank(MODEL_ORDER, gm[1]))
     )
     by_key = {(run.model, run.dataset): run.metrics for run in runs}
-    columns = ["group", "model"] + [f"{dataset} {title}" for dataset in datasets for title, _, _ in COLUMNS]
+    shown = COLUMNS + CALIBRATED_COLUMNS * any("selective" in run.metrics for run in runs)
+    columns = ["group", "model"] + [f"{dataset} {title}" for dataset in datasets for title, _, _ in shown]
     rows = []
     for group, model in models:
         row = {"group": group, "model": model}
         for dataset in datasets:
             metrics = by_key.get((model, dataset), {})
-            for title, key, _ in COLUMNS:
-                value = metrics.get(key)
-                row[f"{dataset} {title}"] = None if value is None else value * 100 if key == "accuracy" else value
+            for title, key, _ in shown:
+                value = metric(metrics, key)
+                row[f"{dataset} {title}"] = None if value is None else value * 100 if key in PERCENT else value
         rows.append(row)
     return columns, rows
 
@@ -165,7 +186,7 @@ def _markdown_cell(value, fmt: str) -> str:
 
 def to_markdown(columns: list[str], rows: list[dict]) -> str:
     formats = {"group": "{}", "model": "{}"} | {
-        c: fmt for c in columns for title, _, fmt in COLUMNS if c.endswith(" " + title)
+        c: fmt for c in columns for title, _, fmt in COLUMNS + CALIBRATED_COLUMNS if c.endswith(" " + title)
     }
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     previous_group = None

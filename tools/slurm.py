@@ -30,8 +30,8 @@ from cli import resolved_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO_ROOT / "configs" / "slurm" / "job.sbatch.template"
-REQUEUE_SIGNAL = "SIGUSR1@90"  # 90 s leaves time to write a checkpoint of a large model
-TRAIN_START_CALLBACK = "lightning_modules.callbacks.LogTrainStart"
+REQUEUE_SIGNAL, REQUEUE_SECONDS = "SIGUSR1", 90  # 90 s leaves time to write a checkpoint of a large model
+REQUEUE_CALLBACK = "lightning_modules.callbacks.SlurmRequeue"
 NAMES_LIGHTNING_IGNORES = ("bash", "interactive")
 # Options the script sets itself; a second value in --extra-args would break DDP or the resume.
 RESERVED_CLI_OPTIONS = {
@@ -52,6 +52,8 @@ class Resources:
     partition: str | None = None
     mem: str | None = None
     account: str | None = None
+    signal: str = REQUEUE_SIGNAL
+    signal_seconds: int = REQUEUE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Experiment:
     config: str  # as the job passes it to cli.py
     run_root: str  # as the job sees it: absolute, or relative to the repository root
     workdir: str | None  # the job's working directory, None: wherever sbatch is called
+    global_batch: int | None = None  # the config's global_batch_size
 
 
 def read_config(path: Path) -> dict:
@@ -86,7 +89,7 @@ def sbatch_directives(experiment: Experiment, resources: Resources) -> list[str]
         ("time", resources.time),
         ("partition", resources.partition),
         ("account", resources.account),
-        ("signal", REQUEUE_SIGNAL),
+        ("signal", f"{resources.signal}@{resources.signal_seconds}"),
         ("requeue", True),
         ("open-mode", "append"),
         ("output", f"{experiment.run_root}/slurm-%j.out"),
@@ -110,7 +113,8 @@ def train_command(experiment: Experiment, resources: Resources, extra_args: list
         ("--trainer.devices", str(resources.devices_per_node)),
         ("--trainer.num_nodes", str(resources.nodes)),
         ("--trainer.strategy", "ddp"),
-        (f"--trainer.callbacks+={TRAIN_START_CALLBACK}",),
+        (f"--trainer.callbacks+={REQUEUE_CALLBACK}",),
+        ("--trainer.callbacks.signal", resources.signal),
     ]
     lines = [shlex.join([python, "cli.py", "fit"])] + [shlex.join(option) for option in options]
     if extra_args:
@@ -137,11 +141,21 @@ def render(
         "run_root": shlex.quote(experiment.run_root),
         "cpus_per_task": str(resources.cpus_per_task),
         "train_command": train_command(experiment, resources, list(extra_args), python),
+        "batch_note": batch_note(experiment.global_batch, processes),
+        "signal": resources.signal,
+        "signal_seconds": str(resources.signal_seconds),
     }
     text = TEMPLATE.read_text()
     for key, value in fields.items():
         text = text.replace("{{" + key + "}}", value)
     return text
+
+
+def batch_note(global_batch: int | None, processes: int) -> str:
+    if global_batch is None:
+        return "the config gives no global_batch_size: data.init_args.batch_size images per process and step"
+    per_process = f"{global_batch // processes}" if global_batch % processes == 0 else "(does not divide: refused)"
+    return f"global_batch_size {global_batch} over {processes} processes = {per_process} images per process and step"
 
 
 def submit_hint(experiment: Experiment) -> str:
@@ -171,11 +185,13 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.portable:
         if run_root.is_absolute() or not in_repo:
             raise ValueError("--portable needs a config inside the repository and a relative run root")
-        return Experiment(name, str(config_path.relative_to(REPO_ROOT)), str(run_root), workdir=None)
+        return Experiment(
+            name, str(config_path.relative_to(REPO_ROOT)), str(run_root), None, config.get("global_batch_size")
+        )
     config_arg = config_path.relative_to(REPO_ROOT) if in_repo else config_path
     # A relative run root means: under the repository, wherever this renderer was called from.
     absolute_root = run_root if run_root.is_absolute() else REPO_ROOT / run_root
-    return Experiment(name, str(config_arg), str(absolute_root), workdir=str(REPO_ROOT))
+    return Experiment(name, str(config_arg), str(absolute_root), str(REPO_ROOT), config.get("global_batch_size"))
 
 
 def resources_from_args(args: argparse.Namespace) -> Resources:
@@ -183,8 +199,9 @@ def resources_from_args(args: argparse.Namespace) -> Resources:
     if cpus is None:  # the data workers plus the training process itself
         cpus = configured_data_workers(read_config(Path(args.config))) + 1
     return Resources(
-        args.nodes, args.devices, args.accelerator, args.time, cpus, args.partition, args.mem, args.account
-    )
+        args.nodes, args.devices, args.accelerator, args.time, cpus, args.partition, args.mem, args.account,
+        args.signal, args.signal_seconds,
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="CPUs per task; default: the config's data.init_args.num_workers + 1",
     )
     parser.add_argument("--mem", help="memory per node (SLURM format, e.g. 200G); default: the cluster's default")
+    parser.add_argument("--signal", default=REQUEUE_SIGNAL, help="the signal SLURM sends before the time limit, "
+                        f"which saves and requeues (#SBATCH --signal; default {REQUEUE_SIGNAL})")  # fmt: skip
+    parser.add_argument("--signal-seconds", type=positive, default=REQUEUE_SECONDS, metavar="S",
+                        help=f"seconds before the time limit it is sent (default {REQUEUE_SECONDS})")  # fmt: skip
     parser.add_argument("--job-name", help="default: the config's file name without .yaml")
     parser.add_argument(
         "--root-dir",

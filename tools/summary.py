@@ -56,7 +56,7 @@ def explanation_summary(run_dir: str | Path) -> str | None:
     numbers = json.loads(found[-1].read_text())
     folder = found[-1].parent / EXPLANATIONS_DIR
     settings = numbers["settings"]
-    lines = [f"  {key:<24} {numbers[key]:.3f}" for key in EXPLANATION_NUMBERS if key in numbers]
+    lines = [f"  {key:<24} {numbers[key]:.3f}" for key in EXPLANATION_NUMBERS if numbers.get(key) is not None]
     return (
         f"Explanations of {numbers['n_images']} images (t0 = {settings['t0']}, w = {settings['guidance_scale']}, "
         f"{settings['sampling_steps']} DDIM steps):\n"
