@@ -141,6 +141,7 @@ EXPLAIN = [
 ]
 
 
+@pytest.mark.slow  # 20-25 s of 2-process DDP; make test stays under 15 minutes (make test-all runs it)
 def test_explanations_under_ddp_are_written_once_per_image_and_equal_single_process(checkpoint, tmp_path, one_thread):
     main(["predict", *tiny_args(tmp_path / "single"), *SINGLE, *EXPLAIN, f"--ckpt_path={checkpoint}"])
     run_cli("predict", *tiny_args(tmp_path / "ddp"), *DDP, *EXPLAIN, f"--ckpt_path={checkpoint}")
@@ -171,6 +172,7 @@ class TrainingNoiseRecorder(Callback):
             Path(trainer.default_root_dir, f"noise_rank{trainer.global_rank}.txt").write_text(repr(draw))
 
 
+@pytest.mark.slow  # 20-25 s of 2-process DDP; make test stays under 15 minutes (make test-all runs it)
 def test_ddp_ranks_draw_different_training_noise(tmp_path):
     run_cli(
         "fit",
