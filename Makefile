@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install lint demo test test-all bench bench-data results tensorboard clean
+.PHONY: help install lint demo test test-all bench bench-data ood-bench results tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ bench: install  ## classification speed and early-exit numbers on the demo model
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
 	$(PYTHON) -m tools.benchmark
 
+ood-bench: install  ## out-of-distribution refusal of the demo UNet and a ResNet-18 on shifted sets (~15 min on CPU)
+	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
+	@test -f runs/baseline_demo/checkpoints/last.ckpt || $(PYTHON) cli.py fit --config configs/baseline_demo.yaml
+	$(PYTHON) -m tools.ood_benchmark runs/demo/checkpoints/last.ckpt runs/baseline_demo/checkpoints/last.ckpt \
+		--markdown ood_benchmark.md
+
 bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
 	$(PYTHON) -m tools.bench_data
 
@@ -45,7 +51,7 @@ tensorboard:  ## watch the runs under runs/
 	$(PYTHON) -m tensorboard.main --logdir runs
 
 clean:  ## remove runs and caches
-	rm -rf runs .pytest_cache bench.json
+	rm -rf runs .pytest_cache bench.json ood_benchmark.json ood_benchmark.md
 
 # make slurm-job CONFIG=configs/unet_chexpert.yaml NODES=2 GPUS=4 [TIME= PARTITION= ACCOUNT= CPUS= MEM= EXTRA="..."] > job.sbatch
 NODES ?= 1

@@ -382,6 +382,7 @@ def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[s
     """Model, data and trainer of an experiment config, without running anything (for scripts and
     benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
     with EMA)."""
+    quiet_library_noise()
     cli = ExperimentCLI(
         args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0
     )
@@ -398,10 +399,8 @@ def resolved_config(config: str | Path, *overrides: str) -> dict:
     without building anything: for tools that need a config's values, e.g. its run folder."""
     printed = io.StringIO()
     try:
-        with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="LightningCLI's args parameter"
-            )  # a tool's own argv is no conflict
+        with contextlib.redirect_stdout(printed):
+            quiet_library_noise()
             ExperimentCLI(
                 args=["fit", "--config", str(config), *overrides, "--print_config"], seed_everything_default=0
             )
@@ -411,15 +410,44 @@ def resolved_config(config: str | Path, *overrides: str) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
-# Lightning warns on every run of a node with `srun` installed (a login or interactive node) unless it
-# runs under srun. The suite's job scripts do (tools/slurm.py); a run started by hand is meant so.
-SRUN_NOT_USED_WARNING = "The `srun` command is available on your system but is not used"
+# Library notices about what the suite does on purpose, or about the libraries' own internals, that a
+# user can do nothing about; filtered by their text so that any other warning still shows.
+LIBRARY_NOISE = (
+    # on every run of a node with `srun` installed (a login or interactive node) unless it runs under
+    # srun: the suite's job scripts do (tools/slurm.py); a run started by hand is meant so
+    "The `srun` command is available on your system but is not used",
+    # outside fit the EMA callback has nothing to restore: checkpoints hold the EMA weights in state_dict,
+    # which is what validate, test and predict use (dropping the callback there makes Lightning warn
+    # instead that the checkpoint's callback state has no callback)
+    "You're using the WeightAveraging callback, but loading a checkpoint outside the 'fit' stage",
+    # torch 2.14 deprecates LeafSpec, which Lightning 2.6's own _pytree helper still checks for
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the tools call the CLI with their own arguments while sys.argv holds the tool's: no conflict (and
+    # sys.argv must stay, since DDP re-launches the same command line for the other ranks)
+    "LightningCLI's args parameter is intended to run from within Python",
+)
+LIBRARY_ADVERTS = ("litlogger",)  # Lightning's "Tip" to install its cloud logger, at every Trainer
+
+
+def quiet_library_noise() -> None:
+    """Filters LIBRARY_NOISE from warnings and LIBRARY_ADVERTS from Lightning's info log (tests/test_cli.py
+    fails if any of them reaches a run's output again)."""
+    for message in LIBRARY_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, AdvertFilter) for f in log.filters):
+        log.addFilter(AdvertFilter())
+
+
+class AdvertFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(word in record.getMessage() for word in LIBRARY_ADVERTS)
 
 
 def main(args: list[str] | None = None, exit_on_error: bool = True) -> ExperimentCLI:
     """The CLI, for tests and scripts; exceptions propagate. exit_on_error=False: a parse error raises
     argparse.ArgumentError instead of printing the usage and exiting."""
-    warnings.filterwarnings("ignore", message=SRUN_NOT_USED_WARNING)
+    quiet_library_noise()
     subcommands = ("fit", "validate", "test", "predict")
     return ExperimentCLI(
         seed_everything_default=0,

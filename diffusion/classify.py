@@ -129,6 +129,16 @@ def pair_times(keys: Tensor, image_rows: Tensor, steps: Tensor, strata: Tensor |
     return unit if (low, high) == (0.0, 1.0) else low + (high - low) * unit
 
 
+def step_times(ids: Tensor, settings: ClassifierSettings) -> Tensor:
+    """(B, N) the t of every (eps, t) pair of the images, the times segment_errors draws."""
+    steps = torch.arange(settings.num_steps, device=ids.device)
+    rows = torch.arange(len(ids), device=ids.device)[:, None]
+    strata = stratified_times(ids, settings.num_steps, settings.seed) if settings.stratified else None
+    return pair_times(
+        pair_keys(ids.reshape(-1, 1), steps, settings.seed), rows, steps[None, :], strata, settings.t_range
+    )
+
+
 def segment_errors(
     denoiser: Denoiser,
     x: Tensor,

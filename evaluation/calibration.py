@@ -36,12 +36,15 @@ from torch import Tensor
 # The private helpers keep the suite's one tie rule, input check and figure style in one place.
 from evaluation.uncertainty import _cpu, _new_figure, _order, _save, risk_coverage
 
+from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
+from .refusal import apply_refusal, calibrate_refusal, refusal_metrics
+
 CONFORMAL_CORRECTION = "ceil((n+1)(1-alpha))-th smallest of n"
 CONFORMAL_KINDS = ("marginal", "class_conditional")
 
 
 # ---------------------------------------------------------------- Clopper-Pearson
-def _binomial_cdf(errors: int, n: int, p: float) -> float:
+def binomial_cdf(errors: int, n: int, p: float) -> float:
     """P(Binomial(n, p) <= errors), summed exactly in log space (no overflow for large n)."""
     if errors >= n or p <= 0.0:
         return 1.0
@@ -73,7 +76,7 @@ def clopper_pearson_upper(errors: int, n: int, confidence: float) -> float:
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
             break
-        if _binomial_cdf(errors, n, mid) >= level:
+        if binomial_cdf(errors, n, mid) >= level:
             lo = mid
         else:
             hi = mid
@@ -153,7 +156,7 @@ def _certified_rule(sorted_u: Tensor, sorted_errors: Tensor, target_accuracy: fl
     errors = sorted_errors.cumsum(0)[accepted - 1]
     m, risk = values.shape[0], 1.0 - target_accuracy
     for j in reversed(range(m)):  # largest coverage first; stop at the first that qualifies
-        if _binomial_cdf(int(errors[j]), int(accepted[j]), risk) <= delta / m:
+        if binomial_cdf(int(errors[j]), int(accepted[j]), risk) <= delta / m:
             return float(values[j]), m
     return -math.inf, m
 
@@ -350,16 +353,35 @@ class CalibrationSettings:
     """Referral: 1 - the confidence of the accuracy guarantee."""
     alpha: float = 0.1
     """Conformal prediction sets: the miscoverage; sets hold the true class with probability >= 1 - alpha."""
+    ood_score: str | None = None
+    """Out-of-distribution score (evaluation/ood_scores.py): null = the model's default, typicality for
+    diffusion classifiers (also excess_error, best_error), energy for the baselines (also msp, entropy)."""
+    ood_alpha: float = 0.01
+    """Refuse an image whose conformal p-value is below this: at most this fraction of images like the
+    validation images is refused. Needs at least 1/ood_alpha calibration images (half the validation
+    split for the typicality score)."""
+    shift_level: float = 0.01
+    """Level of the test that warns when a whole test or predict set is not like the validation images."""
+    ood_bins: int = 32
+    """Bins of t over which the typicality score's reference mean and spread of the log error are fitted."""
 
     def __post_init__(self):
         _check_levels(self.target_accuracy, self.refer_fraction, self.delta)
-        if not 0.0 < self.alpha < 1.0:
-            raise ValueError(f"calibration.alpha must lie in (0, 1), got {self.alpha}")
+        for name in ("alpha", "ood_alpha", "shift_level"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"calibration.{name} must lie in (0, 1), got {getattr(self, name)}")
+        if self.ood_score is not None and self.ood_score not in DIFFUSION_SCORES + BASELINE_SCORES:
+            raise ValueError(
+                f"calibration.ood_score={self.ood_score!r} is not one of {DIFFUSION_SCORES + BASELINE_SCORES}"
+            )
+        if self.ood_bins < 1:
+            raise ValueError(f"calibration.ood_bins must be >= 1, got {self.ood_bins}")
 
 
-def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int) -> dict:
+def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int, ood_score: str) -> dict:
     """calibration.json from per-image validation outputs: the referral threshold and both kinds of
-    conformal thresholds, with the calibration set's size and the finite-sample correction used."""
+    conformal thresholds, with the calibration set's size and the finite-sample correction used, and
+    the out-of-distribution refusal of `ood_score` (evaluation/refusal.py)."""
     if "label" not in outputs:
         raise ValueError("calibration needs labelled validation images")
     referral = referral_threshold(
@@ -371,27 +393,48 @@ def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int) ->
         kind: conformal_thresholds(probs, labels, settings.alpha, kind == "class_conditional", num_classes)
         for kind in CONFORMAL_KINDS
     }
+    refusal = calibrate_refusal(outputs, ood_score, settings.ood_alpha, settings.shift_level, settings.ood_bins)
     return {"n_calibration": len(outputs["label"]), "settings": asdict(settings), "referral": referral,
-            "conformal": conformal}  # fmt: skip
+            "conformal": conformal, OOD_BLOCK: refusal}  # fmt: skip
+
+
+OOD_BLOCK = "out_of_distribution"  # calibration.json and metrics.json key; absent in runs calibrated before it
 
 
 def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
     """Per-image decisions of a calibration on new outputs: `refer` (B,) and the prediction sets (B, C)
-    of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`)."""
+    of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`); with an
+    out-of-distribution block also `ood_score`, `ood_pvalue` and `out_of_distribution`. A refused
+    image is always referred and gets no prediction set."""
     sets = {kind: prediction_sets(outputs["probs"], calibration["conformal"][kind]) for kind in CONFORMAL_KINDS}
-    return {
+    decisions = {
         "refer": apply_referral(outputs["entropy"], calibration["referral"]["threshold"]),
         "prediction_set": sets["class_conditional"],
         "prediction_set_marginal": sets["marginal"],
     }
+    if OOD_BLOCK in calibration:
+        decisions |= apply_refusal(calibration[OOD_BLOCK], outputs)
+        refused = decisions["out_of_distribution"]
+        decisions["refer"] = decisions["refer"] | refused
+        for key in ("prediction_set", "prediction_set_marginal"):
+            decisions[key] = decisions[key] & ~refused[:, None]
+    return decisions
 
 
-def calibration_metrics(calibration: dict, decisions: dict, outputs: dict) -> dict:
+def calibration_metrics(calibration: dict, decisions: dict, outputs: dict | None) -> dict:
     """metrics.json's `selective` and `conformal` blocks: the calibrated rules and what they achieved
-    on these (test) images."""
+    on these (test) images, the prediction sets on the images not refused; and the
+    `out_of_distribution` block (also without labels: predict). `outputs` None: no labels."""
+    numbers = {}
+    if OOD_BLOCK in calibration:
+        numbers[OOD_BLOCK] = refusal_metrics(calibration[OOD_BLOCK], decisions)
+    if outputs is None or "label" not in outputs:
+        return numbers
     labels = outputs["label"]
+    answered = ~decisions.get("out_of_distribution", torch.zeros(len(labels), dtype=torch.bool))
     selective = calibration["referral"] | {"test": selective_report(decisions["refer"], outputs["prediction"], labels)}
     conformal = {"alpha": calibration["settings"]["alpha"], "n_calibration": calibration["n_calibration"]}
     for kind, key in zip(CONFORMAL_KINDS, ("prediction_set_marginal", "prediction_set")):
-        conformal[kind] = calibration["conformal"][kind] | {"test": conformal_report(decisions[key], labels)}
-    return {"selective": selective, "conformal": conformal}
+        report = conformal_report(decisions[key][answered], labels[answered]) if answered.any() else {}
+        conformal[kind] = calibration["conformal"][kind] | {"test": report | {"n_refused": int((~answered).sum())}}
+    return numbers | {"selective": selective, "conformal": conformal}

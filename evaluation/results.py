@@ -10,13 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from .calibration import apply_calibration, calibration_metrics, plot_risk_coverage
+from .calibration import OOD_BLOCK, apply_calibration, calibration_metrics, plot_risk_coverage
+from .figures import plot_confusion, plot_ood_scores, plot_reliability
+from .gallery import Gallery
+from .refusal import shift_message
+from .report import write_report
 from .uncertainty import plot_filtered_accuracy, plot_uncertainty_boxes, uncertainty_report
 
 METRICS_FILE = "metrics.json"
@@ -127,6 +132,7 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -
     header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
     header += ["score"] + ["forwards"] * has("forwards")
     header += ["refer", "prediction_set", "prediction_set_marginal"] * has("refer")
+    header += ["ood_score", "ood_pvalue", "out_of_distribution"] * has("out_of_distribution")
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
@@ -143,6 +149,9 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -
                     set_names(outputs[key][i], class_names) for key in ("prediction_set", "prediction_set_marginal")
                 ]
                 row += [str(bool(outputs["refer"][i])).lower(), *sets]
+            if has("out_of_distribution"):
+                row += [f"{float(outputs['ood_score'][i]):.6g}", f"{float(outputs['ood_pvalue'][i]):.6g}"]
+                row += [str(bool(outputs["out_of_distribution"][i])).lower()]
             writer.writerow(row)
     return path
 
@@ -177,26 +186,37 @@ class PerImageResults:
         self.class_names = class_names
         self.uncertainty_name = uncertainty_name
         self.batches: list[dict] = []
+        self.gallery = Gallery()
 
-    def add(self, outputs: dict) -> None:
-        self.batches.append({k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()})
+    def add(self, outputs: dict, images: Tensor | None = None, calibration: dict | None = None) -> None:
+        """Keeps a batch's outputs; with its images, also the candidates of the report's gallery (which
+        needs the calibration's decisions: who is refused)."""
+        outputs = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        self.batches.append(outputs)
+        if images is not None:
+            self.gallery.add(images, outputs | (apply_calibration(calibration, outputs) if calibration else {}))
 
-    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None) -> dict:
-        """Writes the files; returns metrics.json's content (empty without `metrics`).
-        `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries;
-        `calibration`: the run's calibration.json, applied: predictions.csv gets `refer` and the
-        prediction sets, metrics.json the `selective` and `conformal` blocks."""
+    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None,
+               description: str = "") -> dict:  # fmt: skip
+        """Writes the files; returns metrics.json's content (empty without `metrics`; the
+        out-of-distribution block with a calibration). `settings`: a diffusion classifier's
+        ClassifierSettings; `info`: extra metrics.json entries; `calibration`: the run's
+        calibration.json, applied: predictions.csv gets `refer`, the prediction sets and the
+        out-of-distribution columns, metrics.json their blocks; `description`: the report's subtitle."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
+        gallery = self.gallery.finish(trainer)
         decisions = apply_calibration(calibration, outputs) if calibration and outputs else {}
         outputs |= decisions
         numbers = test_metrics(outputs, len(self.class_names), settings) | (info or {}) if metrics else {}
-        if metrics and decisions:
-            numbers |= calibration_metrics(calibration, decisions, outputs)
+        decided = calibration_metrics(calibration, decisions, outputs if metrics else None) if decisions else {}
+        numbers |= decided
         # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
         # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero or not outputs:
             return numbers
+        if OOD_BLOCK in decided:
+            report_refusals(decided[OOD_BLOCK])
         path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
         if "errors" in outputs:
             save_errors(directory / ERRORS_FILE, outputs)
@@ -206,9 +226,22 @@ class PerImageResults:
             print(f"test results written to {directory}")
         else:
             print(f"{len(outputs['id'])} predictions written to {path}")
+        if OOD_BLOCK in decided:
+            block = calibration[OOD_BLOCK]
+            plot_ood_scores(block["calibration_scores"], outputs["ood_score"], block["threshold"], block["score"],
+                            directory / "ood_scores.png")  # fmt: skip
+        report = write_report(
+            directory, "test" if metrics else "predict", numbers, outputs, gallery,
+            class_names=self.class_names, calibration=calibration, description=description,
+        )  # fmt: skip
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            experiment.add_text("report", f"open {report.resolve()} in a browser", global_step=trainer.global_step)
+        print(f"report: {report}")
         return numbers
 
     def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
+        """The test figures as PNG files beside metrics.json (report.html embeds them) and in TensorBoard."""
         name = self.uncertainty_name
         selective = numbers.get("selective", {}).get("test")
         point = (selective["coverage"], 1 - selective["accuracy"]) if selective and selective["n_accepted"] else None
@@ -219,7 +252,7 @@ class PerImageResults:
                 outputs["entropy"],
                 point,
                 directory / "risk_coverage.png",
-                title=f"Risk-coverage of {name}" + (" (x: the calibrated referral threshold)" if point else ""),
+                title=f"Risk-coverage of {name}" + (" (star: the calibrated referral)" if point else ""),
             ),
             "accuracy_filtered": plot_filtered_accuracy(
                 {name: numbers["accuracy_filtered"]}, directory / "accuracy_filtered.png"
@@ -231,11 +264,26 @@ class PerImageResults:
                 directory / "uncertainty_boxes.png",
                 ylabel=name,
             ),
+            "reliability": plot_reliability(outputs["probs"], outputs["label"], path=directory / "reliability.png"),
+            "confusion_matrix": plot_confusion(
+                outputs["prediction"], outputs["label"], self.class_names, directory / "confusion_matrix.png"
+            ),
         }
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             for figure_name, figure in figures.items():
                 experiment.add_figure(f"test/{figure_name}", figure, global_step=trainer.global_step)
+
+
+def report_refusals(numbers: dict) -> None:
+    """How many images were refused, and, when the set failed the whole-set test, the one line that says so."""
+    print(
+        f"out of distribution: {numbers['n_refused']} of {numbers['shift']['n_images']} images refused "
+        f"({numbers['score']} score, conformal p-value < {numbers['alpha']})"
+    )
+    message = shift_message(numbers)
+    if message:
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def newest_metrics(run_dir: str | Path) -> Path:

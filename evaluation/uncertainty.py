@@ -40,7 +40,7 @@ def _order(uncertainty: Tensor) -> Tensor:
     return torch.sort(uncertainty.double(), stable=True).indices
 
 
-def _auroc(scores: Tensor, positives: Tensor) -> float:
+def auroc(scores: Tensor, positives: Tensor) -> float:
     """Exact AUROC (ties count 1/2); NaN when only one class is present."""
     positives = positives.bool()
     if positives.all() or not positives.any():
@@ -100,7 +100,7 @@ def error_detection_auroc(predictions, labels, uncertainty) -> float:
     counting 1/2. NaN when all predictions are right or all are wrong (AUROC undefined).
     """
     predictions, labels, uncertainty = _cpu(predictions, labels, uncertainty)
-    return _auroc(uncertainty, predictions != labels)
+    return auroc(uncertainty, predictions != labels)
 
 
 def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
@@ -117,13 +117,18 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
     a bin's upper edge counts as in that bin, so 6/10 stored as float32 lands in (0.5, 0.6].
     """
     probs, labels = _cpu(probs, labels)
-    conf, top = probs.double().max(dim=1).values, probs.argmax(dim=1)
-    correct = (top == labels).double()
-    bins = (torch.ceil(conf * n_bins - 1e-6) - 1).clamp(0, n_bins - 1).long()
+    conf, correct, bins = calibration_bins(probs, labels, n_bins)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
     # sum_b |acc_b - conf_b| * n_b / N  ==  sum_b |acc_sum_b - conf_sum_b| / N (empty bins add 0)
     return float((acc_sum - conf_sum).abs().sum() / conf.shape[0])
+
+
+def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(confidence, correct, bin) per image, float64, float64 and long: the ECE's binning (see above)."""
+    conf, top = probs.double().max(dim=1).values, probs.argmax(dim=1)
+    bins = (torch.ceil(conf * n_bins - 1e-6) - 1).clamp(0, n_bins - 1).long()
+    return conf, (top == labels).double(), bins
 
 
 def brier_score(probs, labels) -> float:
@@ -147,9 +152,9 @@ def classification_auroc(probs, labels) -> float:
     if labels.unique().numel() < 2:
         return float("nan")
     if probs.shape[1] == 2:
-        return _auroc(probs[:, 1], labels == 1)
+        return auroc(probs[:, 1], labels == 1)
     present = labels.unique().tolist()
-    return sum(_auroc(probs[:, c], labels == c) for c in present) / len(present)
+    return sum(auroc(probs[:, c], labels == c) for c in present) / len(present)
 
 
 def confusion_groups(predictions, labels, positive: int = 1, num_classes: int | None = None) -> dict[str, Tensor]:

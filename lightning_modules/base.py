@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from evaluation.calibration import CalibrationSettings, calibrate
+from evaluation.calibration import OOD_BLOCK, CalibrationSettings, calibrate
 from evaluation.results import PerImageResults, concat_outputs, gather_unique
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
@@ -36,6 +36,9 @@ CALIBRATION_FILE = "calibration.json"
 
 class ClassifierModule(L.LightningModule):
     """Base of DiffusionClassifier, StableDiffusionClassifier and BaselineClassifier (see module docstring)."""
+
+    ood_scores: tuple[str, ...] = ()
+    """The out-of-distribution scores this kind of model can give (evaluation/ood_scores.py), its default first."""
 
     def __init__(
         self,
@@ -48,6 +51,11 @@ class ClassifierModule(L.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class_names {list(class_names)} for num_classes={num_classes}")
         self.class_names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
+        if calibration.ood_score is not None and calibration.ood_score not in self.ood_scores:
+            raise ValueError(
+                f"calibration.ood_score={calibration.ood_score!r} is not a score of {type(self).__name__}; "
+                f"choose one of {self.ood_scores}"
+            )
         self.results = PerImageResults(self.class_names, uncertainty_name)
         self.calibration = calibration
         self.validation_rows: list[dict] = []
@@ -116,7 +124,7 @@ class ClassifierModule(L.LightningModule):
         if not outputs:
             return
         try:
-            calibration = calibrate(outputs, self.calibration, len(self.class_names))
+            calibration = calibrate(outputs, self.calibration, len(self.class_names), self.ood_score_name())
         except ValueError as refusal:  # too few validation images for the guarantees asked: validate still reports
             rank_zero_warn(f"validation did not calibrate referral and prediction sets: {refusal}")
             return
@@ -126,12 +134,18 @@ class ClassifierModule(L.LightningModule):
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps(calibration, indent=2) + "\n")
             referral, sets = calibration["referral"], calibration["conformal"]["class_conditional"]
+            refusal = calibration[OOD_BLOCK]
             rank_zero_info(
                 f"calibrated on {calibration['n_calibration']} validation images -> {file}: referral threshold "
                 f"{referral['threshold']:.4g} (validation coverage {referral['coverage']:.3f}, accuracy "
                 f"{referral['accuracy']:.3f}); conformal sets at alpha {self.calibration.alpha}, per-class "
-                f"thresholds {[round(q, 4) for q in sets['q']]} ({sets['correction']})"
+                f"thresholds {[round(q, 4) for q in sets['q']]} ({sets['correction']}); out-of-distribution "
+                f"refusal: {refusal['score']} score, p < {refusal['alpha']} against {refusal['n_calibration']} "
+                "calibration images"
+                + (f" ({refusal['n_reference']} more fitted its time profile)" if refusal["n_reference"] else "")
             )
+            if not refusal["feasible"]:
+                rank_zero_warn(f"out-of-distribution refusal is off: {refusal['reason']}")
 
     def load_calibration(self) -> dict | None:
         """The run's calibration, if `validate` wrote one for these weights; otherwise None, and a note."""
@@ -145,30 +159,54 @@ class ClassifierModule(L.LightningModule):
             rank_zero_warn(f"{file} was calibrated for {calibration.get('checkpoint')}, not {self.weights_origin()}: "
                            "not applied; run `validate` with these weights to calibrate them")  # fmt: skip
             return None
+        if OOD_BLOCK not in calibration:
+            rank_zero_warn(f"{file} has no out-of-distribution block (written before refusals existed): referral "
+                           "and prediction sets are applied, but no image is checked for being unlike the "
+                           "training data; run `validate` again to calibrate refusals")  # fmt: skip
         return calibration
 
+    def ood_score_name(self) -> str:
+        """The out-of-distribution score validate calibrates: the configured one, or the model's default."""
+        return self.calibration.ood_score or self.ood_scores[0]
+
     # ---- test and predict -------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        self.active_calibration = self.load_calibration()
+
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.results.add(self.classify_batch(batch))
+        self.results.add(self.classify_batch(batch), batch["image"], self.active_calibration)
+
+    def report_description(self) -> str:
+        """The report's subtitle: the model, its weights and how it classifies."""
+        settings = self.results_settings()
+        how = f", N = {settings.num_steps} steps, {settings.rule} rule" if settings is not None else ""
+        return f"{type(self).__name__}{how}; weights: {self.weights_origin() or 'untrained (debugging)'}"
 
     def on_test_epoch_end(self) -> None:
         # the weights tested: make results leaves out a test of untrained weights (--allow_untrained)
         info = self.results_info() | {"checkpoint": self.weights_origin()}
         metrics = self.results.finish(
-            self.trainer, metrics=True, settings=self.results_settings(), info=info, calibration=self.load_calibration()
-        )
+            self.trainer, metrics=True, settings=self.results_settings(), info=info,
+            calibration=self.active_calibration, description=self.report_description(),
+        )  # fmt: skip
         scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
         scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
+        refusal = metrics.get(OOD_BLOCK, {})
         achieved = {"selective": metrics.get("selective", {}).get("test", {}),
-                    "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {})}  # fmt: skip
+                    "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {}),
+                    "ood": refusal, "ood_shift": refusal.get("shift", {})}  # fmt: skip
         for block, numbers in achieved.items():
             scalars |= {f"{block}/{key}": value for key, value in numbers.items() if isinstance(value, float)}
         self.log_dict({f"test/{key}": value for key, value in scalars.items() if not math.isnan(value)})
 
+    def on_predict_epoch_start(self) -> None:
+        self.active_calibration = self.load_calibration()
+
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         outputs = self.classify_batch(batch)
-        self.results.add(outputs)
+        self.results.add(outputs, batch["image"], self.active_calibration)
         return outputs
 
     def on_predict_epoch_end(self) -> None:
-        self.results.finish(self.trainer, metrics=False, calibration=self.load_calibration())
+        self.results.finish(self.trainer, metrics=False, calibration=self.active_calibration,
+                            description=self.report_description())  # fmt: skip

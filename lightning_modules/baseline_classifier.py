@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from datamodules.augmentation import BLUR_P, BatchAugmentation, training_augmentation
 from evaluation.calibration import CalibrationSettings
+from evaluation.ood_scores import BASELINE_SCORES
 from evaluation.results import outputs_from_probs
 from networks.backbones import BACKBONES, build_backbone
 
@@ -58,6 +59,8 @@ class BaselineClassifier(ClassifierModule):
         calibration: the decision rules `validate` fits on the validation split (referral threshold
             on the entropy, conformal prediction sets on the probabilities); see CalibrationSettings.
     """
+
+    ood_scores = BASELINE_SCORES
 
     def __init__(
         self,
@@ -126,21 +129,31 @@ class BaselineClassifier(ClassifierModule):
     def class_probabilities(self, images: Tensor) -> Tensor:
         """Softmax of one forward, or the mean softmax of T MC-dropout forwards (Gal & Ghahramani 2016);
         with test_time_flips, the mean of that over the four flips of the image."""
-        if self.hparams.test_time_flips:
-            views = (images, images.flip(-1), images.flip(-2), images.flip(-2, -1))
-            return torch.stack([self.view_probabilities(view) for view in views]).mean(dim=0)
-        return self.view_probabilities(images)
+        return self.probabilities_and_energy(images)[0]
 
-    def view_probabilities(self, images: Tensor) -> Tensor:
+    def probabilities_and_energy(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The class probabilities (see class_probabilities) and the energy -logsumexp(logits) (Liu et al.
+        2020, an out-of-distribution score), both averaged over the same forwards."""
+        views = (
+            (images, images.flip(-1), images.flip(-2), images.flip(-2, -1))
+            if self.hparams.test_time_flips
+            else (images,)
+        )
+        logits = torch.cat([self.view_logits(view) for view in views])  # (forwards, B, C)
+        return logits.softmax(dim=2).mean(dim=0), -torch.logsumexp(logits, dim=2).mean(dim=0)
+
+    def view_logits(self, images: Tensor) -> Tensor:
+        """(P, B, C) logits: one deterministic forward, or T MC-dropout forwards."""
         passes = self.hparams.mc_dropout_passes
         if not passes:
-            return self(images).float().softmax(dim=1)
+            return self(images).float()[None]
         with dropout_active(self.network):
-            return torch.stack([self(images).float().softmax(dim=1) for _ in range(passes)]).mean(dim=0)
+            return torch.stack([self(images).float() for _ in range(passes)])
 
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
-        """Per-image outputs (see evaluation.results.outputs_from_probs) plus id, label and path."""
-        return outputs_from_probs(self.class_probabilities(batch["image"])) | self.passed_through(batch)
+        """Per-image outputs (see evaluation.results.outputs_from_probs), the energy, id, label and path."""
+        probs, energy = self.probabilities_and_energy(batch["image"])
+        return outputs_from_probs(probs) | {"energy": energy} | self.passed_through(batch)
 
     def results_info(self) -> dict:
         return {

@@ -22,12 +22,13 @@ import dataclasses
 
 from torch import Tensor
 
-from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images
+from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import shared_noise
 from diffusion.voting import summarize
 from evaluation.calibration import CalibrationSettings
 from evaluation.explanations import ExplanationOutputs
+from evaluation.ood_scores import DIFFUSION_SCORES, step_profile
 
 from .base import ClassifierModule
 
@@ -59,6 +60,7 @@ class DiffusionClassifierBase(ClassifierModule):
     """
 
     hparams_ignored: tuple[str, ...] = ()
+    ood_scores = DIFFUSION_SCORES
 
     def __init__(
         self,
@@ -119,6 +121,11 @@ class DiffusionClassifierBase(ClassifierModule):
         except NonFiniteOutputError as error:
             raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
         outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
+        # what the out-of-distribution scores read: the best class's error at each step, and the step's t
+        outputs |= {
+            "step_errors": step_profile(run["errors"]),
+            "step_times": step_times(batch["id"].to(x.device), settings),
+        }
         return outputs | self.passed_through(batch)
 
     def weights_source(self) -> str:
@@ -151,6 +158,7 @@ class DiffusionClassifierBase(ClassifierModule):
         return outputs
 
     def on_predict_epoch_start(self) -> None:
+        super().on_predict_epoch_start()
         # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
         # rank, here; ranks can hold different numbers of predict batches
         self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir

@@ -17,3 +17,22 @@ def run_from_repo_root(monkeypatch):
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def learned_demo(tmp_path_factory) -> tuple[Path, list[str]]:
+    """(run folder, CLI options) of the demo UNet trained 150 steps at batch 32 on the synthetic chest images:
+    about 40 s on the CPU, enough to classify them far above chance (tests/test_diffusion_classifier.py)
+    and to tell them from other images (tests/test_out_of_distribution.py). Test split: 100 images."""
+    from cli import main
+    from tests.helpers import QUIET
+
+    root = tmp_path_factory.mktemp("learned_demo")
+    args = [
+        "--config=configs/demo.yaml", f"--trainer.default_root_dir={root}", *QUIET,
+        "--trainer.limit_val_batches=0", "--trainer.max_steps=150", "--global_batch_size=32",
+        "--data.init_args.num_test=100", "--model.init_args.warmup_steps=20",
+        "--model.init_args.explanation.every_n_epochs=0",
+    ]  # fmt: skip
+    main(["fit", *args])
+    return root, args

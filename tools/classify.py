@@ -16,34 +16,19 @@ per image, with the predicted class name) lands in `<output>/tensorboard/version
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 import yaml
+from lightning.pytorch.utilities import rank_zero_only
 
 import cli
-from datamodules.errors import DataError
-from lightning_modules.callbacks import CONFIG_FILE, EXPERIMENT_CONFIG_KEY, LOGGER_VERSION_KEY
+from evaluation.results import PREDICTIONS_FILE
 from networks.weights import load_weights_file
-
-
-def experiment_config(checkpoint_path: Path, checkpoint: dict) -> str:
-    """The config the checkpoint was trained with: stored in it, or the config.yaml of its run."""
-    if checkpoint.get(EXPERIMENT_CONFIG_KEY):
-        return checkpoint[EXPERIMENT_CONFIG_KEY]
-    run_root = checkpoint_path.resolve().parent.parent  # <root>/checkpoints/last.ckpt
-    version = checkpoint.get(LOGGER_VERSION_KEY)
-    candidates = [run_root / "tensorboard" / f"version_{version}" / CONFIG_FILE] if version is not None else []
-    candidates += sorted((run_root / "tensorboard").glob(f"version_*/{CONFIG_FILE}"), reverse=True)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate.read_text()
-    raise DataError(
-        f"{checkpoint_path} holds no config and none was found beside it ({run_root / 'tensorboard'}/version_*/"
-        f"{CONFIG_FILE}): pass the experiment config yourself: python cli.py predict --config <config> "
-        f"--ckpt_path {checkpoint_path} --data datamodules.ImagesDataModule --data.init_args.source <images> ..."
-    )
+from tools.experiments import experiment_config
 
 
 def has_labels(source: Path) -> bool:
@@ -94,7 +79,37 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.output / "trained_with.yaml"
     config_file.write_text(config if config.endswith("\n") else config + "\n")
     yaml.safe_load(config)  # fail here, not inside the CLI, if the stored config is not YAML
-    return cli.run([*cli_arguments(args, config_file, checkpoint["hyper_parameters"]), *extra])
+    status = cli.run([*cli_arguments(args, config_file, checkpoint["hyper_parameters"]), *extra])
+    if status == 0 and rank_zero_only.rank == 0:
+        print(summary(newest_predictions(args.output), args.checkpoint))
+    return status
+
+
+def newest_predictions(output: Path) -> Path:
+    return max(output.rglob(PREDICTIONS_FILE), key=lambda path: path.stat().st_mtime)
+
+
+def summary(predictions: Path, checkpoint: Path) -> str:
+    """What a person reads first: how many images were refused as unlike the training data, then the
+    answers of the others and how many of those are referred for uncertainty."""
+    with predictions.open() as handle:
+        rows = list(csv.DictReader(handle))
+    lines = [f"Classified {len(rows)} images with {checkpoint} -> {predictions}"]
+    answered = rows
+    if rows and "out_of_distribution" in rows[0]:
+        refused = [row for row in rows if row["out_of_distribution"] == "true"]
+        answered = [row for row in rows if row["out_of_distribution"] != "true"]
+        lines.append(f"  {len(refused)} of {len(rows)} images refused: unlike the images the model was calibrated "
+                     "on (out_of_distribution = true); no answer is given for them")  # fmt: skip
+    else:
+        lines.append("  no image was checked for being unlike the training data: the run has no calibration of "
+                     "these weights with refusals (python cli.py validate ... --ckpt_path <the same>)")  # fmt: skip
+    counts = Counter(row["predicted_class"] for row in answered)
+    lines.append(f"  {len(answered)} answered: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    if answered and "refer" in answered[0]:
+        referred = sum(row["refer"] == "true" for row in answered)
+        lines.append(f"  {referred} of the answered referred to a human for uncertainty (refer = true)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,180 @@
+"""Knowing when not to answer: conformal refusal of out-of-distribution images, and a warning for a shifted set.
+
+Calibration (on the validation split, by `validate`, beside the referral rule and the prediction sets):
+
+1. The validation images are split in two by a seeded random permutation of their ids, which
+   looks at nothing else: the reference half fits the score's `TimeProfile` (evaluation/ood_scores.py;
+   scores without one use every image for step 2), the calibration half gives n scores s_1..s_n.
+2. A new image with score s gets the conformal p-value p = (1 + #{i: s_i >= s}) / (n + 1) and is
+   refused when p < alpha. For an image exchangeable with the calibration images (the same
+   distribution), P(p <= u) <= u for every u, so the false-refusal rate is at most alpha
+   (Vovk et al. 2005; Bates et al. 2023, "Testing for outliers with conformal p-values"). The profile
+   is fitted on other images, so the score is fixed before the calibration scores are seen, which
+   the guarantee needs. Refusals need n >= 1/alpha - 1 calibration images: below that no p-value
+   is small enough, and calibration says so.
+3. A whole test or predict set is checked at once: if its images are exchangeable with the
+   calibration images, their scores are not stochastically larger. The one-sided Mann-Whitney U
+   test (normal approximation with the tie correction) compares the two samples; its rank statistic
+   is the mean p-value in other words, and it accounts for the randomness of both samples, which a
+   test of the p-values against the uniform distribution would not (they share one calibration set).
+   A set that fails it is not exchangeable with the calibration images, so no guarantee of the
+   referral rule, the prediction sets or the refusals holds for it.
+
+Why our own code: the p-value is one count, and scipy (which has `mannwhitneyu`) is not a
+dependency; the test is checked against its exact null distribution in tests/test_refusal.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
+from .uncertainty import auroc
+
+SPLIT_SEED = 0  # the permutation of the validation ids into reference and calibration halves
+TRUE_POSITIVE_RATE = 0.95
+
+
+def reference_half(ids: Tensor, seed: int = SPLIT_SEED) -> Tensor:
+    """Bool (n,): True for the floor(n / 2) images that fit the time profile, False for the others.
+
+    A seeded random permutation of the images in id order: the same ids give the same halves on
+    every rank and run, and the split depends on nothing but the ids.
+    """
+    order = torch.argsort(torch.as_tensor(ids).cpu(), stable=True)
+    shuffled = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
+    chosen = torch.zeros(len(order), dtype=torch.bool)
+    chosen[shuffled[: len(order) // 2]] = True
+    return chosen
+
+
+def conformal_pvalues(calibration_scores, scores) -> Tensor:
+    """(1 + #{calibration >= s}) / (n + 1) for every s in `scores` (float64)."""
+    calibration = torch.as_tensor(calibration_scores, dtype=torch.float64).sort().values
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    at_least = len(calibration) - torch.searchsorted(calibration, scores, side="left")
+    return (1.0 + at_least.double()) / (len(calibration) + 1.0)
+
+
+def refusal_threshold(calibration_scores, alpha: float) -> float:
+    """The score above which an image is refused (p < alpha): the (m + 1)-th largest calibration score,
+    m = ceil(alpha (n + 1)) - 2, since p < alpha holds exactly when at most m calibration scores are >= s;
+    +inf when no image can be refused."""
+    calibration = torch.as_tensor(calibration_scores, dtype=torch.float64).sort(descending=True).values
+    m = math.ceil(alpha * (len(calibration) + 1) - 1e-9) - 2
+    return float(calibration[m]) if 0 <= m < len(calibration) else math.inf
+
+
+def min_calibration_images(alpha: float) -> int:
+    """The fewest calibration scores with which p < alpha can happen: 1 / (n + 1) < alpha."""
+    return math.floor(1.0 / alpha + 1e-9)
+
+
+def midranks(values: Tensor) -> Tensor:
+    """Ranks 1..n of `values`, ties given the mean of the ranks they span."""
+    unique, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    last = counts.cumsum(0).double()
+    return (last - (counts.double() - 1) / 2)[inverse]
+
+
+def shift_test(calibration_scores, scores, level: float) -> dict:
+    """One-sided Mann-Whitney U test that `scores` are larger than the calibration scores.
+
+    U counts the (image, calibration) pairs whose image score is larger, ties 1/2; under
+    exchangeability E[U] = n m / 2, Var[U] = n m / 12 (n + m + 1 - sum(t^3 - t) / ((n + m)(n + m - 1)))
+    over the tie groups t. `shifted` is True when the one-sided p-value is below `level`.
+    """
+    calibration = torch.as_tensor(calibration_scores, dtype=torch.float64)
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    n, m = len(calibration), len(scores)
+    ranks = midranks(torch.cat([calibration, scores]))
+    u = float(ranks[n:].sum()) - m * (m + 1) / 2
+    ties = torch.unique(torch.cat([calibration, scores]), return_counts=True)[1].double()
+    total = n + m
+    correction = float((ties**3 - ties).sum()) / (total * (total - 1)) if total > 1 else 0.0
+    variance = n * m / 12.0 * (total + 1 - correction)
+    z = (u - n * m / 2) / math.sqrt(variance) if variance > 0 else 0.0
+    pvalue = 0.5 * math.erfc(z / math.sqrt(2.0))
+    return {
+        "test": "one-sided Mann-Whitney U: are the images' scores larger than the calibration scores?",
+        "mean_pvalue": float(conformal_pvalues(calibration, scores).mean()) if m else float("nan"),
+        "u": u,
+        "z": z,
+        "pvalue": pvalue,
+        "level": level,
+        "shifted": pvalue < level,
+        "n_calibration": n,
+        "n_images": m,
+    }
+
+
+def detection_report(in_distribution, shifted, tpr: float = TRUE_POSITIVE_RATE) -> dict:
+    """How well a score tells shifted images (positives) from in-distribution ones: AUROC (ties 1/2)
+    and the false-positive rate at the threshold that flags `tpr` of the shifted images."""
+    inside = torch.as_tensor(in_distribution, dtype=torch.float64)
+    outside = torch.as_tensor(shifted, dtype=torch.float64)
+    threshold = torch.quantile(outside, 1.0 - tpr, interpolation="lower")  # flags >= tpr of them
+    scores = torch.cat([inside, outside])
+    positives = torch.cat([torch.zeros(len(inside)), torch.ones(len(outside))])
+    return {"auroc": auroc(scores, positives), "fpr_at_95_tpr": float((inside >= threshold).double().mean())}
+
+
+def calibrate_refusal(outputs: dict, score: str, alpha: float, level: float, bins: int) -> dict:
+    """calibration.json's `out_of_distribution` block from per-image validation outputs."""
+    ids = outputs["id"]
+    reference = reference_half(ids) if score in NEEDS_PROFILE else torch.zeros(len(ids), dtype=torch.bool)
+    profile = None
+    if score in NEEDS_PROFILE:
+        profile = TimeProfile.fit(outputs["step_errors"][reference], outputs["step_times"][reference], bins)
+    calibration = {key: value[~reference] for key, value in outputs.items() if isinstance(value, Tensor)}
+    scores = ood_score(score, calibration, profile)
+    n, needed = len(scores), min_calibration_images(alpha)
+    return {
+        "score": score,
+        "alpha": alpha,
+        "shift_level": level,
+        "n_reference": int(reference.sum()),
+        "n_calibration": n,
+        "profile": profile.as_dict() if profile else None,
+        "calibration_scores": scores.tolist(),
+        "threshold": refusal_threshold(scores, alpha),
+        "feasible": n >= needed,
+        "reason": None
+        if n >= needed
+        else f"ood_alpha={alpha} needs at least {needed} calibration images, got {n}: no image can be refused",
+    }
+
+
+def apply_refusal(block: dict, outputs: dict) -> dict[str, Tensor]:
+    """Per-image `ood_score`, `ood_pvalue` and `out_of_distribution` (p < alpha) of new outputs."""
+    profile = TimeProfile(**block["profile"]) if block.get("profile") else None
+    scores = ood_score(block["score"], outputs, profile)
+    pvalues = conformal_pvalues(block["calibration_scores"], scores)
+    return {"ood_score": scores, "ood_pvalue": pvalues, "out_of_distribution": pvalues < block["alpha"]}
+
+
+def refusal_metrics(block: dict, decisions: dict) -> dict:
+    """metrics.json's `out_of_distribution` block: the rule, how many images it refused, and the
+    whole-set test."""
+    refused = decisions["out_of_distribution"]
+    keep = ("score", "alpha", "threshold", "n_reference", "n_calibration", "feasible", "reason")
+    return {key: block[key] for key in keep} | {
+        "n_refused": int(refused.sum()),
+        "refused_fraction": float(refused.double().mean()),
+        "shift": shift_test(block["calibration_scores"], decisions["ood_score"], block["shift_level"]),
+    }
+
+
+def shift_message(metrics: dict) -> str | None:
+    """The one line a run prints when its set failed the whole-set test; None when it passed."""
+    shift = metrics["shift"]
+    if not shift["shifted"]:
+        return None
+    return (
+        f"these {shift['n_images']} images are not exchangeable with the {shift['n_calibration']} calibration images "
+        f"({metrics['score']} scores larger, one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}): "
+        "the referral, prediction-set and refusal guarantees do not hold for this set"
+    )

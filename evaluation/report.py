@@ -1,0 +1,180 @@
+"""report.html: the page a person reads after every test and predict run, one self-contained file.
+
+It says what the numbers mean, what the calibrated decision rules (refusal, referral, prediction
+sets) did on these images, shows the figures (filtering curve, risk-coverage, reliability diagram,
+confusion matrix, out-of-distribution scores) and the images to look at (evaluation/gallery.py), each
+with its votes and, where the run explained it, its factual / counterfactual / difference map. Every
+figure and image is embedded as a data URI, so the page opens from disk with no server and no network.
+Rendered with Jinja2 (autoescaped) from templates/report.html.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import jinja2
+import numpy as np
+from PIL import Image
+
+from .calibration import OOD_BLOCK
+
+REPORT_FILE = "report.html"
+TEMPLATES = Path(__file__).parent / "templates"
+EXPLANATIONS_DIR = "explanations"
+HEADLINES = (  # metrics.json key, name, what it means
+    ("accuracy", "Accuracy", "share of the images whose predicted class is their label"),
+    ("auroc", "AUROC", "how well the score ranks positives above negatives: 1 perfect, 0.5 chance"),
+    ("f1", "F1 (macro)", "harmonic mean of precision and recall, averaged over the classes"),
+    ("ece", "Calibration error (ECE)", "mean gap between confidence and accuracy over 15 bins; 0 = calibrated"),
+    ("error_detection_auroc", "Error detection (AUROC)",
+     "how well the uncertainty finds the wrong answers: 1 = every error more uncertain than every right one"),
+    ("aurc", "AURC", "area under the risk-coverage curve: the mean error rate when the most certain are kept"),
+    ("brier", "Brier score", "squared distance of the class probabilities from the label, 0 to 2; lower is better"),
+    ("n_images", "Images", "images in this run, each counted once"),
+)  # fmt: skip
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def array_uri(pixels: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return data_uri(buffer.getvalue())
+
+
+def headline_cards(numbers: dict) -> list[dict]:
+    cards = []
+    for key, name, meaning in HEADLINES:
+        value = numbers.get(key)
+        if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
+            cards.append({"name": name, "value": f"{value:.3f}" if isinstance(value, float) else str(value),
+                          "meaning": meaning})  # fmt: skip
+    return cards
+
+
+def decision_rules(numbers: dict, outputs: dict, calibration: dict | None) -> list[dict]:
+    """Rows of the decision table: how each rule was set on validation, what it did on these images."""
+    if not calibration:
+        return []
+    rules, n = [], len(outputs["id"])
+    refusal = calibration.get(OOD_BLOCK)
+    if refusal:
+        refused = int(outputs["out_of_distribution"].sum())
+        rules.append({"name": "Refusal (out of distribution)",
+                      "setting": f"{refusal['score']} score; refused when its conformal p-value against "
+                                 f"{refusal['n_calibration']} validation images is below {refusal['alpha']} "
+                                 f"(score above {refusal['threshold']:.4g}): at most {refusal['alpha']:.0%} of "
+                                 "images like the validation images are refused",
+                      "outcome": f"{refused} of {n} refused ({refused / n:.1%}); they get no answer"})  # fmt: skip
+    referral = calibration["referral"]
+    referred = int(outputs["refer"].sum())
+    test = numbers.get("selective", {}).get("test")
+    achieved = f"; accuracy on the accepted {test['accuracy']:.3f}" if test and test["n_accepted"] else ""
+    rules.append({"name": "Referral to a human",
+                  "setting": f"refer when the uncertainty exceeds {referral['threshold']:.4g}; on validation "
+                             f"{referral['coverage']:.1%} accepted at accuracy {referral['accuracy']:.3f}",
+                  "outcome": f"{referred} of {n} referred, {n - referred} answered{achieved}"})  # fmt: skip
+    sets = outputs["prediction_set"].sum(dim=1).double()
+    answered = ~outputs["out_of_distribution"] if "out_of_distribution" in outputs else sets >= 0
+    conformal = numbers.get("conformal", {}).get("class_conditional", {}).get("test")
+    coverage = f"; they hold the label for {conformal['coverage']:.1%}" if conformal and "coverage" in conformal else ""
+    mean_size = float(sets[answered].mean()) if answered.any() else float("nan")
+    rules.append({"name": "Prediction sets",
+                  "setting": f"class-conditional split conformal at alpha {calibration['settings']['alpha']}: the "
+                             f"set holds the true class with probability at least "
+                             f"{1 - calibration['settings']['alpha']:.0%} within every class",
+                  "outcome": f"mean size {mean_size:.2f} over the answered images, "
+                             f"{int((sets[answered] == 1).sum())} single-class sets{coverage}"})  # fmt: skip
+    return rules
+
+
+def banners(numbers: dict, calibration: dict | None) -> list[dict]:
+    shift = numbers.get(OOD_BLOCK, {}).get("shift")
+    if not calibration:
+        return [{"kind": "note", "text": "These weights have no calibration: no image was checked for being "
+                                         "unlike the training data, and no decision rule was applied."}]  # fmt: skip
+    if not shift:
+        return []
+    if shift["shifted"]:
+        text = (f"This set is not like the validation images: its out-of-distribution scores are larger "
+                f"(one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}). The guarantees of the "
+                "refusal, referral and prediction-set rules do not hold for it.")  # fmt: skip
+        return [{"kind": "warn", "text": text}]
+    return [{"kind": "ok", "text": f"This set passes the exchangeability check against the validation images "
+                                   f"(one-sided Mann-Whitney p = {shift['pvalue']:.2g}): the calibrated "
+                                   "guarantees apply."}]  # fmt: skip
+
+
+FIGURES = (  # the PNG files evaluation/results.py writes beside predictions.csv, in the report's order
+    ("accuracy_filtered.png", "Accuracy after filtering out the most uncertain images (paper Fig. 3)"),
+    ("risk_coverage.png", "Error rate among the images kept, most certain first; the star is the calibrated referral"),
+    ("reliability.png", "Reliability: accuracy against confidence"),
+    ("confusion_matrix.png", "Confusion matrix"),
+    ("uncertainty_boxes.png", "Uncertainty of right and wrong answers (paper Fig. 9)"),
+    ("ood_scores.png", "Out-of-distribution scores of these images against the calibration images"),
+)
+
+
+def figures(directory: Path) -> list[dict]:
+    return [{"uri": data_uri((directory / file).read_bytes()), "caption": caption}
+            for file, caption in FIGURES if (directory / file).is_file()]  # fmt: skip
+
+
+def gallery_sections(gallery: dict, class_names: list[str], directory: Path, has_labels: bool) -> list[dict]:
+    titles = {"refused": ("Refused: unlike the training data", "No image was refused."),
+              "wrong": ("Wrong, most confident first", "No image was wrong."),
+              "uncertain": ("Most uncertain", "No images.")}  # fmt: skip
+    sections = []
+    for kind, records in gallery.items():
+        if kind == "wrong" and not has_labels:
+            continue
+        title, empty = titles[kind]
+        sections.append({"title": title, "empty": empty,
+                         "cards": [gallery_item(r, class_names, directory) for r in records]})  # fmt: skip
+    return sections
+
+
+def gallery_item(record: dict, class_names: list[str], directory: Path) -> dict:
+    refused = bool(record.get("out_of_distribution"))
+    tags = ["refused"] * refused
+    tags += ["wrong"] * ("label" in record and record["label"] != record["prediction"])
+    tags += ["referred"] * (bool(record.get("refer")) and not refused)
+    votes = record.get("votes") or [f"{p:.3f}" for p in record["probs"]]
+    explanation = directory / EXPLANATIONS_DIR / f"image_{record['id']}.png"
+    return {
+        "id": record["id"],
+        "uri": array_uri(record["thumbnail"]),
+        "name": Path(record["path"]).name if record.get("path") else f"image id {record['id']}",
+        "tags": tags,
+        "predicted": class_names[record["prediction"]],
+        "label": class_names[record["label"]] if "label" in record else None,
+        "votes": [{"name": name, "value": value} for name, value in zip(class_names, votes)],
+        "uncertainty": f"entropy {record['entropy']:.3f}",
+        "ood": f"out-of-distribution p-value {record['ood_pvalue']:.3g}" if "ood_pvalue" in record else None,
+        "explanation": data_uri(explanation.read_bytes()) if explanation.is_file() else None,
+    }
+
+
+def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gallery: dict, *, class_names: list[str],
+                 calibration: dict | None, description: str) -> Path:  # fmt: skip
+    """Renders report.html into `directory` and returns its path."""
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
+    page = environment.get_template(REPORT_FILE).render(
+        title=f"{'Test' if stage == 'test' else 'Predictions'}: {len(outputs['id'])} images",
+        subtitle=description,
+        banners=banners(numbers, calibration),
+        headlines=headline_cards(numbers),
+        rules=decision_rules(numbers, outputs, calibration),
+        figures=figures(Path(directory)),
+        gallery=gallery_sections(gallery, class_names, directory, "label" in outputs),
+        has_metrics=stage == "test",
+        directory=str(directory),
+    )
+    path = Path(directory) / REPORT_FILE
+    path.write_text(page, encoding="utf-8")
+    return path
