@@ -9,21 +9,18 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 install:  ## install the pinned requirements (idempotent: pip skips what is there)
-	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --root-user-action=ignore -r requirements.txt
 
-demo: install  ## train + test the tiny UNet on the embedded synthetic data, explain 8 test images (CPU, <10 min)
+demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min): fit, calibrate, test, explain, reports
 	rm -rf runs/demo
 	@start=$$(date +%s); \
 	$(PYTHON) cli.py fit --config configs/demo.yaml && \
+	$(PYTHON) cli.py validate --config configs/demo.yaml --ckpt_path last --trainer.limit_val_batches 1.0 && \
 	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
 	seconds=$$(( $$(date +%s) - start )) && \
 	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
 		--trainer.limit_predict_batches 1 --global_batch_size 8 && \
 	$(PYTHON) -m tools.summary runs/demo --seconds $$seconds
-
-lint: install  ## ruff: lint and formatting (pyproject.toml), as make test runs them
-	$(PYTHON) -m ruff check .
-	$(PYTHON) -m ruff format --check .
 
 test: lint  ## ruff, then the test suite without tests marked slow (<15 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q

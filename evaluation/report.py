@@ -47,6 +47,25 @@ def array_uri(pixels: np.ndarray) -> str:
     return data_uri(buffer.getvalue())
 
 
+def prediction_cards(outputs: dict, class_names: list[str]) -> list[dict]:
+    """A predict run's cards (no labels, no metrics): how many images, refused, referred, and per class."""
+    n = len(outputs["id"])
+    cards = [{"name": "Images", "value": str(n), "meaning": "images in this run, each counted once"}]
+    answered = ~outputs["out_of_distribution"] if "out_of_distribution" in outputs else None
+    if answered is not None:
+        cards.append({"name": "Refused", "value": str(n - int(answered.sum())),
+                      "meaning": "unlike the images the model was calibrated on: no answer"})  # fmt: skip
+    if "refer" in outputs:
+        referred = int((outputs["refer"] & (answered if answered is not None else True)).sum())
+        cards.append({"name": "Referred", "value": str(referred),
+                      "meaning": "answered, but too uncertain to act on without a human"})  # fmt: skip
+    predictions = outputs["prediction"] if answered is None else outputs["prediction"][answered]
+    for index, name in enumerate(class_names):
+        cards.append({"name": f"Predicted {name}", "value": str(int((predictions == index).sum())),
+                      "meaning": "answered images given this class"})  # fmt: skip
+    return cards
+
+
 def headline_cards(numbers: dict) -> list[dict]:
     cards = []
     for key, name, meaning in HEADLINES:
@@ -154,6 +173,7 @@ def gallery_item(record: dict, class_names: list[str], directory: Path) -> dict:
         "predicted": class_names[record["prediction"]],
         "label": class_names[record["label"]] if "label" in record else None,
         "votes": [{"name": name, "value": value} for name, value in zip(class_names, votes)],
+        "votes_name": "votes" if record.get("votes") else "probabilities",
         "uncertainty": f"entropy {record['entropy']:.3f}",
         "ood": f"out-of-distribution p-value {record['ood_pvalue']:.3g}" if "ood_pvalue" in record else None,
         "explanation": data_uri(explanation.read_bytes()) if explanation.is_file() else None,
@@ -168,7 +188,7 @@ def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gall
         title=f"{'Test' if stage == 'test' else 'Predictions'}: {len(outputs['id'])} images",
         subtitle=description,
         banners=banners(numbers, calibration),
-        headlines=headline_cards(numbers),
+        headlines=headline_cards(numbers) if stage == "test" else prediction_cards(outputs, class_names),
         rules=decision_rules(numbers, outputs, calibration),
         figures=figures(Path(directory)),
         gallery=gallery_sections(gallery, class_names, directory, "label" in outputs),

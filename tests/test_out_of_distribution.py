@@ -35,15 +35,6 @@ def rows_of(folder: Path) -> list[dict]:
     return list(csv.DictReader((folder / "predictions.csv").open()))
 
 
-@pytest.fixture(scope="module")
-def calibrated(learned_demo):
-    """The learned demo UNet, calibrated by `validate` on all 200 validation images (100 fit the time
-    profile, 100 calibrate the p-values: enough for ood_alpha = 0.01)."""
-    root, args = learned_demo
-    main(["validate", *args, "--ckpt_path=last", "--trainer.limit_val_batches=1.0"])
-    return root, args
-
-
 def test_validate_calibrates_refusal_and_test_keeps_false_refusals_within_alpha(calibrated):
     root, args = calibrated
     refusal = json.loads((root / "calibration.json").read_text())["out_of_distribution"]

@@ -3,8 +3,10 @@
     python -m tools.summary runs/demo [--seconds 312]
 
 prints accuracy, F1, AUROC, N and (if given) the wall time of the newest metrics.json under the
-folder, then, if the run was explained (`predict ... --model.init_args.explain true`), where the
-explanation pictures are and their faithfulness numbers.
+folder; what the decision rules calibrated by `validate` did on the test images (refusals of images
+unlike the training data, referral, prediction sets); if the run was explained (`predict ...
+--model.init_args.explain true`), where the explanation pictures are and their faithfulness numbers;
+and where the reports (report.html of the test and of the newest predict run) are.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import json
 import math
 from pathlib import Path
 
+from evaluation.calibration import OOD_BLOCK
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
+from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
 
 EXPLANATION_NUMBERS = (
@@ -43,9 +47,44 @@ def summary_table(metrics: dict, seconds: float | None = None) -> str:
     else:
         rows += [("ECE", f"{metrics.get('ece', math.nan):.3f}"), ("test images", str(metrics["n_images"]))]
     if seconds is not None:
-        rows.append(("seconds (fit + test)", f"{seconds:.0f}"))
+        rows.append(("seconds (fit, validate, test)", f"{seconds:.0f}"))
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def decisions_summary(metrics: dict) -> str | None:
+    """What the calibrated rules did on the test images; None when the run had no calibration."""
+    if "selective" not in metrics:
+        return None
+    n, rows = metrics["n_images"], []
+    refusal = metrics.get(OOD_BLOCK)
+    if refusal:
+        shift = refusal["shift"]
+        rows.append(("refused: unlike the training data", f"{refusal['n_refused']} of {n} "
+                     f"(p < {refusal['alpha']}, {refusal['score']} score)"))  # fmt: skip
+        verdict = "NOT like it: the guarantees do not hold" if shift["shifted"] else "like it: the guarantees hold"
+        rows.append(("the test set vs validation", f"{verdict} (Mann-Whitney p = {shift['pvalue']:.2g})"))
+    referral = metrics["selective"]
+    test = referral["test"]
+    accuracy = f"; accuracy on the answered {test['accuracy']:.3f}" if test["n_accepted"] else ""
+    rows.append(
+        ("referred to a human", f"{test['n_referred']} of {n}{accuracy} (target {referral['target_accuracy']})")
+    )
+    sets = metrics["conformal"]["class_conditional"]["test"]
+    if "coverage" in sets:
+        promised = 1 - metrics["conformal"]["alpha"]
+        rows.append(("prediction sets", f"hold the label for {sets['coverage']:.1%} of the answered (promised >= "
+                     f"{promised:.0%}), mean size {sets['mean_set_size']:.2f}"))  # fmt: skip
+    width = max(len(name) for name, _ in rows)
+    return "Decisions calibrated on the validation split:\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
+
+
+def reports(run_dir: str | Path) -> list[Path]:
+    """The newest test report and the newest report of a predict run under `run_dir`."""
+    found = sorted(Path(run_dir).rglob(REPORT_FILE), key=lambda path: path.stat().st_mtime)
+    tested = [path for path in found if (path.parent / "metrics.json").is_file()]
+    predicted = [path for path in found if not (path.parent / "metrics.json").is_file()]
+    return [group[-1] for group in (tested, predicted) if group]
 
 
 def explanation_summary(run_dir: str | Path) -> str | None:
@@ -71,10 +110,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=None, help="wall time to report beside the metrics")
     args = parser.parse_args(argv)
     path = newest_metrics(args.run_dir)
-    print(f"\nTest results ({path}):\n{summary_table(json.loads(path.read_text()), args.seconds)}\n")
+    metrics = json.loads(path.read_text())
+    print(f"\nTest results ({path}):\n{summary_table(metrics, args.seconds)}\n")
+    decisions = decisions_summary(metrics)
+    if decisions:
+        print(decisions + "\n")
     explanations = explanation_summary(args.run_dir)
     if explanations:
         print(explanations + "\n")
+    for report in reports(args.run_dir):
+        print(f"Report (open in a browser): {report}")
 
 
 if __name__ == "__main__":
