@@ -24,19 +24,13 @@ new one). A NaN or infinite training loss stops the run naming the last good che
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import os
-import re
-import shutil
 import sys
 import traceback
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
@@ -46,7 +40,7 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
-from datamodules.base import DEFAULT_BATCH_SIZE
+from datamodules.batch_plan import DEFAULT_BATCH_SIZE, BatchPlan, batch_plan
 from lightning_modules.callbacks import (
     LOGGER_VERSION_KEY,
     AtomicCheckpointIO,
@@ -56,6 +50,15 @@ from lightning_modules.callbacks import (
 )
 from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
+from lightning_modules.run_folders import (
+    CHECKPOINT_PARAMETER_COPIES,
+    check_free_space,
+    check_writable,
+    checkpoint_bytes,
+    latest_version,
+    run_root,
+    tensorboard_logger,
+)
 from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
@@ -66,12 +69,6 @@ DEBUG_VARIABLE = "DIFFCLS_DEBUG"
 # The kinds of exception the suite's own checks raise for a person's mistake; raised elsewhere they are bugs.
 USER_ERROR_TYPES = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
-LOGGER_NAME = "tensorboard"
-# A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
-# moments) and one of the frozen ones (e.g. Stable Diffusion's VAE and text encoder), and
-# ModelCheckpoint writes the new file before it deletes the old one: room for two.
-CHECKPOINT_PARAMETER_COPIES = 8
-CHECKPOINT_FROZEN_COPIES = 2
 VALIDATION_UNDER_DDP = (
     "validation under DDP uses Lightning's DistributedSampler, which pads the ranks to equal "
     "length: up to world_size - 1 = {extra} validation images are counted twice in val/ metrics "
@@ -87,11 +84,14 @@ TEST_UNDER_DDP = (
 LIGHTNING_TEST_SAMPLER_WARNING = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`"
 
 
-class RunFolderError(RuntimeError):
-    """A run folder cannot be written, or its disk is too full; the message names the folder."""
-
-
 class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
+    """LightningCLI with the suite's wiring: the data's classes, names, image size and channels linked into
+    the model, checkpoints pinned to `<root>/checkpoints` (RunCheckpoint), the options `global_batch_size`,
+    `min_free_gb`, `allow_untrained` and `new_log_version`, the callbacks and plugins every run gets
+    (progress bar, NonFiniteLoss, AtomicCheckpointIO, SlurmRequeue under SLURM), and the checks of
+    `before_<subcommand>` (batch plan, run folders, checkpoint) that refuse a mistake before hours of
+    compute. A checkpoint's saved hyperparameters never override the config (ConfigOverCheckpointHparams)."""
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key in LINKED_DATA_PROPERTIES:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
@@ -225,22 +225,13 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         if given is not None:
             return int(given * 1e9)
         saves = any(c.save_top_k != 0 or c.save_last for c in self.trainer.checkpoint_callbacks)
-        trained = sum(p.numel() * p.element_size() for p in self.model.parameters() if p.requires_grad)
-        frozen = sum(p.numel() * p.element_size() for p in self.model.parameters() if not p.requires_grad)
-        return CHECKPOINT_PARAMETER_COPIES * trained + CHECKPOINT_FROZEN_COPIES * frozen if saves else 0
+        return checkpoint_bytes(self.model, saves)
 
     def check_run_folders(self, min_free_bytes: int = 0) -> None:
         """Fail now, naming the folder, rather than at the first checkpoint hours later."""
         for folder in self.run_folders():
             check_writable(folder)
-            free = shutil.disk_usage(folder).free
-            if free < min_free_bytes:
-                raise RunFolderError(
-                    f"only {free / 1e9:.2f} GB free on the disk of {folder}; this run needs at least "
-                    f"{min_free_bytes / 1e9:.2f} GB (--min_free_gb; default: {CHECKPOINT_PARAMETER_COPIES} x the "
-                    "model's parameter bytes, room for two checkpoints). Free some space, choose another "
-                    "--trainer.default_root_dir, or set --min_free_gb 0 to skip the check"
-                )
+            check_free_space(folder, min_free_bytes)
 
     def check_checkpoint(self, stage: str) -> str | None:
         """The checkpoint file Lightning is about to load, refused now if it does not fit the model;
@@ -295,119 +286,8 @@ def untrained_message(stage: str, given: str | None, callback) -> str:
     )
 
 
-class BatchConfigError(ValueError):
-    """The batch options contradict each other or do not divide over the processes; the message names them."""
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    global_batch: int
-    per_process: int
-    world_size: int
-    accumulation: int
-
-    def describe(self) -> str:
-        return (
-            f"batch: global {self.global_batch} = {self.world_size} process(es) x {self.per_process} images"
-            f" x {self.accumulation} accumulated micro-batch(es)"
-        )
-
-    def as_hparams(self) -> dict:
-        return {
-            "global_batch_size": self.global_batch,
-            "per_process_batch_size": self.per_process,
-            "world_size": self.world_size,
-            "accumulate_grad_batches": self.accumulation,
-        }
-
-
-def batch_plan(global_batch: int | None, per_process: int | None, world_size: int, accumulation: int = 1) -> BatchPlan:
-    """Per-process batch from the global one (or the reverse), refusing what does not fit."""
-    for name, value in (("global_batch_size", global_batch), ("data.init_args.batch_size", per_process)):
-        if value is not None and value < 1:
-            raise BatchConfigError(f"{name}={value}: a batch holds at least one image")
-    if global_batch is None:
-        per_process = per_process or DEFAULT_BATCH_SIZE
-        return BatchPlan(per_process * world_size * accumulation, per_process, world_size, accumulation)
-    if per_process is not None:
-        raise BatchConfigError(
-            f"data.init_args.batch_size={per_process} and global_batch_size={global_batch} are both set: give one "
-            "(global_batch_size is split over the processes; --global_batch_size null keeps the per-process batch)"
-        )
-    share = world_size * accumulation
-    if global_batch % share:
-        raise BatchConfigError(
-            f"global_batch_size={global_batch} does not divide over {world_size} process(es) x "
-            f"{accumulation} accumulated micro-batch(es) = {share}: choose a multiple of {share}"
-        )
-    return BatchPlan(global_batch, global_batch // share, world_size, accumulation)
-
-
 def always_a_list(value) -> list:
     return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
-
-
-def run_root(default_root_dir: str | None) -> str:
-    return default_root_dir or os.getcwd()
-
-
-def tensorboard_logger(default_root_dir: str | None, version: int | str | None = None) -> TensorBoardLogger:
-    return TensorBoardLogger(
-        save_dir=run_root(default_root_dir), name=LOGGER_NAME, version=version, default_hp_metric=False
-    )
-
-
-def latest_version(logger_root: str) -> int | None:
-    numbers = [
-        int(m.group(1)) for d in Path(logger_root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", d.name))
-    ]
-    return max(numbers, default=None)
-
-
-def check_writable(folder: str) -> None:
-    """Create `folder` and write and delete a probe file in it, or raise RunFolderError naming it."""
-    probe = Path(folder) / f".write_probe_{os.getpid()}"
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe.write_bytes(b"probe")
-        probe.unlink()
-    except OSError as error:
-        raise RunFolderError(
-            f"cannot write to the run folder {folder}: {error.strerror or error}; "
-            "choose a writable --trainer.default_root_dir"
-        ) from None
-
-
-def load_experiment(config: str, ckpt_path: str | None = None, overrides: list[str] = ()) -> ExperimentCLI:
-    """Model, data and trainer of an experiment config, without running anything (for scripts and
-    benchmarks); with `ckpt_path`, the model gets the checkpoint's weights (EMA ones when trained
-    with EMA)."""
-    quiet_library_noise()
-    cli = ExperimentCLI(
-        args=["--config", config, *overrides], run=False, save_config_callback=None, seed_everything_default=0
-    )
-    cli.split_global_batch()
-    if ckpt_path is not None:
-        check_checkpoint(ckpt_path, cli.model, cli.datamodule)
-        checkpoint = load_weights_file(ckpt_path, mmap=False)
-        cli.model.load_state_dict(checkpoint["state_dict"])
-    return cli
-
-
-def resolved_config(config: str | Path, *overrides: str) -> dict:
-    """An experiment config as `fit --print_config` resolves it (includes, data and network files, defaults),
-    without building anything: for tools that need a config's values, e.g. its run folder."""
-    printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            quiet_library_noise()
-            ExperimentCLI(
-                args=["fit", "--config", str(config), *overrides, "--print_config"], seed_everything_default=0
-            )
-    except SystemExit as done:  # --print_config exits after printing; a parse error exits with 2
-        if done.code not in (0, None):
-            raise
-    return yaml.safe_load(printed.getvalue())
 
 
 # Library notices about what the suite does on purpose, or about the libraries' own internals, that a

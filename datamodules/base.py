@@ -33,12 +33,12 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.batch_plan import DEFAULT_BATCH_SIZE
 from datamodules.dicom import dicom_size, is_dicom, read_dicom
 from datamodules.errors import DataError
 
 SPLITS = ("train", "val", "test")
 UNUSED = "unused"  # splits.csv's split of the images balancing left out
-DEFAULT_BATCH_SIZE = 64  # per process, when neither data.init_args.batch_size nor global_batch_size is given
 HIGH_BIT_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 

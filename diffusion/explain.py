@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .noise import EXPLANATION_STEP, normals, pair_keys
+from .noise import EXPLANATION_STEP, SAMPLES_FROM_NOISE_ID, normals, pair_keys
 from .sampler import ddim_sample, noise_to
 
 DIFFERENCE_MODES = ("auto", "signed", "absolute")
@@ -338,7 +338,7 @@ def samples_from_noise(
     [-1, 1], class-major, with the guidance of `settings` and `monitor_steps` DDIM steps. The noise
     is seeded, so successive calls during training show the same draws as the model learns."""
     device = next(denoiser.parameters()).device
-    ids = torch.arange(per_class, device=device).repeat(num_classes) - 1_000_000  # a stream no data id uses
+    ids = torch.arange(per_class, device=device).repeat(num_classes) + SAMPLES_FROM_NOISE_ID
     z = explanation_noise(ids, model_input, settings.seed)
     labels = torch.arange(num_classes, device=device).repeat_interleave(per_class)
     samples = ddim_sample(

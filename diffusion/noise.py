@@ -133,8 +133,12 @@ def shared_noise(ids: Tensor, steps: Tensor | range, shape: tuple[int, ...], see
     return uniform_times(keys), normals(keys, shape)
 
 
+# Reserved streams: every draw of the suite is a key of (seed, id, step); classification uses seeds
+# >= 0, ids of data >= 0 and steps 0 .. N - 1, so these never meet a classification pair.
 EXPLANATION_STEP = -1  # the stream of an image's explanation noise (further draws: -2, -3, ...)
 STRATA_STEPS = -(1 << 40)  # and below: the keys that order an image's strata, far from any draw
+VALIDATION_LOSS_SEED = -1  # the noise of fit's validation loss, one (t, eps) per image
+SAMPLES_FROM_NOISE_ID = -1_000_000  # and above: the ids of the monitoring samples drawn from pure noise
 
 
 def stratified_times(ids: Tensor, num_steps: int, seed: int) -> Tensor:

@@ -30,14 +30,11 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
-
-# The private helpers keep the suite's one tie rule, input check and figure style in one place.
-from evaluation.uncertainty import _cpu, _new_figure, _order, _save, risk_coverage
 
 from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
 from .refusal import apply_refusal, calibrate_refusal, refusal_metrics
+from .uncertainty import certainty_order, per_image
 
 CONFORMAL_CORRECTION = "ceil((n+1)(1-alpha))-th smallest of n"
 CONFORMAL_KINDS = ("marginal", "class_conditional")
@@ -97,7 +94,7 @@ def selective_report(refer, predictions, labels) -> dict:
 
     Accuracy and risk are NaN when nothing is accepted (there is no error rate to report).
     """
-    refer, predictions, labels = _cpu(torch.as_tensor(refer), predictions, labels)
+    refer, predictions, labels = per_image(torch.as_tensor(refer), predictions, labels)
     accepted = ~refer.bool()
     k = int(accepted.sum())
     accuracy = float((predictions[accepted] == labels[accepted]).double().mean()) if k else float("nan")
@@ -185,10 +182,10 @@ def referral_threshold(
     estimate but carries no guarantee of the target_accuracy kind.
     """
     _check_levels(target_accuracy, refer_fraction, delta)
-    uncertainty, predictions, labels = _cpu(uncertainty, predictions, labels)
+    uncertainty, predictions, labels = per_image(uncertainty, predictions, labels)
     if uncertainty.isnan().any():
         raise ValueError("calibration uncertainties contain NaN; such images cannot be ranked")
-    order = _order(uncertainty)
+    order = certainty_order(uncertainty)
     sorted_u, sorted_errors = uncertainty.double()[order], (predictions != labels)[order].long()
     if refer_fraction is not None:
         threshold, m = _fraction_rule(sorted_u, refer_fraction), 1
@@ -247,7 +244,7 @@ def conformal_thresholds(probs, labels, alpha: float, class_conditional: bool, n
     label y (coverage >= 1 - alpha within every true class, at the price of needing enough images in
     each). `q`, `n` and `rank` are numbers (marginal) or lists indexed by class.
     """
-    probs, labels = _cpu(probs, labels)
+    probs, labels = per_image(probs, labels)
     if probs.ndim != 2 or probs.shape[1] != num_classes:
         raise ValueError(f"probs must be (N, {num_classes}), got {tuple(probs.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
@@ -274,7 +271,7 @@ def conformal_thresholds(probs, labels, alpha: float, class_conditional: bool, n
 
 def prediction_sets(probs, thresholds: dict) -> Tensor:
     """Bool (N, C): class y is in an image's set iff 1 - probs[y] <= q (or q_y)."""
-    (probs,) = _cpu(probs)
+    (probs,) = per_image(probs)
     q = torch.as_tensor(thresholds["q"], dtype=torch.float64)
     if probs.shape[1] != thresholds["num_classes"]:
         raise ValueError(f"probs have {probs.shape[1]} classes, the thresholds {thresholds['num_classes']}")
@@ -287,7 +284,7 @@ def conformal_report(sets, labels) -> dict:
     `empty` is the fraction of images whose set is empty (possible when q is small), `singleton`
     the fraction with exactly one class (a confident decision).
     """
-    sets, labels = _cpu(torch.as_tensor(sets), labels)
+    sets, labels = per_image(torch.as_tensor(sets), labels)
     covered = sets.gather(1, labels.long()[:, None])[:, 0].double()
     size = sets.sum(1).double()
     per_class = [
@@ -300,44 +297,6 @@ def conformal_report(sets, labels) -> dict:
         "empty": float((size == 0).double().mean()),
         "singleton": float((size == 1).double().mean()),
     }
-
-
-# ---------------------------------------------------------------- figure
-def plot_risk_coverage(
-    predictions,
-    labels,
-    uncertainty,
-    operating_point: tuple[float, float] | None = None,
-    path=None,
-    title: str = "Risk-coverage curve",
-) -> Figure:
-    """Selective risk vs. coverage (most certain first), with the chosen operating point marked.
-
-    operating_point is (coverage, risk), e.g. a `selective_report`'s coverage and risk on the test
-    set under the calibrated threshold. Written as a PNG when path is given.
-    """
-    coverage, risk = risk_coverage(predictions, labels, uncertainty)
-    fig, ax = _new_figure()
-    ax.plot(coverage.numpy(), risk.numpy(), label="risk-coverage")
-    if operating_point is not None:
-        c, r = operating_point
-        ax.plot(
-            [c],
-            [r],
-            marker="*",
-            markersize=14,
-            linestyle="none",
-            color="C3",
-            label=f"operating point ({c:.2f}, {r:.3f})",
-        )
-    ax.set_xlabel("coverage (fraction of images accepted)")
-    ax.set_ylabel("selective risk (error rate on accepted)")
-    ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(bottom=0.0)
-    ax.set_title(title)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    return _save(fig, path)
 
 
 # ---------------------------------------------------------------- the run's calibration

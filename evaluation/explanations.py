@@ -19,17 +19,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
-
-from diffusion.explain import ExplainSettings  # noqa: E402
-from evaluation.results import concat_outputs, gather_unique  # noqa: E402
+from diffusion.explain import ExplainSettings
+from evaluation.figures import new_canvas
+from evaluation.results import concat_outputs, gather_unique
 
 EXPLAIN_FILE = "explain.json"
 EXPLANATIONS_DIR = "explanations"
@@ -58,7 +55,6 @@ class ExplanationOutputs:
         for image_id, row in zip(ids, rows):
             figure = plot_explanations([row], self.class_names)
             figure.savefig(folder / f"image_{image_id}.png", dpi=100, bbox_inches="tight")
-            plt.close(figure)
         self.rows.append({k: record[k] for k in PER_IMAGE_KEYS + LOCALISATION_KEYS if k in record})
         self.summary += rows
         self.summary = sorted(self.summary, key=lambda row: row["id"])[: self.settings.summary_images]
@@ -84,7 +80,6 @@ class ExplanationOutputs:
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_figure"):
             experiment.add_figure("explain/summary", figure, global_step=trainer.global_step)
-        plt.close(figure)
         print(
             f"explanations of {numbers['n_images']} images written to {folder} (open summary.png); "
             f"numbers in {Path(directory) / EXPLAIN_FILE}"
@@ -168,7 +163,8 @@ def plot_explanations(rows: list[dict], class_names: list[str]):
     the outline of the finding, where the data mark it, on the input and on every difference map."""
     num_classes = len(class_names)
     columns = 2 + 2 * (num_classes - 1)
-    figure, axes = plt.subplots(len(rows), columns, figsize=(2.2 * columns, 2.3 * len(rows)), squeeze=False)
+    figure = new_canvas((2.2 * columns, 2.3 * len(rows)))
+    axes = figure.subplots(len(rows), columns, squeeze=False)
     for axis_row, row in zip(axes, rows):
         factual = int(row["factual"])
         label = f", label {class_names[int(row['label'])]}" if "label" in row else ""

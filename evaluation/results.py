@@ -17,12 +17,19 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from .calibration import OOD_BLOCK, apply_calibration, calibration_metrics, plot_risk_coverage
-from .figures import plot_confusion, plot_ood_scores, plot_reliability
+from .calibration import OOD_BLOCK, apply_calibration, calibration_metrics
+from .figures import (
+    plot_confusion,
+    plot_filtered_accuracy,
+    plot_ood_scores,
+    plot_reliability,
+    plot_risk_coverage,
+    plot_uncertainty_boxes,
+)
 from .gallery import Gallery
 from .refusal import shift_message
 from .report import write_report
-from .uncertainty import plot_filtered_accuracy, plot_uncertainty_boxes, uncertainty_report
+from .uncertainty import uncertainty_report
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"

@@ -16,18 +16,16 @@ few distinct values, so ties are common; a fixed rule keeps results hardware-ind
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 FILTER_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(11))  # 0.00, 0.05, ..., 0.50
 
 
-def _cpu(*tensors: Tensor) -> list[Tensor]:
+def per_image(*tensors: Tensor) -> list[Tensor]:
+    """The per-image tensors on the CPU; refused unless they hold the same number (>= 1) of images."""
     out = [t.detach().cpu() for t in tensors]
     n = out[0].shape[0]
     if n == 0 or any(t.shape[0] != n for t in out):
@@ -35,7 +33,7 @@ def _cpu(*tensors: Tensor) -> list[Tensor]:
     return out
 
 
-def _order(uncertainty: Tensor) -> Tensor:
+def certainty_order(uncertainty: Tensor) -> Tensor:
     """Indices from most to least certain; ties keep index order (stable sort)."""
     return torch.sort(uncertainty.double(), stable=True).indices
 
@@ -61,9 +59,9 @@ def filtered_accuracy(predictions, labels, uncertainty, fractions=FILTER_FRACTIO
     round() would drop none). Ties: the image with the higher index is dropped first.
     NaN if nothing is left.
     """
-    predictions, labels, uncertainty = _cpu(predictions, labels, uncertainty)
+    predictions, labels, uncertainty = per_image(predictions, labels, uncertainty)
     n = labels.shape[0]
-    correct = (predictions == labels)[_order(uncertainty)].double()
+    correct = (predictions == labels)[certainty_order(uncertainty)].double()
     out = {}
     for f in fractions:
         if not 0.0 <= f <= 1.0:
@@ -78,8 +76,8 @@ def risk_coverage(predictions, labels, uncertainty) -> tuple[Tensor, Tensor]:
 
     Images are ranked by ascending uncertainty with the module's tie rule. float64 tensors.
     """
-    predictions, labels, uncertainty = _cpu(predictions, labels, uncertainty)
-    errors = (predictions != labels)[_order(uncertainty)].double()
+    predictions, labels, uncertainty = per_image(predictions, labels, uncertainty)
+    errors = (predictions != labels)[certainty_order(uncertainty)].double()
     k = torch.arange(1, errors.shape[0] + 1, dtype=torch.float64)
     return k / errors.shape[0], errors.cumsum(0) / k
 
@@ -99,7 +97,7 @@ def error_detection_auroc(predictions, labels, uncertainty) -> float:
     Equals the fraction of (error, correct) pairs in which the error is more uncertain, ties
     counting 1/2. NaN when all predictions are right or all are wrong (AUROC undefined).
     """
-    predictions, labels, uncertainty = _cpu(predictions, labels, uncertainty)
+    predictions, labels, uncertainty = per_image(predictions, labels, uncertainty)
     return auroc(uncertainty, predictions != labels)
 
 
@@ -116,7 +114,7 @@ def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
     both the value and torchmetrics' edges decides the bin. Here a confidence within 1e-6 of
     a bin's upper edge counts as in that bin, so 6/10 stored as float32 lands in (0.5, 0.6].
     """
-    probs, labels = _cpu(probs, labels)
+    probs, labels = per_image(probs, labels)
     conf, correct, bins = calibration_bins(probs, labels, n_bins)
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
@@ -133,7 +131,7 @@ def calibration_bins(probs: Tensor, labels: Tensor, n_bins: int) -> tuple[Tensor
 
 def brier_score(probs, labels) -> float:
     """Multi-class Brier score: mean over images of sum_c (p_c - onehot_c)^2, range [0, 2]."""
-    probs, labels = _cpu(probs, labels)
+    probs, labels = per_image(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
     return float(((probs.double() - onehot) ** 2).sum(dim=1).mean())
 
@@ -146,7 +144,7 @@ def classification_auroc(probs, labels) -> float:
     (torchmetrics' multiclass_auroc would average in a score of 0 for an absent class).
     NaN if only one class is present in labels.
     """
-    probs, labels = _cpu(probs, labels)
+    probs, labels = per_image(probs, labels)
     if probs.shape[1] < 2:
         raise ValueError("need at least 2 classes")
     if labels.unique().numel() < 2:
@@ -162,7 +160,7 @@ def confusion_groups(predictions, labels, positive: int = 1, num_classes: int | 
 
     num_classes defaults to max(label, prediction) + 1 (at least 2).
     """
-    predictions, labels = _cpu(predictions, labels)
+    predictions, labels = per_image(predictions, labels)
     if num_classes is None:
         num_classes = max(2, int(max(predictions.max(), labels.max())) + 1)
     if num_classes > 2:
@@ -178,7 +176,7 @@ def confusion_groups(predictions, labels, positive: int = 1, num_classes: int | 
 
 def uncertainty_report(probs, labels, predictions, uncertainty) -> dict:
     """All scalar metrics in one JSON-serialisable dict (floats; NaN where undefined)."""
-    probs, labels, predictions, uncertainty = _cpu(probs, labels, predictions, uncertainty)
+    probs, labels, predictions, uncertainty = per_image(probs, labels, predictions, uncertainty)
     return {
         "accuracy": float((predictions == labels).double().mean()),
         "auroc": classification_auroc(probs, labels),
@@ -188,52 +186,3 @@ def uncertainty_report(probs, labels, predictions, uncertainty) -> dict:
         "error_detection_auroc": error_detection_auroc(predictions, labels, uncertainty),
         "accuracy_filtered": filtered_accuracy(predictions, labels, uncertainty),
     }
-
-
-# Figures are built on matplotlib.figure.Figure with an Agg canvas, never through pyplot:
-# this works headless, leaves the caller's pyplot backend and open figures alone, and
-# nothing is registered with pyplot that would need closing.
-def _new_figure(size=(6.0, 4.0)) -> tuple[Figure, object]:
-    fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _save(fig: Figure, path) -> Figure:
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_filtered_accuracy(curves: dict[str, dict[str, float]], path=None) -> Figure:
-    """Fig. 3: accuracy vs. fraction of most uncertain images filtered; one line per model."""
-    fig, ax = _new_figure()
-    for name, curve in curves.items():
-        xs = sorted(float(k) for k in curve)
-        ax.plot(xs, [curve[f"{x:.2f}"] for x in xs], marker="o", label=name)
-    ax.set_xlabel("fraction of most uncertain images filtered out")
-    ax.set_ylabel("accuracy")
-    ax.set_xlim(0.0, 0.5)
-    ax.set_title("Accuracy vs. uncertain images filtered out")
-    ax.grid(True, alpha=0.3)
-    if curves:
-        ax.legend()
-    return _save(fig, path)
-
-
-def plot_uncertainty_boxes(
-    uncertainty, predictions, labels, path=None, ylabel="vote entropy", num_classes: int | None = None
-) -> Figure:
-    """Fig. 9: box plot of the uncertainty per group TP / TN / FP / FN (or correct / wrong)."""
-    uncertainty, predictions, labels = _cpu(uncertainty, predictions, labels)
-    groups = confusion_groups(predictions, labels, num_classes=num_classes)
-    fig, ax = _new_figure()
-    data = [uncertainty[mask].double().numpy() for mask in groups.values()]
-    ax.boxplot(data)  # an empty group draws as an empty slot
-    ax.set_xticks(range(1, len(groups) + 1))
-    ax.set_xticklabels([f"{name}\nn={int(mask.sum())}" for name, mask in groups.items()])
-    ax.set_ylabel(ylabel)
-    ax.set_title(f"{ylabel} by prediction outcome")
-    ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)

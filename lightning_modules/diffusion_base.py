@@ -24,15 +24,13 @@ from torch import Tensor
 
 from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
 from diffusion.explain import ExplainSettings, explain_batch
-from diffusion.noise import shared_noise
+from diffusion.noise import VALIDATION_LOSS_SEED, shared_noise
 from diffusion.voting import summarize
 from evaluation.calibration import CalibrationSettings
 from evaluation.explanations import ExplanationOutputs
 from evaluation.ood_scores import DIFFUSION_SCORES, step_profile
 
 from .base import ClassifierModule
-
-VALIDATION_LOSS_SEED = -1  # classification seeds are >= 0: the val-loss noise is a stream of its own
 
 
 class DiffusionClassifierBase(ClassifierModule):

@@ -120,7 +120,7 @@ def resolved(name: str) -> dict:
 
 @functools.cache
 def _resolved(name: str) -> dict:
-    from cli import resolved_config
+    from tools.experiments import resolved_config
 
     return resolved_config(ROOT / "configs" / f"{name}.yaml")
 

@@ -15,11 +15,11 @@ from evaluation.calibration import (
     clopper_pearson_upper,
     conformal_report,
     conformal_thresholds,
-    plot_risk_coverage,
     prediction_sets,
     referral_threshold,
     selective_report,
 )
+from evaluation.figures import plot_risk_coverage
 
 
 def T(values, dtype=torch.float64):

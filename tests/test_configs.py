@@ -14,8 +14,9 @@ import time
 import pytest
 import yaml
 
-from cli import main, resolved_config
+from cli import main
 from tests.helpers import ROOT, dit_parameter_count, needs_pneumoniamnist
+from tools.experiments import resolved_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PAPER_CONFIGS = ["unet_chexpert", "dit_chexpert", "unet_isic", "dit_isic"]

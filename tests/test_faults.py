@@ -18,11 +18,12 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.nn.utils import parameters_to_vector
 
-from cli import RunFolderError, main
+from cli import main
 from datamodules import SyntheticDataModule
 from lightning_modules import DiffusionClassifier
 from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLoss, NonFiniteLossError
 from lightning_modules.checkpoint_check import IncompatibleCheckpoint
+from lightning_modules.run_folders import RunFolderError
 from tests.helpers import ROOT, tiny_args
 
 # ---- NaN / inf loss ------------------------------------------------------------------------
@@ -199,7 +200,7 @@ def test_the_config_not_the_checkpoint_decides_the_model_options(checkpoint, tmp
 
 
 def test_free_space_rule_counts_frozen_parameters_once_per_checkpoint(repo_root, monkeypatch):
-    from cli import load_experiment
+    from tools.experiments import load_experiment
 
     monkeypatch.chdir(repo_root)
     cli = load_experiment("configs/baseline_demo.yaml")

@@ -25,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from datamodules.batch_plan import batch_plan
 from tests.helpers import resolved
 from tools.slurm import REPO_ROOT, main, render_from_argv
 
@@ -199,6 +200,16 @@ def test_the_job_script_states_the_global_batch_and_its_split():
     assert "global_batch_size 128 over 8 processes = 16 images per process and step" in paper
     odd = render("--config", "configs/unet_chexpert.yaml", "--nodes", "1", "--gpus-per-node", "3")
     assert "global_batch_size 128 over 3 processes = (does not divide: refused)" in odd
+
+
+def test_the_batch_note_counts_accumulated_micro_batches_as_the_cli_does(tmp_path):
+    config = tmp_path / "accumulating.yaml"
+    config.write_text(f"config: {REPO_ROOT / 'configs/unet_chexpert.yaml'}\ntrainer.accumulate_grad_batches: 2\n")
+    script = render("--config", str(config), "--nodes", "2", "--gpus-per-node", "4")
+    # the CLI's own batch plan: 128 / (8 processes x 2 micro-batches)
+    expected = batch_plan(128, None, 8, 2).per_process
+    assert f"over 8 processes x 2 accumulated micro-batches = {expected} images per process and micro-batch" in script
+    assert expected == 8
 
 
 # ---- a real one-node SLURM on localhost ---------------------------------------------------------

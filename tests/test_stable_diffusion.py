@@ -14,7 +14,7 @@ import torch
 from lightning import Trainer
 from PIL import Image
 
-from cli import load_experiment, main
+from cli import main
 from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
 from diffusion.classify import ClassifierSettings, classify_images
@@ -24,6 +24,7 @@ from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
 from networks.stable_diffusion import PAPER_PROMPTS, LatentTransform, MissingWeightsError, PromptDenoiser
 from tests.helpers import flip_rate_of
+from tools.experiments import load_experiment
 
 PROMPT_WORDS = sorted(
     {word for prompts in PAPER_PROMPTS.values() for prompt in prompts for word in prompt.replace(",", " ").split()}

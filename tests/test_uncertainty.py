@@ -7,6 +7,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
+from evaluation.figures import plot_filtered_accuracy, plot_uncertainty_boxes
 from evaluation.uncertainty import (
     FILTER_FRACTIONS,
     aurc,
@@ -16,8 +17,6 @@ from evaluation.uncertainty import (
     error_detection_auroc,
     expected_calibration_error,
     filtered_accuracy,
-    plot_filtered_accuracy,
-    plot_uncertainty_boxes,
     risk_coverage,
     uncertainty_report,
 )

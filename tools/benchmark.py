@@ -28,11 +28,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from cli import load_experiment
 from diffusion.classify import ClassifierSettings, classify_images
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.voting import summarize
 from networks import ClassConditionalUNet, DiT
+from tools.experiments import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_INPUT = (12, 128, 128)  # 3 x 256 x 256 images after the Haar wavelet

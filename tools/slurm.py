@@ -7,10 +7,10 @@
 The script fills configs/slurm/job.sbatch.template. What it keeps in step, and why:
 - `--ntasks-per-node` = `--trainer.devices` and `--nodes` = `--trainer.num_nodes`: Lightning's
   SLURMEnvironment takes ranks from srun's tasks and refuses a mismatch.
-- `--signal=SIGUSR1@90` + `--requeue`: Lightning saves `hpc_ckpt_<n>.ckpt` in
-  `default_root_dir` and requeues the job; the requeued job resumes from it because the script
-  passes no `--ckpt_path` (an explicit one takes precedence over the hpc checkpoint, see
-  `_CheckpointConnector._parse_ckpt_path`).
+- `--signal=SIGUSR1@90` + `--requeue`: the suite's SlurmRequeue callback (Lightning's own handler
+  is off) saves `hpc_ckpt_<n>.ckpt` in `default_root_dir` at the next batch end and requeues the
+  job; the requeued job resumes from it because the script passes no `--ckpt_path` (an explicit
+  one takes precedence over the hpc checkpoint, see `_CheckpointConnector._parse_ckpt_path`).
 - Each experiment gets its own run root (its config's `trainer.default_root_dir`, else
   `runs/<config name>`), passed explicitly so the hpc checkpoints, the TensorBoard logs and the
   SLURM log (`--open-mode=append`: both runs of a requeued job in one file) all land there.
@@ -26,11 +26,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cli import resolved_config
+from datamodules.batch_plan import BatchConfigError, batch_plan
+from lightning_modules.callbacks import REQUEUE_SECONDS, REQUEUE_SIGNAL
+from tools.experiments import resolved_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO_ROOT / "configs" / "slurm" / "job.sbatch.template"
-REQUEUE_SIGNAL, REQUEUE_SECONDS = "SIGUSR1", 90  # 90 s leaves time to write a checkpoint of a large model
 REQUEUE_CALLBACK = "lightning_modules.callbacks.SlurmRequeue"
 NAMES_LIGHTNING_IGNORES = ("bash", "interactive")
 # Options the script sets itself; a second value in --extra-args would break DDP or the resume.
@@ -62,7 +63,7 @@ class Experiment:
     config: str  # as the job passes it to cli.py
     run_root: str  # as the job sees it: absolute, or relative to the repository root
     workdir: str | None  # the job's working directory, None: wherever sbatch is called
-    global_batch: int | None = None  # the config's global_batch_size
+    config_values: dict  # the config as the CLI resolves it
 
 
 def read_config(path: Path) -> dict:
@@ -141,7 +142,7 @@ def render(
         "run_root": shlex.quote(experiment.run_root),
         "cpus_per_task": str(resources.cpus_per_task),
         "train_command": train_command(experiment, resources, list(extra_args), python),
-        "batch_note": batch_note(experiment.global_batch, processes),
+        "batch_note": batch_note(experiment.config_values, processes),
         "signal": resources.signal,
         "signal_seconds": str(resources.signal_seconds),
     }
@@ -151,11 +152,19 @@ def render(
     return text
 
 
-def batch_note(global_batch: int | None, processes: int) -> str:
+def batch_note(config: dict, processes: int) -> str:
+    """The global batch and its split, as the CLI's batch plan will make it on `processes` processes."""
+    global_batch = config.get("global_batch_size")
     if global_batch is None:
         return "the config gives no global_batch_size: data.init_args.batch_size images per process and step"
-    per_process = f"{global_batch // processes}" if global_batch % processes == 0 else "(does not divide: refused)"
-    return f"global_batch_size {global_batch} over {processes} processes = {per_process} images per process and step"
+    accumulation = int((config.get("trainer") or {}).get("accumulate_grad_batches") or 1)
+    split = f"{processes} processes" + (f" x {accumulation} accumulated micro-batches" if accumulation > 1 else "")
+    try:
+        plan = batch_plan(global_batch, None, processes, accumulation)
+    except BatchConfigError:
+        return f"global_batch_size {global_batch} over {split} = (does not divide: refused)"
+    unit = "process and micro-batch" if accumulation > 1 else "process and step"
+    return f"global_batch_size {global_batch} over {split} = {plan.per_process} images per {unit}"
 
 
 def submit_hint(experiment: Experiment) -> str:
@@ -174,9 +183,8 @@ def check_extra_args(extra_args) -> None:
             raise ValueError(f"--extra-args must not set {option}: {RESERVED_CLI_OPTIONS[option]}")
 
 
-def experiment_from_args(args: argparse.Namespace) -> Experiment:
+def experiment_from_args(args: argparse.Namespace, config: dict) -> Experiment:
     config_path = Path(args.config).resolve()
-    config = read_config(config_path)
     name = args.job_name or config_path.stem
     if name in NAMES_LIGHTNING_IGNORES:
         raise ValueError(f"job name {name!r}: Lightning ignores SLURM in jobs named {NAMES_LIGHTNING_IGNORES}")
@@ -185,19 +193,17 @@ def experiment_from_args(args: argparse.Namespace) -> Experiment:
     if args.portable:
         if run_root.is_absolute() or not in_repo:
             raise ValueError("--portable needs a config inside the repository and a relative run root")
-        return Experiment(
-            name, str(config_path.relative_to(REPO_ROOT)), str(run_root), None, config.get("global_batch_size")
-        )
+        return Experiment(name, str(config_path.relative_to(REPO_ROOT)), str(run_root), None, config)
     config_arg = config_path.relative_to(REPO_ROOT) if in_repo else config_path
     # A relative run root means: under the repository, wherever this renderer was called from.
     absolute_root = run_root if run_root.is_absolute() else REPO_ROOT / run_root
-    return Experiment(name, str(config_arg), str(absolute_root), str(REPO_ROOT), config.get("global_batch_size"))
+    return Experiment(name, str(config_arg), str(absolute_root), str(REPO_ROOT), config)
 
 
-def resources_from_args(args: argparse.Namespace) -> Resources:
+def resources_from_args(args: argparse.Namespace, config: dict) -> Resources:
     cpus = args.cpus_per_task
     if cpus is None:  # the data workers plus the training process itself
-        cpus = configured_data_workers(read_config(Path(args.config))) + 1
+        cpus = configured_data_workers(config) + 1
     return Resources(
         args.nodes, args.devices, args.accelerator, args.time, cpus, args.partition, args.mem, args.account,
         args.signal, args.signal_seconds,
@@ -293,10 +299,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def render_from_argv(argv: list[str]) -> tuple[str, Experiment]:
     args = parse_args(argv)
-    experiment = experiment_from_args(args)
+    config = read_config(Path(args.config).resolve())  # once: resolving a config builds a parser
+    experiment = experiment_from_args(args, config)
     script = render(
         experiment,
-        resources_from_args(args),
+        resources_from_args(args, config),
         shlex.split(args.extra_args),
         args.python,
         render_command="python -m tools.slurm " + shlex.join(argv),

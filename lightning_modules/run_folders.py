@@ -1,0 +1,72 @@
+"""Where a run writes, checked before it starts: the run root, the TensorBoard logger of a run (and the
+version a resumed run continues), and whether the folders can be written and hold two checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from lightning.pytorch.loggers import TensorBoardLogger
+
+LOGGER_NAME = "tensorboard"
+# A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
+# moments) and one of the frozen ones (e.g. Stable Diffusion's VAE and text encoder), and
+# ModelCheckpoint writes the new file before it deletes the old one: room for two.
+CHECKPOINT_PARAMETER_COPIES = 8
+CHECKPOINT_FROZEN_COPIES = 2
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be written, or its disk is too full; the message names the folder."""
+
+
+def run_root(default_root_dir: str | None) -> str:
+    return default_root_dir or os.getcwd()
+
+
+def tensorboard_logger(default_root_dir: str | None, version: int | str | None = None) -> TensorBoardLogger:
+    return TensorBoardLogger(
+        save_dir=run_root(default_root_dir), name=LOGGER_NAME, version=version, default_hp_metric=False
+    )
+
+
+def latest_version(logger_root: str) -> int | None:
+    numbers = [
+        int(m.group(1)) for d in Path(logger_root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", d.name))
+    ]
+    return max(numbers, default=None)
+
+
+def check_writable(folder: str) -> None:
+    """Create `folder` and write and delete a probe file in it, or raise RunFolderError naming it."""
+    probe = Path(folder) / f".write_probe_{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as error:
+        raise RunFolderError(
+            f"cannot write to the run folder {folder}: {error.strerror or error}; "
+            "choose a writable --trainer.default_root_dir"
+        ) from None
+
+
+def check_free_space(folder: str, min_free_bytes: int) -> None:
+    """Fail now, naming the folder, rather than at the first checkpoint hours later."""
+    free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise RunFolderError(
+            f"only {free / 1e9:.2f} GB free on the disk of {folder}; this run needs at least "
+            f"{min_free_bytes / 1e9:.2f} GB (--min_free_gb; default: {CHECKPOINT_PARAMETER_COPIES} x the "
+            "model's parameter bytes, room for two checkpoints). Free some space, choose another "
+            "--trainer.default_root_dir, or set --min_free_gb 0 to skip the check"
+        )
+
+
+def checkpoint_bytes(model, saves_checkpoints: bool) -> int:
+    """Room for two checkpoints of `model` (see the copies above); 0 when the run saves none."""
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    return CHECKPOINT_PARAMETER_COPIES * trained + CHECKPOINT_FROZEN_COPIES * frozen if saves_checkpoints else 0
