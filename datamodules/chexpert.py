@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from datamodules.base import DataError, TableDataModule, parse_flags, read_csv
+from datamodules.errors import DataError
+from datamodules.table import TableDataModule
+from datamodules.tables import parse_flags, read_csv
 
 LAYOUTS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 COLUMNS = ["Path", "Frontal/Lateral", "No Finding", "Pleural Effusion"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import lightning as L
 from torch.utils.data import ConcatDataset, Dataset
 
-from datamodules.base import SplitLoaders
+from datamodules.loaders import SplitLoaders
 
 ID_STRIDE = 1_000_000_000
 LOADERS = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
@@ -77,9 +77,7 @@ class CombinedDataModule(SplitLoaders, L.LightningDataModule):
         self.datasets: dict[str, ConcatDataset] = {}
 
     class_names = property(lambda self: [name for source in self.sources for name in source.class_names])
-    num_classes = property(lambda self: len(self.class_names))
     image_size = property(lambda self: self.sources[0].image_size)
-    image_channels = property(lambda self: 3)
 
     def label_offsets(self) -> list[int]:
         """Label offset of each source: the number of classes of the sources before it."""

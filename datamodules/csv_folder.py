@@ -8,7 +8,9 @@ import os
 import numpy as np
 import pandas as pd
 
-from datamodules.base import SPLITS, DataError, TableDataModule, check_label_spellings, read_csv
+from datamodules.errors import DataError
+from datamodules.table import TableDataModule
+from datamodules.tables import SPLITS, check_label_spellings, read_csv
 
 
 class CSVDataModule(TableDataModule):

@@ -23,19 +23,11 @@ import numpy as np
 import pandas as pd
 from torch.utils.data import Dataset
 
-from datamodules.base import (
-    DecodedImages,
-    ImageDataset,
-    MaskFiles,
-    SplitLoaders,
-    check_image_size,
-    check_mask_files,
-    mask_paths,
-    read_csv,
-    warn_small_images,
-)
+from datamodules.decoding import DecodedImages, ImageDataset, MaskFiles, warn_small_images
 from datamodules.dicom import DICOM_SUFFIXES, is_dicom
 from datamodules.errors import DataError
+from datamodules.loaders import SplitLoaders, check_image_size
+from datamodules.tables import check_mask_files, mask_paths, read_csv
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
 SKIPPED_SUFFIXES = (".csv", ".txt", ".json", ".yaml", ".md", ".npz", ".npy", ".ckpt")
@@ -68,15 +60,12 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
         self.paths, self.labels = self.read_source()
         self.dataset: ImageDataset | None = None
 
-    num_classes = property(lambda self: len(self.class_names))
-    image_channels = property(lambda self: 3)
-
     def read_source(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Image paths (sorted) and class indices (None without labels), checked now, before any model loads."""
         if self.source.is_dir():
             paths, labels = image_files(self.source), None
         elif self.source.is_file():
-            paths, labels = self.read_table(read_csv(self.source, ["path"], "image list"))
+            paths, labels = self.paths_and_labels(read_csv(self.source, ["path"], "image list"))
         else:
             raise DataError(f"data.init_args.source: {self.source} is neither a folder nor a CSV file")
         if len(paths) == 0:
@@ -86,7 +75,7 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"{len(missing)} image files listed in {self.source} are missing, e.g. {missing[0]}")
         return np.array(paths, dtype=str), labels
 
-    def read_table(self, table: pd.DataFrame) -> tuple[list[str], np.ndarray | None]:
+    def paths_and_labels(self, table: pd.DataFrame) -> tuple[list[str], np.ndarray | None]:
         base = self.root or self.source.parent
         rows = table.assign(path=[str(base / path) for path in table["path"]]).sort_values("path", kind="stable")
         self.masks = mask_paths(rows, base)

@@ -8,13 +8,16 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from datamodules.base import SPLITS, DataError, ImageDataModule, ImageDataset
+from datamodules.decoding import ImageDataset
+from datamodules.errors import DataError
+from datamodules.loaders import SplitDataModule
+from datamodules.tables import SPLITS
 
 SIZES = (28, 64, 128, 224)
 TASKS = ("binary-class", "multi-class", "ordinal-regression")  # one label per image
 
 
-class MedMNISTDataModule(ImageDataModule):
+class MedMNISTDataModule(SplitDataModule):
     """MedMNIST from `{root}/{flag}.npz` (size 28) or `{root}/{flag}_{size}.npz`, read with numpy.
 
     The splits are the file's own (`train_*`, `val_*`, `test_*` arrays): the package's dataset

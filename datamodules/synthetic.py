@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from datamodules.base import SplitLoaders
+from datamodules.loaders import SplitLoaders
 
 KINDS = {"chest": ["no_finding", "pleural_effusion"], "skin": ["benign", "melanoma"]}
 SPLITS = ("train", "val", "test")
@@ -219,9 +219,7 @@ class SyntheticDataModule(SplitLoaders, L.LightningDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.splits: dict[str, SyntheticSplit] = {}
 
-    num_classes = property(lambda self: len(KINDS[self.kind]))
     class_names = property(lambda self: list(KINDS[self.kind]))
-    image_channels = property(lambda self: 3)
 
     def split(self, name: str) -> SyntheticSplit:
         """The dataset of split `name` ("train", "val" or "test"), built on first use."""

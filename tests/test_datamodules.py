@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from datamodules import CheXpertDataModule, CSVDataModule, ISICDataModule, MedMNISTDataModule
-from datamodules.base import DataError, load_image
+from datamodules.decoding import load_image
+from datamodules.errors import DataError
 from tests.helpers import PNEUMONIAMNIST, needs_pneumoniamnist
 
 CHEXPERT_HEADER = [

@@ -6,7 +6,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEGBaseline8Bit
 
-from datamodules.base import image_size_of, load_image
+from datamodules.decoding import image_size_of, load_image
 from datamodules.dicom import is_dicom, read_dicom
 from datamodules.errors import DataError
 from tests.helpers import STORED, write_dicom
