@@ -2,10 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# session fixtures of the tiny Stable Diffusion, shared by its two test files
+pytest_plugins = ["tests.helpers.stable_diffusion"]
 
 
 @pytest.fixture(autouse=True)
@@ -17,6 +21,17 @@ def run_from_repo_root(monkeypatch):
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny models and per-image ops gain nothing from a second one (on
+    a shared 2-core machine OpenMP's waiting threads made a 0.1 s forward take 10 s), and a run in this
+    process then matches the DDP ranks, which get one thread each. The setting is restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +62,37 @@ def calibrated(learned_demo) -> tuple[Path, list[str]]:
     root, args = learned_demo
     main(["validate", *args, "--ckpt_path=last", "--trainer.limit_val_batches=1.0"])
     return root, args
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny demo (tests.helpers.runs.tiny_args: 16 px, a 2-level UNet) after one training step: weights
+    of the right shapes, for the tests that need a checkpoint but not a good one. Read it, never write
+    into its run folder."""
+    from cli import main
+    from tests.helpers.runs import tiny_args
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline_checkpoint(tmp_path_factory) -> Path:
+    """The baseline demo's ResNet-18 shrunk (tests.helpers.runs.tiny_baseline_args) after two steps."""
+    from cli import main
+    from tests.helpers.runs import tiny_baseline_args
+
+    root = tmp_path_factory.mktemp("tiny_baseline_run")
+    main(["fit", *tiny_baseline_args(root, "--trainer.max_steps=2")])
+    return root / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="session")
+def chexpert_root(tmp_path_factory) -> Path:
+    """A tiny CheXpert tree (tests.helpers.publishers.make_chexpert), read by several test files."""
+    from tests.helpers.publishers import make_chexpert
+
+    root = tmp_path_factory.mktemp("chexpert")
+    make_chexpert(root)
+    return root

@@ -25,14 +25,10 @@ def marker_image(size: int = 16) -> torch.Tensor:
 
 
 @pytest.fixture(autouse=True)
-def seeded_single_thread():
+def seeded_single_thread(one_thread):
     # Thousands of tiny per-image ops: a second thread only adds synchronisation (30x slower when
     # the other core is busy).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_pipeline_has_the_papers_parameters():

@@ -15,7 +15,9 @@ from cli import main
 from lightning_modules import BaselineClassifier
 from lightning_modules.baseline_classifier import dropout_active, dropout_layers
 from networks.backbones import BACKBONES, build_backbone
-from tests.helpers import TEST_IDS, needs_pneumoniamnist, resolved, tiny_baseline_args
+from tests.helpers.configs import resolved
+from tests.helpers.data import needs_pneumoniamnist
+from tests.helpers.runs import TEST_IDS, tiny_baseline_args
 
 LARGE = {"resnet50", "efficientnet_b4", "vit_b16", "swin_b"}  # minutes of CPU together: make test-all
 BY_SIZE = [pytest.param(name, marks=pytest.mark.slow) if name in LARGE else name for name in BACKBONES]

@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from cli import DEBUG_VARIABLE, main, run
-from tests.helpers import ROOT, tiny_args
+from cli import DEBUG_VARIABLE, run
+from tests.helpers import ROOT
+from tests.helpers.runs import tiny_args
 from tools.results_table import collect_runs
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
-    return root / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> Path:
+    """A 2-class, 16-pixel diffusion-classifier checkpoint (the session's tiny one)."""
+    return tiny_checkpoint
 
 
 def refusal(capsys, *args) -> str:

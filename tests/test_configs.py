@@ -1,9 +1,11 @@
-"""Every shipped config resolves to what it meant before the shared settings were split out, and
-(paper-size ones) trains one step at batch 1 on CPU.
+"""Every shipped config resolves to its recorded values, and (paper-size ones) trains one step at batch 1
+on the CPU.
 
-The experiment files state only what differs from configs/base/*.yaml, configs/data/*.yaml and
-configs/networks/*.yaml. tests/data/configs_before_split/ holds `fit --print_config` of every
-experiment as it was before that split, each written out in full: the split must not change a value.
+The experiment files state only what differs from configs/base/*.yaml, configs/data/*.yaml,
+configs/networks/*.yaml and the code's defaults. tests/data/resolved_configs/ holds `fit --print_config`
+of every experiment, written out in full: moving a setting between those files, or trimming a base file
+to what differs from the defaults, must not change a value. Options added later are new keys, checked
+by their own tests.
 
 The paper configs read CheXpert / ISIC from a required `data.init_args.root`; the one-step test
 swaps in the synthetic chest / skin set at 256x256 so it runs anywhere (the real datamodules have
@@ -15,18 +17,14 @@ import pytest
 import yaml
 
 from cli import main
-from tests.helpers import ROOT, dit_parameter_count, needs_pneumoniamnist
+from tests.helpers import ROOT
+from tests.helpers.data import needs_pneumoniamnist
+from tests.helpers.models import dit_parameter_count
 from tools.experiments import resolved_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PAPER_CONFIGS = ["unet_chexpert", "dit_chexpert", "unet_isic", "dit_isic"]
-BEFORE_SPLIT = ROOT / "tests/data/configs_before_split"
-# What has changed on purpose since those files were written, and why:
-RENAMED = {"lightning_modules.networks.": "networks."}  # the networks moved to a top-level folder (issue 13)
-CHANGED = {
-    # the arrays are in memory: worker processes only compete for the 2 CPU cores (one data file for both)
-    "resnet18_pneumoniamnist": {"data.init_args.num_workers": 0},
-}
+RESOLVED = ROOT / "tests/data/resolved_configs"
 
 
 def flat(config: dict, prefix: str = "") -> dict:
@@ -35,25 +33,6 @@ def flat(config: dict, prefix: str = "") -> dict:
     for key, value in config.items():
         out |= flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}
     return out
-
-
-def renamed(value):
-    if isinstance(value, str):
-        for old, new in RENAMED.items():
-            value = value.replace(old, new)
-        return value
-    if isinstance(value, list):
-        return [renamed(item) for item in value]
-    return {key: renamed(item) for key, item in value.items()} if isinstance(value, dict) else value
-
-
-def without_batch_sizes(value):
-    """The sources of a combined datamodule had per-process batch sizes they never used; now null."""
-    if isinstance(value, list):
-        return [without_batch_sizes(item) for item in value]
-    if isinstance(value, dict):
-        return {key: None if key == "batch_size" else without_batch_sizes(item) for key, item in value.items()}
-    return value
 
 
 def restricted(value, like):
@@ -67,22 +46,16 @@ def restricted(value, like):
 
 def test_the_paper_configs_are_all_there():
     assert {c.stem for c in CONFIGS} >= {"demo", *PAPER_CONFIGS}
-    assert {c.stem for c in CONFIGS} == {f.stem for f in BEFORE_SPLIT.glob("*.yaml")}
+    assert {c.stem for c in CONFIGS} == {f.stem for f in RESOLVED.glob("*.yaml")}
 
 
 @pytest.mark.parametrize("config", [c.stem for c in CONFIGS])
-def test_every_experiment_resolves_to_its_values_before_the_split(config):
-    before = flat(renamed(yaml.safe_load((BEFORE_SPLIT / f"{config}.yaml").read_text())))
-    after = flat(resolved_config(ROOT / "configs" / f"{config}.yaml"))
-    # The per-process batch became the global batch (issue 17): on one process the same number.
-    assert after.pop("global_batch_size") == before.pop("data.init_args.batch_size")
-    assert after.pop("data.init_args.batch_size") is None
-    if "data.init_args.datamodules" in before:
-        before["data.init_args.datamodules"] = without_batch_sizes(before["data.init_args.datamodules"])
-    missing = sorted(set(before) - set(after))
+def test_every_experiment_resolves_to_its_recorded_values(config):
+    recorded = flat(yaml.safe_load((RESOLVED / f"{config}.yaml").read_text()))
+    now = flat(resolved_config(ROOT / "configs" / f"{config}.yaml"))
+    missing = sorted(set(recorded) - set(now))
     assert not missing, f"options gone from {config}: {missing}"
-    expected = before | CHANGED.get(config, {})
-    assert {key: restricted(after[key], expected[key]) for key in before} == expected
+    assert {key: restricted(now[key], recorded[key]) for key in recorded} == recorded
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS)

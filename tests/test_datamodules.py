@@ -3,13 +3,11 @@ published, small JPG/PNG files made with PIL), plus the real PneumoniaMNIST subs
 
 Covered: CheXpert's filtering rules and both layouts, ISIC 2020 / 2019 / pooled, the CSV folder
 (any image mode, given splits, class names), exact balance, 80/10/10 counts, no patient in two
-splits, splits.csv reuse, the cache equal to direct decoding, the batch contract, and one test per
-bad input, each asserting the message names the culprit.
+splits, splits.csv reuse, the cache equal to direct decoding and the batch contract. The bad inputs:
+tests/test_data_refusals.py.
 """
 
-import csv
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,161 +19,19 @@ from PIL import Image
 from datamodules import CheXpertDataModule, CSVDataModule, ISICDataModule, MedMNISTDataModule
 from datamodules.decoding import load_image
 from datamodules.errors import DataError
-from tests.helpers import PNEUMONIAMNIST, needs_pneumoniamnist
-
-CHEXPERT_HEADER = [
-    "Path",
-    "Sex",
-    "Age",
-    "Frontal/Lateral",
-    "AP/PA",
-    "No Finding",
-    "Enlarged Cardiomediastinum",
-    "Cardiomegaly",
-    "Lung Opacity",
-    "Lung Lesion",
-    "Edema",
-    "Consolidation",
-    "Pneumonia",
-    "Atelectasis",
-    "Pneumothorax",
-    "Pleural Effusion",
-    "Pleural Other",
-    "Fracture",
-    "Support Devices",
-]
-ISIC2020_HEADER = [
-    "image_name",
-    "patient_id",
-    "sex",
-    "age_approx",
-    "anatom_site_general_challenge",
-    "diagnosis",
-    "benign_malignant",
-    "target",
-]
-ISIC2019_HEADER = ["image", "MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
-ISIC2019_META_HEADER = ["image", "age_approx", "anatom_site_general", "lesion_id", "sex"]
-
-
-def write_image(path: Path, seed: int, mode: str = "L", size=(20, 24)):
-    """A small random image (so that two images differ) in any PIL mode, format from the suffix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    if mode == "I;16":
-        Image.fromarray(rng.integers(0, 4096, size[::-1], dtype=np.uint16)).save(path)
-        return
-    rgb = Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
-    (rgb.quantize(16) if mode == "P" else rgb.convert(mode)).save(path)
-
-
-def write_csv(path: Path, header, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def chexpert_row(layout, split, patient, study, view, no_finding, effusion):
-    name = f"view1_{view.lower()}.jpg" if view == "Frontal" else "view2_lateral.jpg"
-    row = dict.fromkeys(CHEXPERT_HEADER, "")
-    row.update(
-        {
-            "Path": f"{layout}/{split}/patient{patient:05d}/study{study}/{name}",
-            "Sex": "Female",
-            "Age": "63",
-            "Frontal/Lateral": view,
-            "AP/PA": "AP" if view == "Frontal" else "",
-            "No Finding": no_finding,
-            "Pleural Effusion": effusion,
-            "Support Devices": "1.0",
-        }
-    )
-    return [row[c] for c in CHEXPERT_HEADER]
-
-
-def make_chexpert(root: Path, layout="CheXpert-v1.0-small", positives=50, negatives=60, extra=True, per_patient=1):
-    """`positives` / `negatives` frontal images (`per_patient` per patient, one study each), plus
-    rows each filtering rule must drop: 5 lateral, 3 uncertain, 2 both, 4 neither."""
-    rows, patient = [], 0
-    for count, flags in [(positives, ("", "1.0")), (negatives, ("1.0", "0.0"))]:
-        for i in range(count):
-            patient += i % per_patient == 0
-            rows.append(chexpert_row(layout, "train", patient, i % per_patient + 1, "Frontal", *flags))
-    if extra:
-        rows += [chexpert_row(layout, "train", 900 + i, 1, "Lateral", "", "1.0") for i in range(5)]
-        rows += [chexpert_row(layout, "train", 910 + i, 1, "Frontal", "", "-1.0") for i in range(3)]
-        rows += [chexpert_row(layout, "train", 920 + i, 1, "Frontal", "1.0", "1.0") for i in range(2)]
-        rows += [chexpert_row(layout, "train", 930 + i, 1, "Frontal", "", "0.0") for i in range(4)]
-    valid = [chexpert_row(layout, "valid", 64541, 1, "Frontal", "1.0", "0.0"), rows.pop(0)[:]]
-    valid[1][0] = valid[1][0].replace("/train/", "/valid/")
-    write_csv(root / layout / "train.csv", CHEXPERT_HEADER, rows)
-    write_csv(root / layout / "valid.csv", CHEXPERT_HEADER, valid)
-    for i, row in enumerate(rows + valid):
-        write_image(root / row[0], seed=i)
-    return root / layout
-
-
-def make_isic2020(root: Path, melanomas=20, benign=40, per_patient=2):
-    rows = [
-        [
-            f"ISIC_{i:07d}",
-            f"IP_{i // per_patient:07d}",
-            "male",
-            "45.0",
-            "torso",
-            "melanoma" if i < melanomas else "nevus",
-            "malignant" if i < melanomas else "benign",
-            int(i < melanomas),
-        ]
-        for i in range(melanomas + benign)
-    ]
-    write_csv(root / "train.csv", ISIC2020_HEADER, rows)
-    for i, row in enumerate(rows):
-        write_image(root / "train" / f"{row[0]}.jpg", seed=1000 + i, mode="RGB", size=(40, 30))
-
-
-def make_isic2019(root: Path, melanomas=8, benign=16, lesion_every=2):
-    rows = [
-        [f"ISIC_{9000000 + i:07d}", "1.0" if i < melanomas else "0.0", "0.0" if i < melanomas else "1.0"] + ["0.0"] * 7
-        for i in range(melanomas + benign)
-    ]
-    write_csv(root / "ISIC_2019_Training_GroundTruth.csv", ISIC2019_HEADER, rows)
-    meta = [
-        [r[0], "50.0", "anterior torso", f"HAM_{i // lesion_every:07d}" if i % 5 else "", "female"]
-        for i, r in enumerate(rows)
-    ]  # every 5th image has no lesion_id (as the MSK images)
-    write_csv(root / "ISIC_2019_Training_Metadata.csv", ISIC2019_META_HEADER, meta)
-    for i, row in enumerate(rows):
-        write_image(root / "ISIC_2019_Training_Input" / f"{row[0]}.jpg", seed=2000 + i, mode="RGB", size=(30, 30))
-
-
-def options(tmp_path, **overrides):
-    return {
-        "image_size": 16,
-        "num_workers": 0,
-        "batch_size": 8,
-        "splits_file": str(tmp_path / "splits.csv"),
-        "cache_dir": str(tmp_path / "cache"),
-        **overrides,
-    }
-
-
-def assert_no_patient_in_two_splits(table):
-    known = table[table["patient"] != ""]
-    assert known.groupby("patient")["split"].nunique().max() == 1
-
+from tests.helpers.data import PNEUMONIAMNIST, needs_pneumoniamnist
+from tests.helpers.publishers import (
+    assert_no_patient_in_two_splits,
+    make_chexpert,
+    make_csv_folder,
+    make_isic2019,
+    make_isic2020,
+    options,
+    write_csv,
+)
 
 # ----------------------------------------------------------------------------------------------
 # CheXpert
-
-
-@pytest.fixture(scope="module")
-def chexpert_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chexpert")
-    make_chexpert(root)
-    return root
 
 
 def test_chexpert_filters_frontal_views_and_the_two_labels(chexpert_root, tmp_path, capsys):
@@ -276,20 +132,6 @@ def test_isic_pools_2019_and_2020_like_the_paper(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # CSV folder
-
-
-def make_csv_folder(root: Path, n=40, modes=("L", "RGB", "RGBA", "P", "I;16"), split=None):
-    """n images, two per patient, patients alternately malignant and benign; any PIL modes."""
-    rows = []
-    for i in range(n):
-        mode = modes[i % len(modes)]
-        path = f"images/{i:03d}.{'jpg' if mode in ('L', 'RGB') else 'png'}"
-        write_image(root / path, seed=3000 + i, mode=mode, size=(20 + i % 7, 16 + i % 5))
-        rows.append(
-            [path, "malignant" if (i // 2) % 2 == 0 else "benign", f"p{i // 2}"] + ([split(i)] if split else [])
-        )
-    header = ["path", "label", "patient_id"] + (["split"] if split else [])
-    write_csv(root / "labels.csv", header, rows)
 
 
 def test_csv_folder_reads_any_mode_and_size_with_class_names_from_labels(tmp_path):
@@ -455,139 +297,6 @@ def test_medmnist_reads_sized_files_and_colour_flags(tmp_path):
     item = dm.datasets["val"][1]
     expected = torch.from_numpy(arrays["val_images"][1]).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.equal(item["image"], expected) and item["id"] == 13
-
-
-# ----------------------------------------------------------------------------------------------
-# Bad input: each a DataError naming the culprit, before training
-
-
-def test_bad_missing_root(tmp_path):
-    for make in (
-        lambda r: CheXpertDataModule(root=r),
-        lambda r: ISICDataModule(root=r),
-        lambda r: CSVDataModule(root=r, csv="x.csv"),
-        lambda r: MedMNISTDataModule(root=r),
-    ):
-        with pytest.raises(DataError, match=r"data\.init_args\.root: .*nowhere.* is not a directory"):
-            make(str(tmp_path / "nowhere"))
-
-
-def test_bad_missing_csv(tmp_path):
-    with pytest.raises(DataError, match=r"CSV file not found: .*nope\.csv"):
-        CSVDataModule(root=str(tmp_path), csv="nope.csv", **options(tmp_path)).setup("fit")
-    with pytest.raises(DataError, match="CheXpert train.csv not found"):
-        CheXpertDataModule(root=str(tmp_path), **options(tmp_path)).setup("fit")
-    with pytest.raises(DataError, match="ISIC_2019_Training_GroundTruth.csv"):
-        ISICDataModule(root=str(tmp_path), **options(tmp_path)).setup("fit")
-    with pytest.raises(DataError, match=r"MedMNIST file not found: .*pneumoniamnist_64\.npz"):
-        MedMNISTDataModule(root=str(tmp_path), size=64).setup("fit")
-
-
-def test_bad_missing_column(tmp_path):
-    folder = make_chexpert(tmp_path / "data", positives=4, negatives=4, extra=False)
-    table = pd.read_csv(folder / "train.csv").drop(columns="Pleural Effusion")
-    table.to_csv(folder / "train.csv", index=False)
-    with pytest.raises(DataError, match=r"lacks column\(s\) \['Pleural Effusion'\]; found: \['Path', 'Sex'"):
-        CheXpertDataModule(root=str(tmp_path / "data"), **options(tmp_path)).setup("fit")
-
-
-def test_bad_label_value_in_a_flag_column(tmp_path):
-    folder = make_chexpert(tmp_path / "data", positives=4, negatives=4, extra=False)
-    table = pd.read_csv(folder / "train.csv", dtype=str, keep_default_na=False)
-    table.loc[2, "No Finding"] = "yes"
-    table.to_csv(folder / "train.csv", index=False)
-    with pytest.raises(DataError, match=r"column 'No Finding' holds 'yes' \(row 4\)"):
-        CheXpertDataModule(root=str(tmp_path / "data"), **options(tmp_path)).setup("fit")
-
-
-def test_bad_missing_image_file(chexpert_root, tmp_path):
-    root = tmp_path / "copy"
-    shutil.copytree(chexpert_root, root)
-    (root / "CheXpert-v1.0-small/train/patient00002/study1/view1_frontal.jpg").unlink()
-    with pytest.raises(DataError, match=r"1 image files are missing, e\.g\. .*patient00002/study1/view1_frontal\.jpg"):
-        CheXpertDataModule(root=str(root), balance=False, **options(tmp_path)).setup("fit")
-
-
-@pytest.mark.parametrize("cache", [True, False])
-def test_bad_unreadable_image(tmp_path, cache):
-    make_csv_folder(tmp_path / "mine", modes=("L",))
-    (tmp_path / "mine/images/005.jpg").write_bytes(b"not a jpeg at all")
-    dm = CSVDataModule(
-        root=str(tmp_path / "mine"),
-        csv="labels.csv",
-        verify_images=not cache,
-        **options(tmp_path, cache_dir=str(tmp_path / "cache") if cache else None),
-    )
-    with pytest.raises(DataError, match=r"cannot read image .*005\.jpg"):
-        dm.setup("fit")
-
-
-def test_bad_label_not_in_the_class_list(tmp_path):
-    make_csv_folder(tmp_path / "mine", n=6, modes=("L",))
-    dm = CSVDataModule(
-        root=str(tmp_path / "mine"), csv="labels.csv", class_names=["benign", "nevus"], **options(tmp_path)
-    )
-    with pytest.raises(DataError, match=r"label 'malignant' \(row 2, images/000\.jpg\) is not in the class list"):
-        dm.setup("fit")
-
-
-def test_bad_class_empty_after_filtering(tmp_path):
-    make_chexpert(tmp_path / "data", positives=0, negatives=6, extra=True)
-    with pytest.raises(DataError, match=r"class 'pleural_effusion' has no images after filtering.*3 uncertain"):
-        CheXpertDataModule(root=str(tmp_path / "data"), **options(tmp_path)).setup("fit")
-
-
-def test_bad_split_leaves_a_class_absent(tmp_path):
-    make_csv_folder(
-        tmp_path / "mine",
-        n=12,
-        modes=("L",),
-        split=lambda i: "test" if i in (2, 3) else "val" if i in (0, 1, 6, 7) else "train",
-    )
-    with pytest.raises(DataError, match=r"class 'malignant' has no images in split 'test'"):
-        CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path)).setup("fit")
-
-
-def test_bad_cache_built_for_another_size(chexpert_root, tmp_path):
-    small = CheXpertDataModule(root=str(chexpert_root), **options(tmp_path, image_size=8))
-    small.setup("fit")
-    big = CheXpertDataModule(root=str(chexpert_root), **options(tmp_path, image_size=16))
-    big.table = small.table
-    big.cache_file.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(small.cache_file, big.cache_file)  # e.g. a cache copied under the wrong name
-    big.table = None
-    with pytest.raises(DataError, match=r"cache .*16px.* holds images of shape \(1, 8, 8\).*another size"):
-        big.setup("fit")
-
-
-def test_bad_splits_file_that_no_longer_matches_the_data(chexpert_root, tmp_path):
-    root = tmp_path / "copy"
-    shutil.copytree(chexpert_root, root)
-    CheXpertDataModule(root=str(root), **options(tmp_path)).setup("fit")
-    kept = pd.read_csv(tmp_path / "splits.csv")["path"].iloc[0]
-    table = pd.read_csv(root / "CheXpert-v1.0-small/train.csv", dtype=str, keep_default_na=False)
-    table[~table["Path"].str.endswith(kept.split("/", 1)[1])].to_csv(
-        root / "CheXpert-v1.0-small/train.csv", index=False
-    )
-    with pytest.raises(
-        DataError,
-        match=r"splits file .*splits\.csv no longer matches the data .*: 1 in the file, no longer in the data, e.g. "
-        + kept,
-    ):
-        CheXpertDataModule(root=str(root), **options(tmp_path)).setup("fit")
-
-
-def test_bad_medmnist_flag(tmp_path):
-    with pytest.raises(DataError, match=r"flag 'organmnist3d' is not a 2D MedMNIST"):
-        MedMNISTDataModule(root=str(tmp_path), flag="organmnist3d")
-
-
-def test_bad_image_listed_twice(tmp_path):
-    make_csv_folder(tmp_path / "mine", n=20, modes=("L",))
-    with open(tmp_path / "mine/labels.csv", "a") as f:
-        f.write("images/003.jpg,benign,p1\n")
-    with pytest.raises(DataError, match=r"image images/003\.jpg is listed 2\+ times"):
-        CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path)).setup("fit")
 
 
 def test_cache_benchmark_runs(capsys):

@@ -5,9 +5,6 @@ trained once; `python cli.py test|predict --trainer.strategy ddp --trainer.devic
 a subprocess on the same checkpoint as a single-process run, on 7 test images (odd, so Lightning's
 DistributedSampler pads one rank with a repeated image). The metrics must be equal key by key and
 predictions.csv must hold every id once, with equal rows.
-
-Speed switches: bf16-mixed in the GPU paper configs and nowhere on CPU; CompileNetwork and
-ChannelsLast switched on for a tiny CPU run (and off on CPU unless asked).
 """
 
 import csv
@@ -21,8 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from cli import main
 from diffusion.noise import shared_noise
 from lightning_modules import DiffusionClassifier
-from lightning_modules.callbacks import ChannelsLast, CompileNetwork
-from tests.helpers import EXPERIMENTS, NUM_TEST, TEST_IDS, resolved, run_cli, tiny_args
+from tests.helpers.runs import NUM_TEST, TEST_IDS, run_cli, tiny_args
 
 DDP = ["--trainer.accelerator=cpu", "--trainer.strategy=ddp", "--trainer.devices=2"]
 SINGLE = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
@@ -48,16 +44,6 @@ def read_rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.fixture
-def one_thread():
-    """The single-process reference runs in this process (no second start-up of Python, torch and
-    Lightning, ~15 s each) with the one thread per process that the DDP ranks get."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_test_metrics_under_ddp_equal_single_process_exactly(checkpoint, tmp_path, one_thread):
     main(["test", *tiny_args(tmp_path / "single"), *SINGLE, f"--ckpt_path={checkpoint}"])
     result = run_cli("test", *tiny_args(tmp_path / "ddp"), *DDP, f"--ckpt_path={checkpoint}")
@@ -80,14 +66,14 @@ def test_test_metrics_under_ddp_equal_single_process_exactly(checkpoint, tmp_pat
 @pytest.fixture(scope="module")
 def four_class_checkpoint(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("four_classes")
-    main(["fit", *tiny_args(root, "--data=tests.helpers.FourClassSynthetic", "--trainer.max_steps=2"), *SINGLE])
+    main(["fit", *tiny_args(root, "--data=tests.helpers.data.FourClassSynthetic", "--trainer.max_steps=2"), *SINGLE])
     return root / "checkpoints" / "last.ckpt"
 
 
 CONTRACT = ["--model.init_args.classification.num_steps=31", "--model.init_args.classification.check_every=5",
             "--model.init_args.classification.min_steps=5", "--model.init_args.classification.alpha=0.1",
             "--model.init_args.classification.max_forward_batch=16"]  # fmt: skip
-PRUNING = ["--data=tests.helpers.FourClassSynthetic", "--model.init_args.classification.prune_after=10"]
+PRUNING = ["--data=tests.helpers.data.FourClassSynthetic", "--model.init_args.classification.prune_after=10"]
 
 
 def exact(row: dict) -> dict:
@@ -271,127 +257,3 @@ def test_validation_during_ddp_fit_counts_each_image_once_and_picks_the_same_bes
         best[name] = (Path(checkpoint_state["best_model_path"]).name, float(checkpoint_state["best_model_score"]))
     assert best["ddp"] == best["single"]
     assert best["single"][1] == max(value for _, value in single)
-
-
-# ---- speed switches ------------------------------------------------------------------------
-
-CPU_CONFIGS = ["demo", "baseline_demo", "unet_pneumoniamnist", "resnet18_pneumoniamnist"]
-BACKBONES = ["resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4", "vit_s16", "vit_b16", "swin_b"]
-CNNS = {"unet", "resnet18", "resnet50", "efficientnet_b0", "efficientnet_b4"}
-GPU_PAPER_CONFIGS = [f"{model}_{data}" for model in ["unet", "dit", *BACKBONES] for data in ("chexpert", "isic")]
-COMPILE, CHANNELS_LAST = "lightning_modules.callbacks.CompileNetwork", "lightning_modules.callbacks.ChannelsLast"
-
-
-def callback_paths(config: dict) -> list[str]:
-    return [callback["class_path"] for callback in config["trainer"].get("callbacks") or []]
-
-
-def test_the_cpu_configs_are_the_ones_on_the_cpu():
-    assert [name for name in EXPERIMENTS if resolved(name)["trainer"]["accelerator"] == "cpu"] == sorted(CPU_CONFIGS)
-
-
-@pytest.mark.parametrize("name", CPU_CONFIGS)
-def test_cpu_configs_switch_no_precision_or_speed_option_on(name):
-    trainer = resolved(name)["trainer"]
-    assert trainer.get("precision") in (None, "32-true", 32, "32")
-    assert not {COMPILE, CHANNELS_LAST} & set(callback_paths(resolved(name)))
-
-
-@pytest.mark.parametrize("name", GPU_PAPER_CONFIGS)
-def test_gpu_paper_configs_use_bf16_and_channels_last_for_cnns(name):
-    config = resolved(name)
-    assert config["trainer"]["precision"] == "bf16-mixed"
-    assert (CHANNELS_LAST in callback_paths(config)) == (name.rsplit("_", 1)[0] in CNNS)
-    assert COMPILE not in callback_paths(config)  # opt-in (compile time), see the configs' comment
-
-
-class ConvInputFormat(Callback):
-    """Records whether the network's first convolution receives channels-last inputs in training."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.channels_last = []
-        first_conv = next(m for m in pl_module.network.modules() if isinstance(m, torch.nn.Conv2d))
-        first_conv.register_forward_pre_hook(
-            lambda module, args: self.channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last))
-        )
-
-
-def conv_weights(model) -> list[torch.Tensor]:
-    return [m.weight for m in model.network.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
-
-
-def test_speed_switches_stay_off_on_cpu_unless_asked(tmp_path):
-    cli = main(
-        [
-            "fit",
-            *tiny_args(
-                tmp_path,
-                "--trainer.max_steps=1",
-                f"--trainer.callbacks+={CHANNELS_LAST}",
-                f"--trainer.callbacks+={COMPILE}",
-            ),
-        ]
-    )
-    assert {ChannelsLast, CompileNetwork} <= {type(c) for c in cli.trainer.callbacks}
-    assert getattr(cli.model.network, "_compiled_call_impl", None) is None
-    assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
-
-
-def test_channels_last_switched_on_for_a_cpu_run(tmp_path, checkpoint):
-    cli = main(
-        [
-            "fit",
-            *tiny_args(
-                tmp_path,
-                "--trainer.max_steps=2",
-                f"--trainer.callbacks+={CHANNELS_LAST}",
-                "--trainer.callbacks.on_cpu=true",
-                "--trainer.callbacks+=tests.test_ddp.ConvInputFormat",
-            ),
-        ]
-    )
-    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
-    recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ConvInputFormat")
-    assert len(recorder.channels_last) == 2 and all(recorder.channels_last)
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    plain = torch.load(checkpoint, weights_only=False)["state_dict"]
-    assert {k: v.shape for k, v in saved.items()} == {k: v.shape for k, v in plain.items()}
-
-
-def test_compile_switched_on_for_a_cpu_run(tmp_path, checkpoint):
-    # backend "eager": TorchDynamo captures the graphs without code generation (inductor's C++
-    # build of even this tiny UNet takes minutes on 2 shared cores; see the slow test below)
-    from torch._dynamo.utils import counters
-
-    counters.clear()
-    cli = main(
-        [
-            "fit",
-            *tiny_args(
-                tmp_path,
-                "--trainer.max_steps=2",
-                f"--trainer.callbacks+={COMPILE}",
-                "--trainer.callbacks.on_cpu=true",
-                "--trainer.callbacks.backend=eager",
-            ),
-        ]
-    )
-    assert getattr(cli.model.network, "_compiled_call_impl", None) is not None
-    assert counters["stats"]["unique_graphs"] >= 1  # compiled lazily, at the first forward
-    # compiled in place: the same state_dict keys as an uncompiled run, so checkpoints mix freely
-    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-    assert saved.keys() == torch.load(checkpoint, weights_only=False)["state_dict"].keys()
-
-
-@pytest.mark.slow
-def test_compile_with_inductor_trains_and_matches_eager(tmp_path):
-    losses = {}
-    for name, extra in [
-        ("eager", []),
-        ("inductor", [f"--trainer.callbacks+={COMPILE}", "--trainer.callbacks.on_cpu=true"]),
-    ]:
-        cli = main(
-            ["fit", *tiny_args(tmp_path / name, "--trainer.max_steps=2", "--trainer.deterministic=true", *extra)]
-        )
-        losses[name] = float(cli.trainer.callback_metrics["train/loss"])
-    assert losses["inductor"] == pytest.approx(losses["eager"], rel=1e-3)

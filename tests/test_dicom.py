@@ -9,7 +9,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from datamodules.decoding import image_size_of, load_image
 from datamodules.dicom import is_dicom, read_dicom
 from datamodules.errors import DataError
-from tests.helpers import STORED, write_dicom
+from tests.helpers.data import STORED, write_dicom
 
 
 def by_hand(window=None, rescale=(1.0, 0.0), monochrome1=False) -> np.ndarray:

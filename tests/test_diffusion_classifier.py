@@ -11,9 +11,9 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from cli import main
 from lightning_modules import DiffusionClassifier
-from tests import helpers
+from tests.helpers import runs
 
-tiny_args = functools.partial(helpers.tiny_args, validate=True)
+tiny_args = functools.partial(runs.tiny_args, validate=True)
 
 
 def test_fit_then_test_writes_checkpoints_logs_and_metrics(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from networks.dit import DIT_VARIANTS, DiT
-from tests.helpers import dit_parameter_count
+from tests.helpers.models import dit_parameter_count
 
 TINY = dict(patch_size=2, hidden_size=64, depth=2, num_heads=4)
 

@@ -28,8 +28,9 @@ from diffusion.sampler import ddim_sample, noise_to
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.wavelet import HaarWavelet
 from evaluation.explanations import explanation_rows, faithfulness, plot_explanations
-from tests import helpers
-from tests.helpers import TEST_IDS, LabelledLinear, flip_rate_of
+from tests.helpers import runs
+from tests.helpers.models import LabelledLinear, flip_rate_of
+from tests.helpers.runs import TEST_IDS
 from tools.summary import explanation_summary
 
 
@@ -306,7 +307,7 @@ EXPLAIN_ARGS = [
 ]
 
 
-tiny_args = functools.partial(helpers.tiny_args, validate=True)
+tiny_args = functools.partial(runs.tiny_args, validate=True)
 
 
 def test_predict_explain_writes_pngs_npz_and_explain_json(tmp_path, capsys):

@@ -24,7 +24,8 @@ from lightning_modules import DiffusionClassifier
 from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLoss, NonFiniteLossError
 from lightning_modules.checkpoint_check import IncompatibleCheckpoint
 from lightning_modules.run_folders import RunFolderError
-from tests.helpers import ROOT, tiny_args
+from tests.helpers import ROOT
+from tests.helpers.runs import tiny_args
 
 # ---- NaN / inf loss ------------------------------------------------------------------------
 
@@ -89,12 +90,10 @@ def test_nan_loss_skip_leaves_weights_and_optimizer_unchanged_and_counts_it(tmp_
 # ---- checkpoints of another model, task or input -------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A 2-class, 16-pixel diffusion-classifier checkpoint."""
-    root = tmp_path_factory.mktemp("faults_fit")
-    main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
-    return root / "checkpoints" / "last.ckpt"
+@pytest.fixture
+def checkpoint(tiny_checkpoint) -> Path:
+    """A 2-class, 16-pixel diffusion-classifier checkpoint (the session's tiny one)."""
+    return tiny_checkpoint
 
 
 class ThreeClassSynthetic(SyntheticDataModule):

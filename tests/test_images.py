@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import main
 from datamodules import ImagesDataModule
 from datamodules.errors import DataError
-from tests.helpers import ROOT, free_port, tiny_args, tiny_baseline_args, write_dicom
+from tests.helpers import ROOT
+from tests.helpers.data import write_dicom
+from tests.helpers.runs import free_port
 from tools import classify
 
 CLASSES = ["no_finding", "pleural_effusion"]
@@ -40,12 +41,9 @@ def image_folder(root: Path) -> list[str]:
     return sorted(str(path) for path in files)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("trained")
-    main(["fit", *tiny_args(root / "unet", "--trainer.max_steps=2", "--data.init_args.image_size=32")])
-    main(["fit", *tiny_baseline_args(root / "resnet", "--trainer.max_steps=2")])
-    return {name: root / name / "checkpoints" / "last.ckpt" for name in ("unet", "resnet")}
+@pytest.fixture
+def checkpoints(tiny_checkpoint, tiny_baseline_checkpoint) -> dict[str, Path]:
+    return {"unet": tiny_checkpoint, "resnet": tiny_baseline_checkpoint}
 
 
 def predictions(output: Path) -> list[dict]:

@@ -8,7 +8,8 @@ import pytest
 
 from cli import main
 from datamodules.corruptions import CORRUPTIONS, SEVERITIES
-from tests.helpers import needs_pneumoniamnist, tiny_args, tiny_baseline_args
+from tests.helpers.data import needs_pneumoniamnist
+from tests.helpers.runs import tiny_args, tiny_baseline_args
 from tools import ood_benchmark
 
 

@@ -8,27 +8,13 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from cli import main
-from datamodules import SyntheticDataModule
 from lightning_modules import BaselineClassifier
+from tests.helpers.data import write_pngs
 from tools import classify
-
-
-def write_pngs(folder: Path, kind: str, count: int) -> list[str]:
-    """`count` synthetic test images of `kind` as 32 px PNG files."""
-    folder.mkdir(parents=True, exist_ok=True)
-    split = SyntheticDataModule(kind=kind, image_size=32, num_train=0, num_val=0, num_test=count).split("test")
-    paths = []
-    for i in range(count):
-        pixels = ((split[i]["image"] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-        paths.append(str(folder / f"{kind}_{i:02d}.png"))
-        Image.fromarray(np.ascontiguousarray(pixels)).save(paths[-1])
-    return paths
 
 
 def rows_of(folder: Path) -> list[dict]:

@@ -8,18 +8,10 @@ import pytest
 import yaml
 
 from cli import main
+from tests.helpers.runs import TINY_UNET
 from tools.results_table import describe_data, describe_model
 from tools.results_table import main as results_table
 
-TINY_UNET = [
-    "--model.network.init_args.block_out_channels=[16, 32]",
-    "--model.network.init_args.cross_attention_resolution=8",
-    "--model.network.init_args.cross_attention_dim=32",
-    "--model.network.init_args.attention_heads=2",
-    "--model.network.init_args.norm_num_groups=8",
-    "--model.init_args.val_steps=2",
-    "--model.init_args.classification.num_steps=3",
-]
 TINY_RUN = [
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
@@ -45,7 +37,8 @@ def test_the_table_from_real_baseline_and_diffusion_runs(tmp_path, capsys):
     train_and_test(
         runs / "resnet18_skin", "baseline_demo", "--data.init_args.kind=skin", "--model.init_args.mc_dropout_passes=0"
     )
-    train_and_test(runs / "unet_chest", "demo", *TINY_UNET)
+    train_and_test(runs / "unet_chest", "demo", *TINY_UNET, "--model.init_args.val_steps=2",
+                   "--model.init_args.classification.num_steps=3")  # fmt: skip
     (runs / "not_tested_yet").mkdir()  # a run without test results is skipped, not an error
     capsys.readouterr()
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cli import main
 from lightning_modules import DiffusionClassifier
-from tests.helpers import tiny_args
+from tests.helpers.runs import tiny_args
 
 STEPS_PER_EPOCH = 8  # 32 training images (80 % of 40) in batches of 4
 

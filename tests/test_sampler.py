@@ -9,7 +9,7 @@ import torch
 
 from diffusion.sampler import ddim_sample, guided_velocity, noise_to, sampling_times
 from diffusion.schedule import ShiftedCosineSchedule
-from tests.helpers import LabelledLinear
+from tests.helpers.models import LabelledLinear
 
 SCHEDULE = ShiftedCosineSchedule(image_size=8)
 NULL = 2  # LabelledLinear's null label: two classes

@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from evaluation.results import newest_metrics
-from tests.helpers import TINY_UNET, resolved
+from tests.helpers.configs import resolved
+from tests.helpers.runs import TINY_UNET
 from tools import side_by_side
 
 SYNTHETIC = {"num_train": 24, "num_val": 24, "num_test": 8, "image_size": 16}
