@@ -22,11 +22,14 @@ demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min)
 		--trainer.limit_predict_batches 1 --global_batch_size 8 && \
 	$(PYTHON) -m tools.summary runs/demo --seconds $$seconds
 
-test: lint  ## ruff, then the test suite without tests marked slow (<15 min on 2 CPU cores)
-	$(PYTHON) -m pytest -m "not slow" -q
+# two pytest-xdist workers, one per core; each test file runs whole on one worker (tests/conftest.py)
+PYTEST_WORKERS ?= -n 2 --dist loadgroup
+
+test: lint  ## ruff, then the test suite without tests marked slow (<9 min on 2 CPU cores)
+	$(PYTHON) -m pytest -m "not slow" -q $(PYTEST_WORKERS)
 
 test-all: lint  ## ruff, then every test, the slow ones too
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(PYTEST_WORKERS)
 
 bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo

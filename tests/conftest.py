@@ -1,3 +1,6 @@
+"""Shared by every test file: where tests run, how `make test` spreads them over the cores, and the
+expensive trained models and data trees, built once per session (or per pytest-xdist worker)."""
+
 import os
 from pathlib import Path
 
@@ -7,9 +10,31 @@ import torch
 from tests.helpers import ROOT
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one worker per core: a second torch thread each would only contend (OpenMP's spinning threads
+    # turned a 0.1 s forward into 10 s on this 2-core machine)
+    torch.set_num_threads(1)
 
 # session fixtures of the tiny Stable Diffusion, shared by its two test files
 pytest_plugins = ["tests.helpers.stable_diffusion"]
+
+
+# Test files that share a session fixture too expensive to build twice run on one worker together.
+SHARED_WORKER = {
+    "test_diffusion_classifier": "learned_demo",
+    "test_out_of_distribution": "learned_demo",
+    "test_report": "learned_demo",
+    "test_stable_diffusion": "stable_diffusion",
+    "test_stable_diffusion_runs": "stable_diffusion",
+}
+
+
+def pytest_collection_modifyitems(items):
+    """`make test` runs pytest-xdist with --dist loadgroup over both cores: each test file goes to one
+    worker whole (its module fixtures are built once), the files in SHARED_WORKER with their partners."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
 
 
 @pytest.fixture(autouse=True)
@@ -64,28 +89,31 @@ def calibrated(learned_demo) -> tuple[Path, list[str]]:
     return root, args
 
 
+def trained(tmp_path_factory, name: str, args, steps: int) -> Path:
+    """The last checkpoint of `args(root)` trained for `steps` steps in a fresh folder."""
+    from cli import main
+
+    root = tmp_path_factory.mktemp(name)
+    main(["fit", *args(root, f"--trainer.max_steps={steps}")])
+    return root / "checkpoints" / "last.ckpt"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """The tiny demo (tests.helpers.runs.tiny_args: 16 px, a 2-level UNet) after one training step: weights
     of the right shapes, for the tests that need a checkpoint but not a good one. Read it, never write
     into its run folder."""
-    from cli import main
     from tests.helpers.runs import tiny_args
 
-    root = tmp_path_factory.mktemp("tiny_run")
-    main(["fit", *tiny_args(root, "--trainer.max_steps=1")])
-    return root / "checkpoints" / "last.ckpt"
+    return trained(tmp_path_factory, "tiny_run", tiny_args, steps=1)
 
 
 @pytest.fixture(scope="session")
 def tiny_baseline_checkpoint(tmp_path_factory) -> Path:
     """The baseline demo's ResNet-18 shrunk (tests.helpers.runs.tiny_baseline_args) after two steps."""
-    from cli import main
     from tests.helpers.runs import tiny_baseline_args
 
-    root = tmp_path_factory.mktemp("tiny_baseline_run")
-    main(["fit", *tiny_baseline_args(root, "--trainer.max_steps=2")])
-    return root / "checkpoints" / "last.ckpt"
+    return trained(tmp_path_factory, "tiny_baseline_run", tiny_baseline_args, steps=2)
 
 
 @pytest.fixture(scope="session")

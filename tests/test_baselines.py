@@ -17,6 +17,7 @@ from lightning_modules.baseline_classifier import dropout_active, dropout_layers
 from networks.backbones import BACKBONES, build_backbone
 from tests.helpers.configs import resolved
 from tests.helpers.data import needs_pneumoniamnist
+from tests.helpers.models import four_flips
 from tests.helpers.runs import TEST_IDS, tiny_baseline_args
 
 LARGE = {"resnet50", "efficientnet_b4", "vit_b16", "swin_b"}  # minutes of CPU together: make test-all
@@ -218,19 +219,11 @@ def test_standardize_feeds_each_image_with_zero_mean_and_unit_std():
 
 
 def test_test_time_flips_average_the_softmax_of_the_four_flips():
-    from torchvision.transforms.v2 import functional as TF
-
     torch.manual_seed(0)
     model = BaselineClassifier("resnet18", num_classes=3, image_size=32, test_time_flips=True).eval()
     images = torch.rand(5, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        views = [
-            images,
-            TF.horizontal_flip(images),
-            TF.vertical_flip(images),
-            TF.vertical_flip(TF.horizontal_flip(images)),
-        ]
-        expected = sum(model.network(view).softmax(dim=1) for view in views) / 4
+        expected = sum(model.network(view).softmax(dim=1) for view in four_flips(images)) / 4
         torch.testing.assert_close(model.class_probabilities(images), expected)
         plain = model.network(images).softmax(dim=1)
     assert not torch.allclose(expected, plain, atol=1e-4)  # the flips do change the answer of an untrained net

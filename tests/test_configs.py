@@ -18,13 +18,13 @@ import yaml
 
 from cli import main
 from tests.helpers import ROOT
+from tests.helpers.configs import RESOLVED
 from tests.helpers.data import needs_pneumoniamnist
 from tests.helpers.models import dit_parameter_count
 from tools.experiments import resolved_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PAPER_CONFIGS = ["unet_chexpert", "dit_chexpert", "unet_isic", "dit_isic"]
-RESOLVED = ROOT / "tests/data/resolved_configs"
 
 
 def flat(config: dict, prefix: str = "") -> dict:

@@ -14,6 +14,7 @@ import torch
 from cli import main
 from lightning_modules import BaselineClassifier
 from tests.helpers.data import write_pngs
+from tests.helpers.models import four_flips
 from tools import classify
 
 
@@ -89,8 +90,7 @@ def test_baseline_energy_is_the_mean_negative_logsumexp_of_its_forwards():
     model = BaselineClassifier("resnet18", num_classes=2, image_size=32, test_time_flips=True).eval()
     images = torch.rand(3, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        views = [images, images.flip(-1), images.flip(-2), images.flip(-2, -1)]
-        expected = sum(-torch.logsumexp(model.network(view), dim=1) for view in views) / 4
+        expected = sum(-torch.logsumexp(model.network(view), dim=1) for view in four_flips(images)) / 4
         outputs = model.classify_batch({"image": images, "id": torch.arange(3)})
     torch.testing.assert_close(outputs["energy"], expected)
     with pytest.raises(ValueError, match="ood_score='typicality' is not a score of BaselineClassifier"):

@@ -72,19 +72,16 @@ def test_speed_switches_stay_off_on_cpu_unless_asked(tmp_path):
     assert not any(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
 
 
-def test_channels_last_switched_on_for_a_cpu_run(tmp_path, tiny_checkpoint):
-    cli = main(
-        [
-            "fit",
-            *tiny_args(
-                tmp_path,
-                "--trainer.max_steps=2",
-                f"--trainer.callbacks+={CHANNELS_LAST}",
-                "--trainer.callbacks.on_cpu=true",
-                "--trainer.callbacks+=tests.test_speed_switches.ConvInputFormat",
-            ),
-        ]
+def fit_on_cpu_with(tmp_path, switch: str, *options: str):
+    """Two training steps of the tiny demo with the speed switch `switch` on although on the CPU."""
+    args = tiny_args(
+        tmp_path, "--trainer.max_steps=2", f"--trainer.callbacks+={switch}", "--trainer.callbacks.on_cpu=true"
     )
+    return main(["fit", *args, *options])
+
+
+def test_channels_last_switched_on_for_a_cpu_run(tmp_path, tiny_checkpoint):
+    cli = fit_on_cpu_with(tmp_path, CHANNELS_LAST, "--trainer.callbacks+=tests.test_speed_switches.ConvInputFormat")
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in conv_weights(cli.model))
     recorder = next(c for c in cli.trainer.callbacks if type(c).__name__ == "ConvInputFormat")
     assert len(recorder.channels_last) == 2 and all(recorder.channels_last)
@@ -99,18 +96,7 @@ def test_compile_switched_on_for_a_cpu_run(tmp_path, tiny_checkpoint):
     from torch._dynamo.utils import counters
 
     counters.clear()
-    cli = main(
-        [
-            "fit",
-            *tiny_args(
-                tmp_path,
-                "--trainer.max_steps=2",
-                f"--trainer.callbacks+={COMPILE}",
-                "--trainer.callbacks.on_cpu=true",
-                "--trainer.callbacks.backend=eager",
-            ),
-        ]
-    )
+    cli = fit_on_cpu_with(tmp_path, COMPILE, "--trainer.callbacks.backend=eager")
     assert getattr(cli.model.network, "_compiled_call_impl", None) is not None
     assert counters["stats"]["unique_graphs"] >= 1  # compiled lazily, at the first forward
     # compiled in place: the same state_dict keys as an uncompiled run, so checkpoints mix freely

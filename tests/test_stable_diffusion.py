@@ -19,7 +19,7 @@ from diffusion.classify import ClassifierSettings, classify_images
 from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
 from networks.stable_diffusion import PAPER_PROMPTS, MissingWeightsError, PromptDenoiser
-from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_data
+from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_data, tiny_test_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models gain nothing from threads
 
@@ -113,9 +113,7 @@ def test_adapter_errors_vanish_for_a_unet_that_knows_the_true_noise(prediction_t
 
 def test_classification_votes_for_every_image_and_is_reproducible(chest_model):
     model = chest_model
-    data = tiny_data()
-    data.setup("test")
-    batch = next(iter(data.test_dataloader()))
+    batch = tiny_test_batch()
     settings = ClassifierSettings(num_steps=5, max_forward_batch=8)
     first, again = model.classify(batch, settings), model.classify(batch, settings)
     assert (first["votes"].sum(dim=1) == 5).all() and first["votes"].shape == (2, 2)

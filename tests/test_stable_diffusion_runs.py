@@ -17,7 +17,7 @@ from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
 from networks.stable_diffusion import PAPER_PROMPTS, LatentTransform, PromptDenoiser
 from tests.helpers.models import flip_rate_of
-from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_data
+from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_test_batch
 from tools.experiments import load_experiment
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # the tiny models gain nothing from threads
@@ -194,9 +194,7 @@ def test_latent_transform_matches_the_classifier_latents_and_keeps_grey_images_g
 
 def test_explanations_at_t0_zero_are_the_vae_round_trip_and_the_seed_fixes_them(chest_model):
     model = chest_model
-    data = tiny_data()
-    data.setup("test")
-    batch = next(iter(data.test_dataloader()))  # grey chest images, 3 equal channels
+    batch = tiny_test_batch()  # grey chest images, 3 equal channels
     images, predictions = batch["image"], torch.tensor([1, 0])
     record = model.explain(batch, predictions, ExplainSettings(t0=0.0, flip_steps=2))
     # the tiny VAE is no identity: compare with decode(encode(x)), grey (channel mean) like the input

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torchvision.transforms.v2 import functional as TF
 
 
 class LabelledLinear(torch.nn.Module):
@@ -46,3 +47,9 @@ def flip_rate_of(arrays) -> float:
         if target != factual
     ]
     return sum(flips) / len(flips)
+
+
+def four_flips(images: torch.Tensor) -> list[torch.Tensor]:
+    """The image, its horizontal, vertical and double flip, by torchvision (a second code path to the
+    baselines' test-time flips)."""
+    return [images, TF.horizontal_flip(images), TF.vertical_flip(images), TF.vertical_flip(TF.horizontal_flip(images))]

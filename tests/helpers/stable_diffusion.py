@@ -98,3 +98,10 @@ def tiny_data(kind="chest", **options):
     return SyntheticDataModule(
         kind=kind, image_size=IMAGE_SIZE, **{"num_train": 4, "num_val": 2, "num_test": 3, "batch_size": 2} | options
     )
+
+
+def tiny_test_batch(kind: str = "chest") -> dict:
+    """The first test batch of tiny_data(kind): 2 images (grey chest images come as 3 equal channels)."""
+    data = tiny_data(kind)
+    data.setup("test")
+    return next(iter(data.test_dataloader()))
