@@ -111,6 +111,26 @@ def shift_test(calibration_scores, scores, level: float) -> dict:
     }
 
 
+def conformity_shift(thresholds: dict, probs, labels, level: float) -> dict:
+    """Do labelled images conform worse to their label than the calibration images did? The scores
+    1 - probs[label] of the images against the calibration's (`thresholds["scores"]`, of
+    calibration.conformal_thresholds), class by class for class-conditional sets: one-sided Mann-Whitney
+    tests, Bonferroni over the classes. If they do, the images are not exchangeable with the
+    calibration images and the coverage guarantee of the prediction sets does not hold for them:
+    what happens when only the relation of images to labels moved, which no score of the images
+    alone can see."""
+    probs, labels = torch.as_tensor(probs, dtype=torch.float64), torch.as_tensor(labels).long()
+    scores = 1.0 - probs.gather(1, labels[:, None])[:, 0]
+    if thresholds["class_conditional"]:
+        present = [y for y in range(thresholds["num_classes"]) if (labels == y).any()]
+        tests = {str(y): shift_test(thresholds["scores"][y], scores[labels == y], level) for y in present}
+    else:
+        tests = {"all": shift_test(thresholds["scores"], scores, level)}
+    pvalue = min(1.0, len(tests) * min((test["pvalue"] for test in tests.values()), default=1.0))
+    return {"pvalue": pvalue, "level": level, "shifted": pvalue < level,
+            "per_class_pvalue": {key: test["pvalue"] for key, test in tests.items()}}  # fmt: skip
+
+
 def detection_report(in_distribution, shifted, tpr: float = TRUE_POSITIVE_RATE) -> dict:
     """How well a score tells shifted images (positives) from in-distribution ones: AUROC (ties 1/2)
     and the false-positive rate at the threshold that flags `tpr` of the shifted images."""
@@ -177,4 +197,15 @@ def shift_message(metrics: dict) -> str | None:
         f"these {shift['n_images']} images are not exchangeable with the {shift['n_calibration']} calibration images "
         f"({metrics['score']} scores larger, one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}): "
         "the referral, prediction-set and refusal guarantees do not hold for this set"
+    )
+
+
+def conformity_message(conformity: dict, class_names: list[str]) -> str:
+    """The one line a test run prints when its labelled images conform worse than the calibration images."""
+    worst = min(conformity["per_class_pvalue"].items(), key=lambda item: item[1])
+    name = class_names[int(worst[0])] if worst[0].isdigit() else "all"
+    return (
+        f"these images conform worse to their labels than the calibration images (class {name}: one-sided "
+        f"Mann-Whitney p = {worst[1]:.2g}; Bonferroni over the classes {conformity['pvalue']:.2g} < "
+        f"{conformity['level']}): the prediction sets' coverage guarantee does not hold for this set"
     )

@@ -19,7 +19,8 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from .calibration import OOD_BLOCK
+from .decisions import OOD_BLOCK
+from .refusal import conformity_message
 
 REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -112,21 +113,23 @@ def decision_rules(numbers: dict, outputs: dict, calibration: dict | None) -> li
     return rules
 
 
-def banners(numbers: dict, calibration: dict | None) -> list[dict]:
-    shift = numbers.get(OOD_BLOCK, {}).get("shift")
+def banners(numbers: dict, calibration: dict | None, class_names: list[str]) -> list[dict]:
     if not calibration:
         return [{"kind": "note", "text": "These weights have no calibration: no image was checked for being "
                                          "unlike the training data, and no decision rule was applied."}]  # fmt: skip
-    if not shift:
-        return []
-    if shift["shifted"]:
-        text = (f"This set is not like the validation images: its out-of-distribution scores are larger "
-                f"(one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}). The guarantees of the "
-                "refusal, referral and prediction-set rules do not hold for it.")  # fmt: skip
-        return [{"kind": "warn", "text": text}]
-    return [{"kind": "ok", "text": f"This set passes the exchangeability check against the validation images "
-                                   f"(one-sided Mann-Whitney p = {shift['pvalue']:.2g}): the calibrated "
-                                   "guarantees apply."}]  # fmt: skip
+    found = []
+    shift = numbers.get(OOD_BLOCK, {}).get("shift")
+    if shift and shift["shifted"]:
+        found.append({"kind": "warn", "text": "This set is not like the validation images: its out-of-distribution "
+                      f"scores are larger (one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}). The "
+                      "guarantees of the refusal, referral and prediction-set rules do not hold for it."})  # fmt: skip
+    elif shift:
+        found.append({"kind": "ok", "text": "This set passes the exchangeability check against the validation "
+                      f"images (one-sided Mann-Whitney p = {shift['pvalue']:.2g}): it looks like them."})  # fmt: skip
+    conformity = numbers.get("conformal", {}).get("class_conditional", {}).get("test", {}).get("exchangeability")
+    if conformity and conformity["shifted"]:
+        found.append({"kind": "warn", "text": conformity_message(conformity, class_names).capitalize() + "."})
+    return found
 
 
 FIGURES = (  # the PNG files evaluation/results.py writes beside predictions.csv, in the report's order
@@ -187,7 +190,7 @@ def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gall
     page = environment.get_template(REPORT_FILE).render(
         title=f"{'Test' if stage == 'test' else 'Predictions'}: {len(outputs['id'])} images",
         subtitle=description,
-        banners=banners(numbers, calibration),
+        banners=banners(numbers, calibration, class_names),
         headlines=headline_cards(numbers) if stage == "test" else prediction_cards(outputs, class_names),
         rules=decision_rules(numbers, outputs, calibration),
         figures=figures(Path(directory)),

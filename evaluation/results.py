@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from .calibration import OOD_BLOCK, apply_calibration, calibration_metrics
+from .decisions import OOD_BLOCK, apply_calibration, calibration_metrics
 from .figures import (
     plot_confusion,
     plot_filtered_accuracy,
@@ -27,7 +27,7 @@ from .figures import (
     plot_uncertainty_boxes,
 )
 from .gallery import Gallery
-from .refusal import shift_message
+from .refusal import conformity_message, shift_message
 from .report import write_report
 from .uncertainty import uncertainty_report
 
@@ -224,6 +224,9 @@ class PerImageResults:
             return numbers
         if OOD_BLOCK in decided:
             report_refusals(decided[OOD_BLOCK])
+        conformity = decided.get("conformal", {}).get("class_conditional", {}).get("test", {}).get("exchangeability")
+        if conformity and conformity["shifted"]:
+            print(f"warning: {conformity_message(conformity, self.class_names)}", file=sys.stderr)
         path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
         if "errors" in outputs:
             save_errors(directory / ERRORS_FILE, outputs)

@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from evaluation.calibration import OOD_BLOCK, CalibrationSettings, calibrate
+from evaluation.decisions import OOD_BLOCK, CalibrationSettings, calibrate
 from evaluation.results import PerImageResults, concat_outputs, gather_unique
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are

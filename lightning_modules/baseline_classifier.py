@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.augmentation import BLUR_P, BatchAugmentation, training_augmentation
-from evaluation.calibration import CalibrationSettings
+from evaluation.decisions import CalibrationSettings
 from evaluation.ood_scores import BASELINE_SCORES
 from evaluation.results import outputs_from_probs
 from networks.backbones import BACKBONES, build_backbone

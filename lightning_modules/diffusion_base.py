@@ -26,7 +26,7 @@ from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classif
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import VALIDATION_LOSS_SEED, shared_noise
 from diffusion.voting import summarize
-from evaluation.calibration import CalibrationSettings
+from evaluation.decisions import CalibrationSettings
 from evaluation.explanations import ExplanationOutputs
 from evaluation.ood_scores import DIFFUSION_SCORES, step_profile
 

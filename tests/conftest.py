@@ -65,7 +65,7 @@ def learned_demo(tmp_path_factory) -> tuple[Path, list[str]]:
     about 40 s on the CPU, enough to classify them far above chance (tests/test_diffusion_classifier.py)
     and to tell them from other images (tests/test_out_of_distribution.py). Test split: 100 images."""
     from cli import main
-    from tests.helpers import QUIET
+    from tests.helpers.runs import QUIET
 
     root = tmp_path_factory.mktemp("learned_demo")
     args = [

@@ -260,7 +260,7 @@ def test_validate_calibrates_the_run_and_test_and_predict_apply_it(tmp_path):
     import json
 
     from cli import main
-    from tests.helpers import tiny_args
+    from tests.helpers.runs import tiny_args
 
     args = tiny_args(tmp_path, "--data.init_args.num_val=24", "--model.init_args.calibration.alpha=0.2")
     main(["fit", *args, "--trainer.max_steps=2"])

@@ -35,6 +35,8 @@ def test_validate_calibrates_refusal_and_test_keeps_false_refusals_within_alpha(
     refused = [row["out_of_distribution"] == "true" for row in rows]
     assert metrics["n_refused"] == sum(refused) <= 3  # 100 test images, alpha 0.01: 1 expected
     assert not metrics["shift"]["shifted"]  # the test split is like the validation split
+    conformity = json.loads((folder / "metrics.json").read_text())["conformal"]["class_conditional"]["test"]
+    assert not conformity["exchangeability"]["shifted"]  # and its labels relate to the images as there
     for row in rows:  # the p-value is the conformal count over the calibration scores
         above = sum(s >= float(row["ood_score"]) * (1 - 1e-5) for s in refusal["calibration_scores"])
         assert float(row["ood_pvalue"]) == pytest.approx((1 + above) / 101, abs=1e-5)
@@ -94,6 +96,6 @@ def test_baseline_energy_is_the_mean_negative_logsumexp_of_its_forwards():
         outputs = model.classify_batch({"image": images, "id": torch.arange(3)})
     torch.testing.assert_close(outputs["energy"], expected)
     with pytest.raises(ValueError, match="ood_score='typicality' is not a score of BaselineClassifier"):
-        from evaluation.calibration import CalibrationSettings
+        from evaluation.decisions import CalibrationSettings
 
         BaselineClassifier("resnet18", calibration=CalibrationSettings(ood_score="typicality"))

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
+from evaluation.calibration import conformal_thresholds
 from evaluation.refusal import (
     apply_refusal,
     calibrate_refusal,
     conformal_pvalues,
+    conformity_shift,
     detection_report,
     min_calibration_images,
     reference_half,
@@ -148,3 +150,23 @@ def test_detection_report_by_hand():
     assert report["auroc"] == pytest.approx(14 / 16)
     # 95 % of the shifted images flagged: threshold at the lowest, 0.25; in-distribution >= 0.25: 0.3, 0.4
     assert report["fpr_at_95_tpr"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("class_conditional", [False, True])
+def test_the_conformity_check_holds_its_level_and_sees_a_change_of_labels(class_conditional):
+    """A calibrated 3-class model (labels drawn from its probabilities): test sets exchangeable with the
+    calibration set are flagged at most at the level; relabelling a third of one class's test images
+    (what changes on a test split collected elsewhere, while the images look the same) is flagged."""
+    g, level, flagged = torch.Generator().manual_seed(5), 0.05, []
+    for _ in range(400):
+        probs = torch.softmax(2.0 * torch.randn(300, 3, generator=g, dtype=torch.float64), -1)
+        labels = torch.multinomial(probs, 1, generator=g)[:, 0]
+        thresholds = conformal_thresholds(probs[:150], labels[:150], 0.1, class_conditional, 3)
+        flagged.append(conformity_shift(thresholds, probs[150:], labels[150:], level)["shifted"])
+    rate = sum(flagged) / len(flagged)
+    assert rate <= level + 3 * math.sqrt(level * (1 - level) / len(flagged)), rate
+    moved = labels[150:].clone()
+    zeros = (moved == 0).nonzero()[:, 0]
+    moved[zeros[: len(zeros) // 3]] = 1
+    shifted = conformity_shift(thresholds, probs[150:], moved, level)
+    assert shifted["shifted"]

@@ -67,7 +67,7 @@ def test_greyscale_transform_models_the_channel_mean_and_paints_no_colour():
 
 def test_a_grayscale_diffusion_classifier_sees_one_channel():
     from lightning_modules import DiffusionClassifier
-    from tests.helpers import LabelledLinear
+    from tests.helpers.models import LabelledLinear
 
     built = []
 

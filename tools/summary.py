@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from evaluation.calibration import OOD_BLOCK
+from evaluation.decisions import OOD_BLOCK
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
@@ -75,6 +75,10 @@ def decisions_summary(metrics: dict) -> str | None:
         promised = 1 - metrics["conformal"]["alpha"]
         rows.append(("prediction sets", f"hold the label for {sets['coverage']:.1%} of the answered (promised >= "
                      f"{promised:.0%}), mean size {sets['mean_set_size']:.2f}"))  # fmt: skip
+    conformity = sets.get("exchangeability")
+    if conformity:
+        verdict = "WORSE: the coverage promise does not hold" if conformity["shifted"] else "as on validation"
+        rows.append(("labels vs images", f"{verdict} (Mann-Whitney p = {conformity['pvalue']:.2g})"))
     width = max(len(name) for name, _ in rows)
     return "Decisions calibrated on the validation split:\n" + "\n".join(f"  {a:<{width}}  {b}" for a, b in rows)
 

@@ -1,0 +1,132 @@
+"""The run's calibration: what `validate` fits on the validation split and writes to calibration.json
+(referral threshold, conformal prediction sets, out-of-distribution refusal), and what test and predict
+do with it: the decisions per image and the metrics.json blocks of what they achieved.
+
+The rules themselves live in evaluation/calibration.py (referral, conformal sets) and
+evaluation/refusal.py (refusal, exchangeability tests); this file wires them to a run's outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+from .calibration import (
+    CONFORMAL_KINDS,
+    apply_referral,
+    check_referral_levels,
+    conformal_report,
+    conformal_thresholds,
+    prediction_sets,
+    referral_threshold,
+    selective_report,
+)
+from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
+from .refusal import apply_refusal, calibrate_refusal, conformity_shift, refusal_metrics
+
+
+@dataclass
+class CalibrationSettings:
+    """The decision rules `validate` calibrates on the validation split; `model.init_args.calibration`."""
+
+    target_accuracy: float | None = 0.95
+    """Referral: the accuracy to certify on the accepted images (null to refer a fixed fraction instead)."""
+    refer_fraction: float | None = None
+    """Referral: the fraction of most uncertain images to refer (with target_accuracy: null)."""
+    delta: float = 0.1
+    """Referral: 1 - the confidence of the accuracy guarantee."""
+    alpha: float = 0.1
+    """Conformal prediction sets: the miscoverage; sets hold the true class with probability >= 1 - alpha."""
+    ood_score: str | None = None
+    """Out-of-distribution score (evaluation/ood_scores.py): null = the model's default, typicality for
+    diffusion classifiers (also excess_error, best_error), energy for the baselines (also msp, entropy)."""
+    ood_alpha: float = 0.01
+    """Refuse an image whose conformal p-value is below this: at most this fraction of images like the
+    validation images is refused. Needs at least 1/ood_alpha calibration images (half the validation
+    split for the typicality score)."""
+    shift_level: float = 0.01
+    """Level of the test that warns when a whole test or predict set is not like the validation images."""
+    ood_bins: int = 32
+    """Bins of t over which the typicality score's reference mean and spread of the log error are fitted."""
+
+    def __post_init__(self):
+        check_referral_levels(self.target_accuracy, self.refer_fraction, self.delta)
+        for name in ("alpha", "ood_alpha", "shift_level"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"calibration.{name} must lie in (0, 1), got {getattr(self, name)}")
+        if self.ood_score is not None and self.ood_score not in DIFFUSION_SCORES + BASELINE_SCORES:
+            raise ValueError(
+                f"calibration.ood_score={self.ood_score!r} is not one of {DIFFUSION_SCORES + BASELINE_SCORES}"
+            )
+        if self.ood_bins < 1:
+            raise ValueError(f"calibration.ood_bins must be >= 1, got {self.ood_bins}")
+
+
+def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int, ood_score: str) -> dict:
+    """calibration.json from per-image validation outputs: the referral threshold and both kinds of
+    conformal thresholds, with the calibration set's size and the finite-sample correction used, and
+    the out-of-distribution refusal of `ood_score` (evaluation/refusal.py)."""
+    if "label" not in outputs:
+        raise ValueError("calibration needs labelled validation images")
+    referral = referral_threshold(
+        outputs["entropy"], outputs["prediction"], outputs["label"], settings.target_accuracy,
+        settings.refer_fraction, settings.delta,
+    )  # fmt: skip
+    probs, labels = outputs["probs"], outputs["label"]
+    conformal = {
+        kind: conformal_thresholds(probs, labels, settings.alpha, kind == "class_conditional", num_classes)
+        for kind in CONFORMAL_KINDS
+    }
+    refusal = calibrate_refusal(outputs, ood_score, settings.ood_alpha, settings.shift_level, settings.ood_bins)
+    return {"n_calibration": len(outputs["label"]), "settings": asdict(settings), "referral": referral,
+            "conformal": conformal, OOD_BLOCK: refusal}  # fmt: skip
+
+
+OOD_BLOCK = "out_of_distribution"  # calibration.json and metrics.json key; absent in runs calibrated before it
+
+
+def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
+    """Per-image decisions of a calibration on new outputs: `refer` (B,) and the prediction sets (B, C)
+    of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`); with an
+    out-of-distribution block also `ood_score`, `ood_pvalue` and `out_of_distribution`. A refused
+    image is always referred and gets no prediction set."""
+    sets = {kind: prediction_sets(outputs["probs"], calibration["conformal"][kind]) for kind in CONFORMAL_KINDS}
+    decisions = {
+        "refer": apply_referral(outputs["entropy"], calibration["referral"]["threshold"]),
+        "prediction_set": sets["class_conditional"],
+        "prediction_set_marginal": sets["marginal"],
+    }
+    if OOD_BLOCK in calibration:
+        decisions |= apply_refusal(calibration[OOD_BLOCK], outputs)
+        refused = decisions["out_of_distribution"]
+        decisions["refer"] = decisions["refer"] | refused
+        for key in ("prediction_set", "prediction_set_marginal"):
+            decisions[key] = decisions[key] & ~refused[:, None]
+    return decisions
+
+
+def calibration_metrics(calibration: dict, decisions: dict, outputs: dict | None) -> dict:
+    """metrics.json's `selective` and `conformal` blocks: the calibrated rules and what they achieved
+    on these (test) images, the prediction sets on the images not refused; and the
+    `out_of_distribution` block (also without labels: predict). `outputs` None: no labels."""
+    numbers = {}
+    if OOD_BLOCK in calibration:
+        numbers[OOD_BLOCK] = refusal_metrics(calibration[OOD_BLOCK], decisions)
+    if outputs is None or "label" not in outputs:
+        return numbers
+    labels = outputs["label"]
+    answered = ~decisions.get("out_of_distribution", torch.zeros(len(labels), dtype=torch.bool))
+    selective = calibration["referral"] | {"test": selective_report(decisions["refer"], outputs["prediction"], labels)}
+    conformal = {"alpha": calibration["settings"]["alpha"], "n_calibration": calibration["n_calibration"]}
+    level = calibration["settings"].get("shift_level", 0.01)
+    for kind, key in zip(CONFORMAL_KINDS, ("prediction_set_marginal", "prediction_set")):
+        report = conformal_report(decisions[key][answered], labels[answered]) if answered.any() else {}
+        thresholds = calibration["conformal"][kind]
+        if "scores" in thresholds:  # calibrations written before the check stored no scores
+            report["exchangeability"] = conformity_shift(thresholds, outputs["probs"], labels, level)
+        conformal[kind] = {k: v for k, v in thresholds.items() if k != "scores"} | {
+            "test": report | {"n_refused": int((~answered).sum())}
+        }
+    return numbers | {"selective": selective, "conformal": conformal}
