@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,18 @@ def why_no_slurm() -> str | None:
     if (os.cpu_count() or 1) < 2:
         return "the 2-task job needs 2 CPUs"
     return None
+
+
+def first_job_id() -> int:
+    """A job id whose DDP port under Lightning, 15000 + its last four digits, nothing listens on now."""
+    for job_id in random.Random().sample(range(1, 10000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", 15000 + job_id))
+            except OSError:
+                continue
+        return job_id
+    raise RuntimeError("no free port in 15001-24999 for the job's DDP rendezvous")
 
 
 class LocalSlurm:
@@ -105,6 +119,9 @@ class LocalSlurm:
         controller_port, node_port = free_ports(2)
         return f"""\
 ClusterName=pytest
+# Lightning's SLURMEnvironment derives the DDP port from the job id (15000 + its last 4 digits): the
+# first job id is chosen so that this port is free now (tests beside this one may hold any other).
+FirstJobId={first_job_id()}
 SlurmctldHost={name}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort={controller_port}
