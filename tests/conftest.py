@@ -26,15 +26,28 @@ SHARED_WORKER = {
     "test_report": "learned_demo",
     "test_stable_diffusion": "stable_diffusion",
     "test_stable_diffusion_runs": "stable_diffusion",
+    "test_speed_switches": "test_configs",  # both resolve every experiment config (tests.helpers.configs caches)
 }
 
 
+# Seconds each group took in `make test` (2026-12-06, 2 workers on the 2-core machine): the longest start
+# first, so that no long group starts last and leaves one worker idle (the rest take about 5 s or less).
+GROUP_SECONDS = {"test_ddp": 181, "learned_demo": 134, "test_configs": 104, "test_slurm_cluster": 96, "test_cli": 60,
+                 "test_images": 53, "test_faults": 38, "test_slurm": 35, "test_side_by_side": 32, "test_baselines": 29,
+                 "test_speed_switches": 18, "test_resume": 17, "stable_diffusion": 16, "test_dit": 10}  # fmt: skip
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """`make test` runs pytest-xdist with --dist loadgroup over both cores: each test file goes to one
-    worker whole (its module fixtures are built once), the files in SHARED_WORKER with their partners."""
+    worker whole (its module fixtures are built once), the files in SHARED_WORKER with their partners,
+    the longest groups first (GROUP_SECONDS)."""
+    group = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+        group[item] = SHARED_WORKER.get(module, module)
+        item.add_marker(pytest.mark.xdist_group(group[item]))
+    items.sort(key=lambda item: -GROUP_SECONDS.get(group[item], 0))  # stable: file order within a group
 
 
 @pytest.fixture(autouse=True)
@@ -124,3 +137,13 @@ def chexpert_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("chexpert")
     make_chexpert(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def calibrated_test(calibrated) -> Path:
+    """The folder of `test` of the calibrated learned demo on its 100 test images: metrics.json,
+    predictions.csv with the decisions, the figures and report.html (read them, write nothing there)."""
+    from cli import main
+
+    root, args = calibrated
+    return Path(main(["test", *args, "--ckpt_path=last"]).trainer.log_dir)

@@ -18,10 +18,9 @@ import yaml
 
 from cli import main
 from tests.helpers import ROOT
-from tests.helpers.configs import RESOLVED
+from tests.helpers.configs import RESOLVED, resolved
 from tests.helpers.data import needs_pneumoniamnist
 from tests.helpers.models import dit_parameter_count
-from tools.experiments import resolved_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 PAPER_CONFIGS = ["unet_chexpert", "dit_chexpert", "unet_isic", "dit_isic"]
@@ -52,7 +51,7 @@ def test_the_paper_configs_are_all_there():
 @pytest.mark.parametrize("config", [c.stem for c in CONFIGS])
 def test_every_experiment_resolves_to_its_recorded_values(config):
     recorded = flat(yaml.safe_load((RESOLVED / f"{config}.yaml").read_text()))
-    now = flat(resolved_config(ROOT / "configs" / f"{config}.yaml"))
+    now = flat(resolved(config))
     missing = sorted(set(recorded) - set(now))
     assert not missing, f"options gone from {config}: {missing}"
     assert {key: restricted(now[key], recorded[key]) for key in recorded} == recorded
@@ -116,11 +115,11 @@ def independent_parameter_count(config: str) -> int:
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS)
 def test_paper_configs_use_the_real_datamodules(config):
-    resolved = resolved_config(ROOT / "configs" / f"{config}.yaml")
-    data = resolved["data"]
+    values = resolved(config)
+    data = values["data"]
     expected = "datamodules.CheXpertDataModule" if "chexpert" in config else "datamodules.ISICDataModule"
     assert data["class_path"] == expected and data["init_args"]["root"] is None
-    assert (data["init_args"]["image_size"], data["init_args"]["num_workers"], resolved["global_batch_size"]) == (
+    assert (data["init_args"]["image_size"], data["init_args"]["num_workers"], values["global_batch_size"]) == (
         256,
         8,
         128,

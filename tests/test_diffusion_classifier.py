@@ -3,7 +3,6 @@
 import csv
 import functools
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -142,12 +141,11 @@ def test_same_images_same_results_at_batch_1_7_32_and_with_exact_early_exit(tmp_
     assert exact["forwards"].sum() < reference["forwards"].sum()
 
 
-def test_a_tiny_model_learns_the_synthetic_task(learned_demo):
+def test_a_tiny_model_learns_the_synthetic_task(calibrated_test):
     """End to end, on the CPU in about 40 s: the demo UNet trained 150 steps at batch 32 classifies
     100 synthetic test images far above chance. Measured: 0.89 accuracy (AUROC 0.97); the same run
     with the labels never reaching the network (label_dropout 1.0) scores 0.50. A broken loss, schedule,
-    label conditioning or vote lands near chance, below the 0.8 asked here."""
-    root, args = learned_demo
-    cli = main(["test", *args, "--ckpt_path=last"])
-    metrics = json.loads((Path(cli.trainer.log_dir) / "metrics.json").read_text())
+    label conditioning or vote lands near chance, below the 0.8 asked here. (The run is also calibrated,
+    for the refusal tests: that changes no metric checked here.)"""
+    metrics = json.loads((calibrated_test / "metrics.json").read_text())
     assert metrics["n_images"] == 100 and metrics["accuracy"] >= 0.8 and metrics["auroc"] >= 0.85

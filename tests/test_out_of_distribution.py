@@ -22,14 +22,13 @@ def rows_of(folder: Path) -> list[dict]:
     return list(csv.DictReader((folder / "predictions.csv").open()))
 
 
-def test_validate_calibrates_refusal_and_test_keeps_false_refusals_within_alpha(calibrated):
+def test_validate_calibrates_refusal_and_test_keeps_false_refusals_within_alpha(calibrated, calibrated_test):
     root, args = calibrated
     refusal = json.loads((root / "calibration.json").read_text())["out_of_distribution"]
     assert refusal["score"] == "typicality" and refusal["alpha"] == 0.01 and refusal["feasible"]
     assert refusal["n_reference"] == 100 and refusal["n_calibration"] == len(refusal["calibration_scores"]) == 100
     assert len(refusal["profile"]["mean"]) == 32
-    cli = main(["test", *args, "--ckpt_path=last"])
-    folder = Path(cli.trainer.log_dir)
+    folder = calibrated_test
     metrics = json.loads((folder / "metrics.json").read_text())["out_of_distribution"]
     rows = rows_of(folder)
     refused = [row["out_of_distribution"] == "true" for row in rows]
@@ -70,7 +69,7 @@ def test_a_calibration_of_other_weights_or_without_refusal_is_not_applied(calibr
     other = tmp_path / "other.ckpt"
     shutil.copy(root / "checkpoints" / "last.ckpt", other)
     with pytest.warns(UserWarning, match="was calibrated for .*last.ckpt, not .*other.ckpt: not applied"):
-        cli = main(["predict", *args, f"--ckpt_path={other}"])
+        cli = main(["predict", *args, f"--ckpt_path={other}", "--trainer.limit_predict_batches=1"])
     assert "out_of_distribution" not in rows_of(Path(cli.trainer.log_dir))[0]
     # a calibration.json written before refusals existed: referral and sets still apply, and it says so
     file = root / "calibration.json"
@@ -78,7 +77,7 @@ def test_a_calibration_of_other_weights_or_without_refusal_is_not_applied(calibr
     try:
         file.write_text(json.dumps({k: v for k, v in calibration.items() if k != "out_of_distribution"}))
         with pytest.warns(UserWarning, match="has no out-of-distribution block .* run `validate` again"):
-            cli = main(["test", *args, "--ckpt_path=last"])
+            cli = main(["test", *args, "--ckpt_path=last", "--trainer.limit_test_batches=1"])
         folder = Path(cli.trainer.log_dir)
         assert "refer" in rows_of(folder)[0] and "out_of_distribution" not in rows_of(folder)[0]
         metrics = json.loads((folder / "metrics.json").read_text())

@@ -49,10 +49,10 @@ class Page(HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def reports(calibrated) -> dict[str, Path]:
+def reports(calibrated, calibrated_test) -> dict[str, Path]:
     """The test report of the calibrated learned demo (100 images), and a predict report of 4 explained images."""
     root, args = calibrated
-    tested = Path(main(["test", *args, "--ckpt_path=last"]).trainer.log_dir)
+    tested = calibrated_test
     explain = ["--model.init_args.explain=true", "--model.init_args.explanation.sampling_steps=4",
                "--model.init_args.explanation.flip_steps=3", "--trainer.limit_predict_batches=1",
                "--global_batch_size=4"]  # fmt: skip
