@@ -179,6 +179,16 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         self.check_run_folders()
         self.check_checkpoint("validate")
         self.note_under_ddp(VALIDATION_UNDER_DDP)
+        self.validate_on_whole_split()
+
+    def validate_on_whole_split(self) -> None:
+        """`validate` calibrates, on every validation image: a limit that suits fit's frequent validations
+        (configs/base/diffusion_cpu.yaml: 2 batches) would leave too few images for the refusal."""
+        limit = self.trainer.limit_val_batches
+        if isinstance(limit, int) or limit != 1.0:  # an int counts batches: 1 is one batch, 1.0 all of them
+            rank_zero_info(f"validate classifies the whole validation split to calibrate on it: "
+                           f"trainer.limit_val_batches={limit} (fit's setting) is not used")  # fmt: skip
+            self.trainer.limit_val_batches = 1.0
 
     def before_test(self) -> None:
         self.split_global_batch()

@@ -126,6 +126,27 @@ def normals(keys: Tensor, shape: tuple[int, ...]) -> Tensor:
     return out[:, :size].reshape(*keys.shape, *shape)
 
 
+def image_keys(images: Tensor) -> Tensor:
+    """(B,) int64 noise keys of images (B, C, H, W) in [-1, 1]: a digest of the image's content alone.
+
+    Keying the (eps, t) pairs by the image rather than by its row in a folder or CSV gives an image
+    the same pairs, hence the same votes, entropy and refusal, whatever else is listed with it, in
+    whatever order, under whatever folder name (two identical files are still two rows: their row ids
+    differ, only their noise is shared). The pixels are quantised to 8 bits first, so the key of an
+    image decoded from an 8-bit file survives a cast to float16 or bfloat16; every element's
+    hash goes into an integer sum (exact and order-free, so the same on every device and reduction
+    order), twice with different mixers for 64 bits, then splitmix64. Non-negative, as data ids are.
+    """
+    levels = ((images.detach().float().flatten(1) + 1.0) * 127.5).round().clamp(0, 255).to(torch.int32)
+    size = levels.shape[1]
+    position = torch.arange(size, dtype=torch.int32, device=images.device).mul_(_GOLDEN32)
+    hashed = _mix32(levels ^ _mix32(position ^ _TIME_SALT))
+    low = hashed.to(torch.int64).sum(dim=1)
+    high = _mix32(hashed ^ _SECOND_UNIFORM).to(torch.int64).sum(dim=1)
+    keys = pair_keys(low * _ID_FACTOR + high, torch.full_like(low, size), 0)
+    return keys & ((1 << 62) - 1)
+
+
 def shared_noise(ids: Tensor, steps: Tensor | range, shape: tuple[int, ...], seed: int) -> tuple[Tensor, Tensor]:
     """t of shape (B, S) in [0, 1) and eps of shape (B, S, *shape), on the device of `ids`."""
     steps = torch.as_tensor(list(steps) if isinstance(steps, range) else steps, dtype=torch.int64, device=ids.device)

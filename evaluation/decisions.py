@@ -25,6 +25,7 @@ from .calibration import (
 )
 from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
 from .refusal import apply_refusal, calibrate_refusal, conformity_shift, refusal_metrics
+from .set_shift import reference_outputs, set_shift
 
 
 @dataclass
@@ -66,8 +67,10 @@ class CalibrationSettings:
 
 def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int, ood_score: str) -> dict:
     """calibration.json from per-image validation outputs: the referral threshold and both kinds of
-    conformal thresholds, with the calibration set's size and the finite-sample correction used, and
-    the out-of-distribution refusal of `ood_score` (evaluation/refusal.py)."""
+    conformal thresholds, with the calibration set's size and the finite-sample correction used, the
+    out-of-distribution refusal of `ood_score` (evaluation/refusal.py) and what the whole-set tests compare
+    with (evaluation/set_shift.py). A rule that cannot be calibrated is kept with `feasible: false` and
+    the reason, so that every output of the runs that use it can say it was off."""
     if "label" not in outputs:
         raise ValueError("calibration needs labelled validation images")
     referral = referral_threshold(
@@ -75,24 +78,94 @@ def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int, oo
         settings.refer_fraction, settings.delta,
     )  # fmt: skip
     probs, labels = outputs["probs"], outputs["label"]
-    conformal = {
-        kind: conformal_thresholds(probs, labels, settings.alpha, kind == "class_conditional", num_classes)
-        for kind in CONFORMAL_KINDS
-    }
+    conformal = {}
+    for kind in CONFORMAL_KINDS:
+        try:
+            thresholds = conformal_thresholds(probs, labels, settings.alpha, kind == "class_conditional", num_classes)
+            conformal[kind] = thresholds | {"feasible": True, "reason": None}
+        except ValueError as reason:  # too few images (of a class) for alpha
+            conformal[kind] = {"alpha": settings.alpha, "class_conditional": kind == "class_conditional",
+                               "num_classes": num_classes, "feasible": False, "reason": str(reason)}  # fmt: skip
     refusal = calibrate_refusal(outputs, ood_score, settings.ood_alpha, settings.shift_level, settings.ood_bins)
     return {"n_calibration": len(outputs["label"]), "settings": asdict(settings), "referral": referral,
-            "conformal": conformal, OOD_BLOCK: refusal}  # fmt: skip
+            "conformal": conformal, OOD_BLOCK: refusal, SHIFT_REFERENCE: reference_outputs(outputs)}  # fmt: skip
 
 
 OOD_BLOCK = "out_of_distribution"  # calibration.json and metrics.json key; absent in runs calibrated before it
+SHIFT_REFERENCE = "validation_outputs"  # calibration.json: what the whole-set tests compare a set with
+SHIFT_BLOCK = "set_shift"  # metrics.json / decisions.json: the whole-set tests
+RULES_BLOCK = "rules"  # metrics.json / decisions.json: each decision rule, on or OFF and why
+RULE_NAMES = {"refusal": "refusal", "referral": "referral", "prediction_sets": "prediction sets",
+              "prediction_sets_marginal": "marginal prediction sets", "set_shift": "whole-set shift check"}  # fmt: skip
+
+
+def rule_status(calibration: dict | None, note: str | None = None) -> dict[str, dict]:
+    """Each decision rule: {"on": bool, "reason": why it is OFF}. Without a calibration every rule is OFF,
+    for the reason `note` gives (no calibration.json, or one for other weights or settings)."""
+    if not calibration:
+        reason = note or "no calibration of these weights"
+        return {rule: {"on": False, "reason": reason} for rule in RULE_NAMES}
+    refusal = calibration.get(OOD_BLOCK)
+    old = "the calibration was written before this rule existed: run validate again"
+    found = {
+        "refusal": (refusal["feasible"], refusal["reason"]) if refusal else (False, old),
+        "referral": (calibration["referral"]["feasible"], calibration["referral"]["reason"]),
+        "prediction_sets": _conformal_status(calibration["conformal"]["class_conditional"]),
+        "prediction_sets_marginal": _conformal_status(calibration["conformal"]["marginal"]),
+        "set_shift": (True, None) if refusal and SHIFT_REFERENCE in calibration else (False, old),
+    }
+    return {rule: {"on": bool(on), "reason": None if on else reason} for rule, (on, reason) in found.items()}
+
+
+def _conformal_status(thresholds: dict) -> tuple[bool, str | None]:
+    return thresholds.get("feasible", True), thresholds.get("reason")
+
+
+def calibration_lines(calibration: dict) -> dict[str, str]:
+    """What `validate` set, one line per rule (a rule that is OFF: see off_lines)."""
+    referral, sets, refusal = (
+        calibration["referral"],
+        calibration["conformal"]["class_conditional"],
+        calibration[OOD_BLOCK],
+    )
+    profile = f" ({refusal['n_reference']} more fitted its time profile)" if refusal["n_reference"] else ""
+    return {
+        "referral": f"referral: refer when the uncertainty exceeds {referral['threshold']:.4g} (validation coverage "
+        f"{referral['coverage']:.3f}, accuracy {referral['accuracy']:.3f})",
+        "prediction_sets": f"prediction sets: class-conditional conformal at alpha {sets['alpha']}, thresholds "
+        f"{[round(q, 4) for q in sets.get('q', [])]} ({sets.get('correction')})",
+        "refusal": f"refusal: {refusal['score']} score, p < {refusal['alpha']} against {refusal['n_calibration']} "
+        f"calibration images{profile}",
+    }
+
+
+def off_lines(rules: dict[str, dict]) -> list[str]:
+    """One line per reason a rule of `rule_status` is off: "refusal OFF: <why>" (rules off for the same reason
+    share a line: "refusal, referral, ... OFF: no calibration ..."); empty when every rule is on."""
+    by_reason: dict[str, list[str]] = {}
+    for rule, status in rules.items():
+        if not status["on"]:
+            by_reason.setdefault(status["reason"], []).append(RULE_NAMES[rule])
+    return [f"{', '.join(names)} OFF: {reason}" for reason, names in by_reason.items()]
+
+
+def rules_off(calibration: dict | None, note: str | None = None) -> list[str]:
+    return off_lines(rule_status(calibration, note))
 
 
 def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
     """Per-image decisions of a calibration on new outputs: `refer` (B,) and the prediction sets (B, C)
     of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`); with an
     out-of-distribution block also `ood_score`, `ood_pvalue` and `out_of_distribution`. A refused
-    image is always referred and gets no prediction set."""
-    sets = {kind: prediction_sets(outputs["probs"], calibration["conformal"][kind]) for kind in CONFORMAL_KINDS}
+    image is always referred and gets no prediction set. A rule that is OFF decides as if it were not
+    there (a set of every class, no refusal; referral OFF refers every image), and its column says "off"."""
+    num_classes = outputs["probs"].shape[1]
+    sets = {
+        kind: prediction_sets(outputs["probs"], thresholds)
+        if thresholds.get("feasible", True)
+        else torch.ones(len(outputs["probs"]), num_classes, dtype=torch.bool)
+        for kind, thresholds in calibration["conformal"].items()
+    }
     decisions = {
         "refer": apply_referral(outputs["entropy"], calibration["referral"]["threshold"]),
         "prediction_set": sets["class_conditional"],
@@ -107,14 +180,18 @@ def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
     return decisions
 
 
-def calibration_metrics(calibration: dict, decisions: dict, outputs: dict | None) -> dict:
-    """metrics.json's `selective` and `conformal` blocks: the calibrated rules and what they achieved
-    on these (test) images, the prediction sets on the images not refused; and the
-    `out_of_distribution` block (also without labels: predict). `outputs` None: no labels."""
+def calibration_metrics(calibration: dict, decisions: dict, outputs: dict, class_names: list[str]) -> dict:
+    """metrics.json's `out_of_distribution` and `set_shift` blocks (also without labels: predict), and with
+    labels the `selective` and `conformal` blocks: the calibrated rules and what they achieved on these
+    images, the prediction sets on the images not refused."""
     numbers = {}
     if OOD_BLOCK in calibration:
         numbers[OOD_BLOCK] = refusal_metrics(calibration[OOD_BLOCK], decisions)
-    if outputs is None or "label" not in outputs:
+        if SHIFT_REFERENCE in calibration:
+            block = calibration[OOD_BLOCK]
+            numbers[SHIFT_BLOCK] = set_shift(calibration[SHIFT_REFERENCE], block["calibration_scores"], outputs,
+                                             decisions["ood_score"], block["shift_level"], class_names)  # fmt: skip
+    if "label" not in outputs:
         return numbers
     labels = outputs["label"]
     answered = ~decisions.get("out_of_distribution", torch.zeros(len(labels), dtype=torch.bool))
@@ -122,8 +199,11 @@ def calibration_metrics(calibration: dict, decisions: dict, outputs: dict | None
     conformal = {"alpha": calibration["settings"]["alpha"], "n_calibration": calibration["n_calibration"]}
     level = calibration["settings"].get("shift_level", 0.01)
     for kind, key in zip(CONFORMAL_KINDS, ("prediction_set_marginal", "prediction_set")):
-        report = conformal_report(decisions[key][answered], labels[answered]) if answered.any() else {}
         thresholds = calibration["conformal"][kind]
+        if not thresholds.get("feasible", True):
+            conformal[kind] = thresholds
+            continue
+        report = conformal_report(decisions[key][answered], labels[answered]) if answered.any() else {}
         if "scores" in thresholds:  # calibrations written before the check stored no scores
             report["exchangeability"] = conformity_shift(thresholds, outputs["probs"], labels, level)
         conformal[kind] = {k: v for k, v in thresholds.items() if k != "scores"} | {

@@ -13,12 +13,11 @@ Calibration (on the validation split, by `validate`, beside the referral rule an
    the guarantee needs. Refusals need n >= 1/alpha - 1 calibration images: below that no p-value
    is small enough, and calibration says so.
 3. A whole test or predict set is checked at once: if its images are exchangeable with the
-   calibration images, their scores are not stochastically larger. The one-sided Mann-Whitney U
-   test (normal approximation with the tie correction) compares the two samples; its rank statistic
-   is the mean p-value in other words, and it accounts for the randomness of both samples, which a
-   test of the p-values against the uniform distribution would not (they share one calibration set).
-   A set that fails it is not exchangeable with the calibration images, so no guarantee of the
-   referral rule, the prediction sets or the refusals holds for it.
+   calibration images, their scores are neither stochastically larger nor smaller. The two-sided
+   Mann-Whitney U test (normal approximation with the tie correction) compares the two samples; its
+   rank statistic is the mean p-value in other words, and it accounts for the randomness of both
+   samples, which a test of the p-values against the uniform distribution would not (they share one
+   calibration set). evaluation/set_shift.py runs it beside tests of the classifier's own outputs.
 
 Why our own code: the p-value is one count, and scipy (which has `mannwhitneyu`) is not a
 dependency; the test is checked against its exact null distribution in tests/test_refusal.py.
@@ -80,13 +79,18 @@ def midranks(values: Tensor) -> Tensor:
     return (last - (counts.double() - 1) / 2)[inverse]
 
 
-def shift_test(calibration_scores, scores, level: float) -> dict:
-    """One-sided Mann-Whitney U test that `scores` are larger than the calibration scores.
+def shift_test(calibration_scores, scores, level: float, alternative: str = "two-sided") -> dict:
+    """Mann-Whitney U test of `scores` against the calibration scores: two-sided (the whole-set check: a set
+    scoring more typical than the calibration images is not exchangeable with them either) or "greater"
+    (the conformity check: do the images conform worse?).
 
     U counts the (image, calibration) pairs whose image score is larger, ties 1/2; under
     exchangeability E[U] = n m / 2, Var[U] = n m / 12 (n + m + 1 - sum(t^3 - t) / ((n + m)(n + m - 1)))
-    over the tie groups t. `shifted` is True when the one-sided p-value is below `level`.
+    over the tie groups t. `shifted` is True when the p-value is below `level`; `direction` says which
+    way the scores moved.
     """
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"alternative must be 'two-sided' or 'greater', got {alternative!r}")
     calibration = torch.as_tensor(calibration_scores, dtype=torch.float64)
     scores = torch.as_tensor(scores, dtype=torch.float64)
     n, m = len(calibration), len(scores)
@@ -97,13 +101,15 @@ def shift_test(calibration_scores, scores, level: float) -> dict:
     correction = float((ties**3 - ties).sum()) / (total * (total - 1)) if total > 1 else 0.0
     variance = n * m / 12.0 * (total + 1 - correction)
     z = (u - n * m / 2) / math.sqrt(variance) if variance > 0 else 0.0
-    pvalue = 0.5 * math.erfc(z / math.sqrt(2.0))
+    one_sided = 0.5 * math.erfc(z / math.sqrt(2.0))
+    pvalue = min(1.0, math.erfc(abs(z) / math.sqrt(2.0))) if alternative == "two-sided" else one_sided
     return {
-        "test": "one-sided Mann-Whitney U: are the images' scores larger than the calibration scores?",
+        "test": f"{alternative} Mann-Whitney U of the images' scores against the calibration scores",
         "mean_pvalue": float(conformal_pvalues(calibration, scores).mean()) if m else float("nan"),
         "u": u,
         "z": z,
         "pvalue": pvalue,
+        "direction": "larger" if z > 0 else "smaller" if z < 0 else "the same",
         "level": level,
         "shifted": pvalue < level,
         "n_calibration": n,
@@ -123,9 +129,9 @@ def conformity_shift(thresholds: dict, probs, labels, level: float) -> dict:
     scores = 1.0 - probs.gather(1, labels[:, None])[:, 0]
     if thresholds["class_conditional"]:
         present = [y for y in range(thresholds["num_classes"]) if (labels == y).any()]
-        tests = {str(y): shift_test(thresholds["scores"][y], scores[labels == y], level) for y in present}
+        tests = {str(y): shift_test(thresholds["scores"][y], scores[labels == y], level, "greater") for y in present}
     else:
-        tests = {"all": shift_test(thresholds["scores"], scores, level)}
+        tests = {"all": shift_test(thresholds["scores"], scores, level, "greater")}
     pvalue = min(1.0, len(tests) * min((test["pvalue"] for test in tests.values()), default=1.0))
     return {"pvalue": pvalue, "level": level, "shifted": pvalue < level,
             "per_class_pvalue": {key: test["pvalue"] for key, test in tests.items()}}  # fmt: skip
@@ -177,27 +183,14 @@ def apply_refusal(block: dict, outputs: dict) -> dict[str, Tensor]:
 
 
 def refusal_metrics(block: dict, decisions: dict) -> dict:
-    """metrics.json's `out_of_distribution` block: the rule, how many images it refused, and the
-    whole-set test."""
+    """metrics.json's `out_of_distribution` block: the rule, whether it was on, and how many images it refused."""
     refused = decisions["out_of_distribution"]
     keep = ("score", "alpha", "threshold", "n_reference", "n_calibration", "feasible", "reason")
     return {key: block[key] for key in keep} | {
-        "n_refused": int(refused.sum()),
-        "refused_fraction": float(refused.double().mean()),
-        "shift": shift_test(block["calibration_scores"], decisions["ood_score"], block["shift_level"]),
+        "n_images": len(refused),
+        "n_refused": int(refused.sum()) if block["feasible"] else None,
+        "refused_fraction": float(refused.double().mean()) if block["feasible"] else None,
     }
-
-
-def shift_message(metrics: dict) -> str | None:
-    """The one line a run prints when its set failed the whole-set test; None when it passed."""
-    shift = metrics["shift"]
-    if not shift["shifted"]:
-        return None
-    return (
-        f"these {shift['n_images']} images are not exchangeable with the {shift['n_calibration']} calibration images "
-        f"({metrics['score']} scores larger, one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}): "
-        "the referral, prediction-set and refusal guarantees do not hold for this set"
-    )
 
 
 def conformity_message(conformity: dict, class_names: list[str]) -> str:

@@ -19,8 +19,9 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from .decisions import OOD_BLOCK
+from .decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from .refusal import conformity_message
+from .set_shift import describe_test, shift_message
 
 REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -78,12 +79,17 @@ def headline_cards(numbers: dict) -> list[dict]:
 
 
 def decision_rules(numbers: dict, outputs: dict, calibration: dict | None) -> list[dict]:
-    """Rows of the decision table: how each rule was set on validation, what it did on these images."""
+    """Rows of the decision table: how each rule was set on validation, what it did on these images; a rule
+    that is OFF says so, and why, in both columns."""
     if not calibration:
         return []
-    rules, n = [], len(outputs["id"])
+    rules, n, status = [], len(outputs["id"]), numbers[RULES_BLOCK]
+    off = lambda rule: f"OFF: {status[rule]['reason']}"  # noqa: E731
     refusal = calibration.get(OOD_BLOCK)
-    if refusal:
+    if refusal and not status["refusal"]["on"]:
+        rules.append({"name": "Refusal (out of distribution)", "setting": off("refusal"),
+                      "outcome": f"no image was checked; all {n} were answered"})  # fmt: skip
+    elif refusal:
         refused = int(outputs["out_of_distribution"].sum())
         rules.append({"name": "Refusal (out of distribution)",
                       "setting": f"{refusal['score']} score; refused when its conformal p-value against "
@@ -95,10 +101,17 @@ def decision_rules(numbers: dict, outputs: dict, calibration: dict | None) -> li
     referred = int(outputs["refer"].sum())
     test = numbers.get("selective", {}).get("test")
     achieved = f"; accuracy on the accepted {test['accuracy']:.3f}" if test and test["n_accepted"] else ""
-    rules.append({"name": "Referral to a human",
-                  "setting": f"refer when the uncertainty exceeds {referral['threshold']:.4g}; on validation "
-                             f"{referral['coverage']:.1%} accepted at accuracy {referral['accuracy']:.3f}",
-                  "outcome": f"{referred} of {n} referred, {n - referred} answered{achieved}"})  # fmt: skip
+    if not status["referral"]["on"]:
+        rules.append({"name": "Referral to a human", "setting": off("referral"),
+                      "outcome": f"all {n} referred: no answer is certified"})  # fmt: skip
+    else:
+        rules.append({"name": "Referral to a human",
+                      "setting": f"refer when the uncertainty exceeds {referral['threshold']:.4g}; on validation "
+                                 f"{referral['coverage']:.1%} accepted at accuracy {referral['accuracy']:.3f}",
+                      "outcome": f"{referred} of {n} referred, {n - referred} answered{achieved}"})  # fmt: skip
+    if not status["prediction_sets"]["on"]:
+        rules.append({"name": "Prediction sets", "setting": off("prediction_sets"), "outcome": "no sets"})
+        return rules
     sets = outputs["prediction_set"].sum(dim=1).double()
     answered = ~outputs["out_of_distribution"] if "out_of_distribution" in outputs else sets >= 0
     conformal = numbers.get("conformal", {}).get("class_conditional", {}).get("test")
@@ -114,22 +127,24 @@ def decision_rules(numbers: dict, outputs: dict, calibration: dict | None) -> li
 
 
 def banners(numbers: dict, calibration: dict | None, class_names: list[str]) -> list[dict]:
-    if not calibration:
-        return [{"kind": "note", "text": "These weights have no calibration: no image was checked for being "
-                                         "unlike the training data, and no decision rule was applied."}]  # fmt: skip
-    found = []
-    shift = numbers.get(OOD_BLOCK, {}).get("shift")
+    """The lines above everything else: each rule that is OFF and why, then what the whole-set checks found."""
+    found = [{"kind": "warn", "text": line} for line in off_lines(numbers[RULES_BLOCK])]
+    shift = numbers.get(SHIFT_BLOCK)
     if shift and shift["shifted"]:
-        found.append({"kind": "warn", "text": "This set is not like the validation images: its out-of-distribution "
-                      f"scores are larger (one-sided Mann-Whitney p = {shift['pvalue']:.2g} < {shift['level']}). The "
-                      "guarantees of the refusal, referral and prediction-set rules do not hold for it."})  # fmt: skip
+        found.append({"kind": "warn", "text": sentence(shift_message(shift))})
     elif shift:
-        found.append({"kind": "ok", "text": "This set passes the exchangeability check against the validation "
-                      f"images (one-sided Mann-Whitney p = {shift['pvalue']:.2g}): it looks like them."})  # fmt: skip
+        checks = "; ".join(describe_test(name, test) for name, test in shift["tests"].items())
+        found.append({"kind": "ok", "text": f"No whole-set check fired at level {shift['level']} ({checks}). They "
+                      "compare this set with the validation images; a shift they cannot see is still possible "
+                      "(see the README's section on what refusal and the warnings can and cannot see)."})  # fmt: skip
     conformity = numbers.get("conformal", {}).get("class_conditional", {}).get("test", {}).get("exchangeability")
     if conformity and conformity["shifted"]:
-        found.append({"kind": "warn", "text": conformity_message(conformity, class_names).capitalize() + "."})
+        found.append({"kind": "warn", "text": sentence(conformity_message(conformity, class_names))})
     return found
+
+
+def sentence(text: str) -> str:
+    return text[:1].upper() + text[1:] + "."
 
 
 FIGURES = (  # the PNG files evaluation/results.py writes beside predictions.csv, in the report's order

@@ -17,7 +17,15 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from .decisions import OOD_BLOCK, apply_calibration, calibration_metrics
+from .decisions import (
+    OOD_BLOCK,
+    RULES_BLOCK,
+    SHIFT_BLOCK,
+    apply_calibration,
+    calibration_metrics,
+    off_lines,
+    rule_status,
+)
 from .figures import (
     plot_confusion,
     plot_filtered_accuracy,
@@ -27,13 +35,22 @@ from .figures import (
     plot_uncertainty_boxes,
 )
 from .gallery import Gallery
-from .refusal import conformity_message, shift_message
+from .refusal import conformity_message
 from .report import write_report
+from .set_shift import shift_message
 from .uncertainty import uncertainty_report
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 ERRORS_FILE = "errors.pt"
+DECISIONS_FILE = "decisions.json"  # test and predict: each rule on or OFF and why, refusals, whole-set tests
+OFF = "off"  # predictions.csv's value in the column of a rule that is OFF
+RULE_COLUMNS = {
+    "referral": "refer",
+    "prediction_sets": "prediction_set",
+    "prediction_sets_marginal": "prediction_set_marginal",
+    "refusal": "out_of_distribution",
+}
 
 
 def concat_outputs(batches: list[dict]) -> dict:
@@ -125,12 +142,15 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
     return metrics
 
 
-def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -> Path:
+def write_predictions(path: str | Path, outputs: dict, class_names: list[str], rules: dict | None = None) -> Path:
     """predictions.csv: one row per image, sorted by id (columns documented in the README).
 
     Columns a model does not produce are left out: votes_*, error_* and forwards exist for
-    diffusion classifiers only, path and label only when the data has them.
+    diffusion classifiers only, path and label only when the data has them. The column of a decision
+    rule that is OFF (`rules`, decisions.rule_status) says "off" on every row, not a decision.
     """
+    off = {RULE_COLUMNS[rule] for rule, status in (rules or {}).items() if rule in RULE_COLUMNS and not status["on"]}
+    decision = lambda column, value: OFF if column in off else value  # noqa: E731
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     has = lambda key: key in outputs  # noqa: E731
@@ -155,10 +175,11 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str]) -
                 sets = [
                     set_names(outputs[key][i], class_names) for key in ("prediction_set", "prediction_set_marginal")
                 ]
-                row += [str(bool(outputs["refer"][i])).lower(), *sets]
+                row += [decision("refer", str(bool(outputs["refer"][i])).lower())]
+                row += [decision(key, value) for key, value in zip(("prediction_set", "prediction_set_marginal"), sets)]
             if has("out_of_distribution"):
                 row += [f"{float(outputs['ood_score'][i]):.6g}", f"{float(outputs['ood_pvalue'][i]):.6g}"]
-                row += [str(bool(outputs["out_of_distribution"][i])).lower()]
+                row += [decision("out_of_distribution", str(bool(outputs["out_of_distribution"][i])).lower())]
             writer.writerow(row)
     return path
 
@@ -204,30 +225,28 @@ class PerImageResults:
             self.gallery.add(images, outputs | (apply_calibration(calibration, outputs) if calibration else {}))
 
     def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None,
-               description: str = "") -> dict:  # fmt: skip
-        """Writes the files; returns metrics.json's content (empty without `metrics`; the
-        out-of-distribution block with a calibration). `settings`: a diffusion classifier's
-        ClassifierSettings; `info`: extra metrics.json entries; `calibration`: the run's
-        calibration.json, applied: predictions.csv gets `refer`, the prediction sets and the
-        out-of-distribution columns, metrics.json their blocks; `description`: the report's subtitle."""
+               description: str = "", calibration_note: str | None = None) -> dict:  # fmt: skip
+        """Writes the files; returns metrics.json's content (for predict: the decision blocks only).
+        `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries;
+        `calibration`: the run's calibration.json, applied: predictions.csv gets `refer`, the prediction
+        sets and the out-of-distribution columns, metrics.json their blocks; `calibration_note`: why there
+        is none (every rule is then OFF, and every output says so); `description`: the report's subtitle."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
         gallery = self.gallery.finish(trainer)
         decisions = apply_calibration(calibration, outputs) if calibration and outputs else {}
         outputs |= decisions
         numbers = test_metrics(outputs, len(self.class_names), settings) | (info or {}) if metrics else {}
-        decided = calibration_metrics(calibration, decisions, outputs if metrics else None) if decisions else {}
-        numbers |= decided
+        if decisions:
+            scored = outputs if metrics else {key: value for key, value in outputs.items() if key != "label"}
+            numbers |= calibration_metrics(calibration, decisions, scored, self.class_names)
+        numbers[RULES_BLOCK] = rule_status(calibration, calibration_note)
         # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
         # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
         directory = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero or not outputs:
             return numbers
-        if OOD_BLOCK in decided:
-            report_refusals(decided[OOD_BLOCK])
-        conformity = decided.get("conformal", {}).get("class_conditional", {}).get("test", {}).get("exchangeability")
-        if conformity and conformity["shifted"]:
-            print(f"warning: {conformity_message(conformity, self.class_names)}", file=sys.stderr)
-        path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names)
+        path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names, numbers[RULES_BLOCK])
+        write_decisions(directory, numbers)
         if "errors" in outputs:
             save_errors(directory / ERRORS_FILE, outputs)
         if metrics:
@@ -236,7 +255,7 @@ class PerImageResults:
             print(f"test results written to {directory}")
         else:
             print(f"{len(outputs['id'])} predictions written to {path}")
-        if OOD_BLOCK in decided:
+        if OOD_BLOCK in numbers:
             block = calibration[OOD_BLOCK]
             plot_ood_scores(block["calibration_scores"], outputs["ood_score"], block["threshold"], block["score"],
                             directory / "ood_scores.png")  # fmt: skip
@@ -248,6 +267,7 @@ class PerImageResults:
         if hasattr(experiment, "add_text"):
             experiment.add_text("report", f"open {report.resolve()} in a browser", global_step=trainer.global_step)
         print(f"report: {report}")
+        report_decisions(numbers, self.class_names)  # the run's last lines: what was decided, what was OFF
         return numbers
 
     def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
@@ -285,15 +305,37 @@ class PerImageResults:
                 experiment.add_figure(f"test/{figure_name}", figure, global_step=trainer.global_step)
 
 
-def report_refusals(numbers: dict) -> None:
-    """How many images were refused, and, when the set failed the whole-set test, the one line that says so."""
-    print(
-        f"out of distribution: {numbers['n_refused']} of {numbers['shift']['n_images']} images refused "
-        f"({numbers['score']} score, conformal p-value < {numbers['alpha']})"
-    )
-    message = shift_message(numbers)
-    if message:
-        print(f"warning: {message}", file=sys.stderr)
+def decision_lines(numbers: dict, class_names: list[str]) -> tuple[list[str], list[str]]:
+    """(notes, warnings) a run ends with: how many images were refused, each rule that is OFF and why, and a
+    warning when the set is not like the validation images."""
+    notes, warnings = [], off_lines(numbers[RULES_BLOCK])
+    refusal = numbers.get(OOD_BLOCK)
+    if refusal and refusal["feasible"]:
+        notes.append(f"out of distribution: {refusal['n_refused']} of {refusal['n_images']} images refused "
+                     f"({refusal['score']} score, conformal p-value < {refusal['alpha']})")  # fmt: skip
+    message = shift_message(numbers[SHIFT_BLOCK]) if SHIFT_BLOCK in numbers else None
+    warnings += [message] if message else []
+    conformity = numbers.get("conformal", {}).get("class_conditional", {}).get("test", {}).get("exchangeability")
+    if conformity and conformity["shifted"]:
+        warnings.append(conformity_message(conformity, class_names))
+    return notes, warnings
+
+
+def report_decisions(numbers: dict, class_names: list[str]) -> None:
+    notes, warnings = decision_lines(numbers, class_names)
+    for line in notes:
+        print(line)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+
+
+def write_decisions(directory: Path, numbers: dict) -> Path:
+    """decisions.json: the rules (on or OFF, why), the refusal counts and the whole-set tests, for test and predict
+    alike (tools/classify.py reads it for its summary)."""
+    keep = (RULES_BLOCK, OOD_BLOCK, SHIFT_BLOCK)
+    path = Path(directory) / DECISIONS_FILE
+    path.write_text(json.dumps({key: numbers[key] for key in keep if key in numbers}, indent=2) + "\n")
+    return path
 
 
 def newest_metrics(run_dir: str | Path) -> Path:

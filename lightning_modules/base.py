@@ -27,7 +27,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from evaluation.decisions import OOD_BLOCK, CalibrationSettings, calibrate
+from evaluation.binding import binding_mismatch, short, weights_digest
+from evaluation.decisions import (
+    OOD_BLOCK,
+    SHIFT_BLOCK,
+    CalibrationSettings,
+    calibrate,
+    calibration_lines,
+    rule_status,
+    rules_off,
+)
 from evaluation.results import PerImageResults, concat_outputs, gather_unique
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
@@ -60,6 +69,7 @@ class ClassifierModule(L.LightningModule):
         self.calibration = calibration
         self.validation_rows: list[dict] = []
         self.calibration_rows: list[dict] = []
+        self.calibration_note: str | None = None  # why test / predict run without a calibration
 
     # ---- what a subclass provides ----------------------------------------------------------
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
@@ -77,6 +87,10 @@ class ClassifierModule(L.LightningModule):
     def results_settings(self):
         """The diffusion classifiers' ClassifierSettings (metrics.json's N, rule, forwards); None otherwise."""
         return None
+
+    def decision_settings(self) -> dict:
+        """The options that change a per-image output, which a calibration is bound to (evaluation/binding.py)."""
+        return {}
 
     @staticmethod
     def passed_through(batch: dict) -> dict:
@@ -113,51 +127,77 @@ class ClassifierModule(L.LightningModule):
 
     # ---- calibration ------------------------------------------------------------------------
     def calibration_file(self) -> Path:
-        """calibration.json of the run whose checkpoint classifies: beside its checkpoints/ folder
-        (so tools/classify.py finds it for new images), or in default_root_dir."""
+        """calibration.json of the run whose checkpoint classifies: beside its checkpoints/ folder (so
+        tools/classify.py finds it for new images), whether the checkpoint is named by a relative or absolute
+        path or through a symlink to it; or in default_root_dir."""
         checkpoint = self.trainer.ckpt_path
-        if checkpoint and Path(checkpoint).parent.name == "checkpoints":
-            return Path(checkpoint).parent.parent / CALIBRATION_FILE
+        if checkpoint:
+            named, resolved = Path(checkpoint), Path(checkpoint).resolve()
+            runs = [path.parent.parent for path in (named, resolved) if path.parent.name == "checkpoints"]
+            for run in runs:
+                if (run / CALIBRATION_FILE).is_file():
+                    return run / CALIBRATION_FILE
+            if runs:
+                return runs[0] / CALIBRATION_FILE
         return Path(self.trainer.default_root_dir) / CALIBRATION_FILE
 
     def write_calibration(self, outputs: dict) -> None:
         if not outputs:
             return
+        self.check_whole_validation_split(len(outputs["id"]))
         try:
             calibration = calibrate(outputs, self.calibration, len(self.class_names), self.ood_score_name())
-        except ValueError as refusal:  # too few validation images for the guarantees asked: validate still reports
-            rank_zero_warn(f"validation did not calibrate referral and prediction sets: {refusal}")
+        except ValueError as refusal:  # not labelled: validate still reports its metrics
+            rank_zero_warn(f"validation did not calibrate the decision rules: {refusal}")
             return
-        calibration["checkpoint"] = self.weights_origin()
+        calibration |= {"weights": weights_digest(self), "classification": self.decision_settings(),
+                        "checkpoint": self.weights_origin()}  # fmt: skip
         if self.trainer.is_global_zero:
             file = self.calibration_file()
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps(calibration, indent=2) + "\n")
-            referral, sets = calibration["referral"], calibration["conformal"]["class_conditional"]
-            refusal = calibration[OOD_BLOCK]
-            rank_zero_info(
-                f"calibrated on {calibration['n_calibration']} validation images -> {file}: referral threshold "
-                f"{referral['threshold']:.4g} (validation coverage {referral['coverage']:.3f}, accuracy "
-                f"{referral['accuracy']:.3f}); conformal sets at alpha {self.calibration.alpha}, per-class "
-                f"thresholds {[round(q, 4) for q in sets['q']]} ({sets['correction']}); out-of-distribution "
-                f"refusal: {refusal['score']} score, p < {refusal['alpha']} against {refusal['n_calibration']} "
-                "calibration images"
-                + (f" ({refusal['n_reference']} more fitted its time profile)" if refusal["n_reference"] else "")
+            rank_zero_info(f"calibrated on {calibration['n_calibration']} validation images (weights "
+                           f"{short(calibration['weights'])}) -> {file}")  # fmt: skip
+            status = rule_status(calibration)
+            for rule, line in calibration_lines(calibration).items():
+                if status[rule]["on"]:
+                    rank_zero_info(f"  {line}")
+            for line in rules_off(calibration):
+                rank_zero_warn(line)
+
+    def check_whole_validation_split(self, calibrated: int) -> None:
+        """Refuse to calibrate on part of the validation split: the refusal would be off for too few images,
+        the thresholds noisier, and nothing would say so. cli.py's validate asks for all of it."""
+        loaders = self.trainer.val_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and len(loaders) == 1 else loaders
+        dataset = getattr(loader, "dataset", None)
+        total = len(dataset) if hasattr(dataset, "__len__") else None
+        if total is not None and calibrated < total:
+            raise ValueError(
+                f"validate classified {calibrated} of the {total} validation images "
+                f"(trainer.limit_val_batches={self.trainer.limit_val_batches}): a calibration needs the whole "
+                "validation split; run validate with --trainer.limit_val_batches 1.0"
             )
-            if not refusal["feasible"]:
-                rank_zero_warn(f"out-of-distribution refusal is off: {refusal['reason']}")
 
     def load_calibration(self) -> dict | None:
-        """The run's calibration, if `validate` wrote one for these weights; otherwise None, and a note."""
+        """The run's calibration, if `validate` wrote one for these weights and settings; otherwise None, and a
+        line saying why (also kept in `calibration_note` for metrics.json and the report)."""
+        self.calibration_note = None
         file = self.calibration_file()
         if not file.is_file():
-            rank_zero_info(f"no {file}: run `python cli.py validate ... --ckpt_path <the same>` to calibrate referral "
-                           "and prediction sets on the validation split")  # fmt: skip
+            self.calibration_note = (f"no calibration ({file} does not exist): run `python cli.py validate "
+                                     "... --ckpt_path <the same>` to calibrate them")  # fmt: skip
+            rank_zero_info(self.calibration_note)
             return None
-        calibration = json.loads(file.read_text())
-        if calibration.get("checkpoint") != self.weights_origin():
-            rank_zero_warn(f"{file} was calibrated for {calibration.get('checkpoint')}, not {self.weights_origin()}: "
-                           "not applied; run `validate` with these weights to calibrate them")  # fmt: skip
+        try:
+            calibration = json.loads(file.read_text())
+            mismatch = binding_mismatch(calibration, weights_digest(self), self.decision_settings())
+        except (ValueError, AttributeError) as error:
+            mismatch = f"it cannot be read ({type(error).__name__}: {error})"
+        if mismatch:
+            self.calibration_note = (f"{file} not applied: {mismatch}; run `validate` with these weights and "
+                                     "settings to calibrate them")  # fmt: skip
+            rank_zero_warn(self.calibration_note)
             return None
         if OOD_BLOCK not in calibration:
             rank_zero_warn(f"{file} has no out-of-distribution block (written before refusals existed): referral "
@@ -188,13 +228,18 @@ class ClassifierModule(L.LightningModule):
         metrics = self.results.finish(
             self.trainer, metrics=True, settings=self.results_settings(), info=info,
             calibration=self.active_calibration, description=self.report_description(),
+            calibration_note=self.calibration_note,
         )  # fmt: skip
         scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
         scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
-        refusal = metrics.get(OOD_BLOCK, {})
-        achieved = {"selective": metrics.get("selective", {}).get("test", {}),
-                    "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {}),
-                    "ood": refusal, "ood_shift": refusal.get("shift", {})}  # fmt: skip
+        shift = metrics.get(SHIFT_BLOCK, {})
+        achieved = {
+            "selective": metrics.get("selective", {}).get("test", {}),
+            "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {}),
+            "ood": metrics.get(OOD_BLOCK, {}),
+            "set_shift": shift,
+            "set_shift_pvalue": {name: test["pvalue"] for name, test in shift.get("tests", {}).items()},
+        }
         for block, numbers in achieved.items():
             scalars |= {f"{block}/{key}": value for key, value in numbers.items() if isinstance(value, float)}
         self.log_dict({f"test/{key}": value for key, value in scalars.items() if not math.isnan(value)})
@@ -209,4 +254,4 @@ class ClassifierModule(L.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         self.results.finish(self.trainer, metrics=False, calibration=self.active_calibration,
-                            description=self.report_description())  # fmt: skip
+                            description=self.report_description(), calibration_note=self.calibration_note)  # fmt: skip

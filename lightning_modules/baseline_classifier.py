@@ -155,6 +155,9 @@ class BaselineClassifier(ClassifierModule):
         probs, energy = self.probabilities_and_energy(batch["image"])
         return outputs_from_probs(probs) | {"energy": energy} | self.passed_through(batch)
 
+    def decision_settings(self) -> dict:
+        return {key: self.hparams[key] for key in ("test_time_flips", "mc_dropout_passes", "standardize")}
+
     def results_info(self) -> dict:
         return {
             "model": self.display_name,

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
 from diffusion.explain import ExplainSettings, explain_batch
-from diffusion.noise import VALIDATION_LOSS_SEED, shared_noise
+from diffusion.noise import VALIDATION_LOSS_SEED, image_keys, shared_noise
 from diffusion.voting import summarize
 from evaluation.decisions import CalibrationSettings
 from evaluation.explanations import ExplanationOutputs
@@ -101,7 +101,9 @@ class DiffusionClassifierBase(ClassifierModule):
     # ---- training and validation -----------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         x = self.encode(batch["image"])
-        t, eps = shared_noise(batch["id"].to(x.device), range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED)
+        t, eps = shared_noise(
+            image_keys(batch["image"]).to(x.device), range(1), tuple(x.shape[1:]), VALIDATION_LOSS_SEED
+        )
         loss = self.diffusion_loss(x, batch["label"], t[:, 0].to(x.dtype), eps[:, 0].to(x.dtype), dropout=0.0)
         self.log("val/loss", loss, batch_size=len(x), sync_dist=True)
         if self.calibrating():  # `validate`: as test classifies, for the calibration
@@ -112,17 +114,19 @@ class DiffusionClassifierBase(ClassifierModule):
 
     # ---- classification -------------------------------------------------------------------
     def classify(self, batch: dict, settings: ClassifierSettings, x: Tensor | None = None) -> dict[str, Tensor]:
-        """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path."""
+        """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path.
+        The (eps, t) pairs are keyed by each image's content (diffusion.noise.image_keys), not its row id."""
         x = self.encode(batch["image"]) if x is None else x
+        keys = image_keys(batch["image"]).to(x.device)
         try:
-            run = classify_images(self.denoiser(), x, batch["id"], self.hparams.num_classes, self.schedule, settings)
+            run = classify_images(self.denoiser(), x, keys, self.hparams.num_classes, self.schedule, settings)
         except NonFiniteOutputError as error:
             raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
         outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
         # what the out-of-distribution scores read: the best class's error at each step, and the step's t
         outputs |= {
             "step_errors": step_profile(run["errors"]),
-            "step_times": step_times(batch["id"].to(x.device), settings),
+            "step_times": step_times(keys, settings),
         }
         return outputs | self.passed_through(batch)
 
@@ -146,6 +150,11 @@ class DiffusionClassifierBase(ClassifierModule):
 
     def results_settings(self) -> ClassifierSettings:
         return self.classification
+
+    def decision_settings(self) -> dict:
+        # max_forward_batch changes how the pairs are cut into forwards, never a result (tests/test_classify.py)
+        return {key: value for key, value in dataclasses.asdict(self.classification).items()
+                if key != "max_forward_batch"}  # fmt: skip
 
     # ---- explanation ----------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
@@ -176,16 +185,16 @@ class DiffusionClassifierBase(ClassifierModule):
         if settings.flip_steps > 0:
             flip_settings = dataclasses.replace(self.classification, num_steps=settings.flip_steps)
 
-            def classify_pixels(images: Tensor, ids: Tensor) -> Tensor:
-                return self.classify({"image": images, "id": ids}, flip_settings)["prediction"]
+            def classify_pixels(images: Tensor, keys: Tensor) -> Tensor:
+                return self.classify({"image": images, "id": keys}, flip_settings)["prediction"]
 
         images = batch["image"]
-        return explain_batch(
+        record = explain_batch(
             self.denoiser(),
             self.explanation_transform(images),
             self.schedule,
             images,
-            batch["id"],
+            image_keys(images),  # the explanation noise is the image's own, like its classification pairs
             factual,
             self.hparams.num_classes,
             self.null_label,
@@ -194,3 +203,4 @@ class DiffusionClassifierBase(ClassifierModule):
             self.classification.max_forward_batch,
             masks=batch.get("mask"),
         )
+        return record | {"id": batch["id"]}  # rows are kept by row id

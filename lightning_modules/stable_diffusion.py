@@ -202,6 +202,9 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
     def results_info(self) -> dict:
         return {"prompts": self.class_prompts}
 
+    def decision_settings(self) -> dict:
+        return super().decision_settings() | {"prompts": self.class_prompts}
+
     def weights_origin(self) -> str:
         return self.trainer.ckpt_path or self.pretrained
 

@@ -127,7 +127,10 @@ def test_mann_whitney_u_counts_pairs_and_its_variance_is_the_exact_permutation_v
     assert float(us.mean()) == pytest.approx(n * m / 2)
     z = (pairs - n * m / 2) / float(us.var(unbiased=False).sqrt())
     assert result["z"] == pytest.approx(z)
-    assert result["pvalue"] == pytest.approx(0.5 * math.erfc(z / math.sqrt(2)))
+    assert result["pvalue"] == pytest.approx(math.erfc(abs(z) / math.sqrt(2)))  # two-sided
+    assert shift_test(calibration, scores, 0.05, "greater")["pvalue"] == pytest.approx(
+        0.5 * math.erfc(z / math.sqrt(2))
+    )
     assert result["mean_pvalue"] == pytest.approx(float(conformal_pvalues(calibration, scores).mean()))
 
 

@@ -4,6 +4,7 @@ headless Chromium opens it from disk with every image loaded and no error in the
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 import shutil
@@ -68,7 +69,9 @@ def test_the_test_report_shows_the_runs_own_numbers(reports):
     text = reports["test"].read_text()
     refusal = metrics["out_of_distribution"]
     assert f"{refusal['n_refused']} of 100 refused" in text
-    assert f"{metrics['selective']['test']['n_referred']} of 100 referred" in text
+    referral = metrics["rules"]["referral"]  # OFF for this model: 200 images certify no 95 % accuracy
+    on = f"{metrics['selective']['test']['n_referred']} of 100 referred"
+    assert (on if referral["on"] else html.escape(f"OFF: {referral['reason']}")) in text
     # every figure the run wrote is in the page, embedded: nothing is fetched
     assert all(src.startswith("data:image/png;base64,") for src in page.images)
     figures = [p for p in reports["test"].parent.glob("*.png")]

@@ -26,7 +26,9 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 import cli
-from evaluation.results import PREDICTIONS_FILE
+from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines, rule_status
+from evaluation.results import DECISIONS_FILE, PREDICTIONS_FILE
+from evaluation.set_shift import shift_message
 from networks.weights import load_weights_file
 from tools.experiments import experiment_config
 
@@ -90,25 +92,32 @@ def newest_predictions(output: Path) -> Path:
 
 
 def summary(predictions: Path, checkpoint: Path) -> str:
-    """What a person reads first: how many images were refused as unlike the training data, then the
-    answers of the others and how many of those are referred for uncertainty."""
+    """What a person reads first: each decision rule that is OFF and why, how many images were refused as
+    unlike the training data, then the answers of the others and how many of those are referred for
+    uncertainty, and whether the set as a whole looked like the validation images."""
     with predictions.open() as handle:
         rows = list(csv.DictReader(handle))
+    decisions_file = predictions.parent / DECISIONS_FILE
+    decisions = json.loads(decisions_file.read_text()) if decisions_file.is_file() else {}
+    rules = decisions.get(RULES_BLOCK) or rule_status(None, f"no {decisions_file} was written")
     lines = [f"Classified {len(rows)} images with {checkpoint} -> {predictions}"]
+    lines += [f"  {line}" for line in off_lines(rules)]
     answered = rows
-    if rows and "out_of_distribution" in rows[0]:
+    if rules["refusal"]["on"]:
         refused = [row for row in rows if row["out_of_distribution"] == "true"]
         answered = [row for row in rows if row["out_of_distribution"] != "true"]
         lines.append(f"  {len(refused)} of {len(rows)} images refused: unlike the images the model was calibrated "
                      "on (out_of_distribution = true); no answer is given for them")  # fmt: skip
-    else:
-        lines.append("  no image was checked for being unlike the training data: the run has no calibration of "
-                     "these weights with refusals (python cli.py validate ... --ckpt_path <the same>)")  # fmt: skip
     counts = Counter(row["predicted_class"] for row in answered)
     lines.append(f"  {len(answered)} answered: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
-    if answered and "refer" in answered[0]:
+    if rules["referral"]["on"]:
         referred = sum(row["refer"] == "true" for row in answered)
         lines.append(f"  {referred} of the answered referred to a human for uncertainty (refer = true)")
+    shift = decisions.get(SHIFT_BLOCK)
+    if shift:
+        lines.append(f"  warning: {shift_message(shift)}" if shift["shifted"] else
+                     f"  no whole-set check fired: {', '.join(shift['tests'])} all like the validation images' at "
+                     f"level {shift['level']}")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from lightning import LightningDataModule
 from datamodules import MedMNISTDataModule, SyntheticDataModule
 from datamodules.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 from diffusion.classify import segment_errors
+from diffusion.noise import image_keys
 from evaluation.calibration import binomial_cdf
 from evaluation.ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
 from evaluation.refusal import calibrate_refusal, conformal_pvalues, detection_report
@@ -79,7 +80,8 @@ def unconditional_step_errors(model, batch: dict) -> torch.Tensor:
     steps = torch.arange(settings.num_steps, device=x.device)
     if settings.stratified:
         raise ValueError("--null-label supports unstratified classification only")
-    return segment_errors(model.denoiser(), x, batch["id"], steps, classes, model.schedule, settings)[:, 0]
+    keys = image_keys(batch["image"]).to(x.device)  # the classification's own pairs: keyed by the image
+    return segment_errors(model.denoiser(), x, keys, steps, classes, model.schedule, settings)[:, 0]
 
 
 def score_names(model, null_label: bool) -> list[str]:
