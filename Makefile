@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install lint demo test test-all bench bench-data ood-bench results tensorboard clean
+.PHONY: help install lint demo test test-all bench bench-data ood-bench shift-bench results tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -15,7 +15,7 @@ demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min)
 	rm -rf runs/demo
 	@start=$$(date +%s); \
 	$(PYTHON) cli.py fit --config configs/demo.yaml && \
-	$(PYTHON) cli.py validate --config configs/demo.yaml --ckpt_path last --trainer.limit_val_batches 1.0 && \
+	$(PYTHON) cli.py validate --config configs/demo.yaml --ckpt_path last && \
 	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
 	seconds=$$(( $$(date +%s) - start )) && \
 	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
@@ -41,6 +41,12 @@ ood-bench: install  ## out-of-distribution refusal of the demo UNet and a ResNet
 	$(PYTHON) -m tools.ood_benchmark runs/demo/checkpoints/last.ckpt runs/baseline_demo/checkpoints/last.ckpt \
 		--markdown ood_benchmark.md
 
+shift-bench: install  ## does refusal see a second hospital? site shifts of PneumoniaMNIST, UNet vs ResNet-18 (~20 min on CPU)
+	@test -f runs/unet_pneumoniamnist/checkpoints/last.ckpt || $(PYTHON) cli.py fit --config configs/unet_pneumoniamnist.yaml
+	@test -f runs/resnet18_pneumoniamnist/checkpoints/last.ckpt || $(PYTHON) cli.py fit --config configs/resnet18_pneumoniamnist.yaml
+	$(PYTHON) -m tools.shift_benchmark runs/unet_pneumoniamnist/checkpoints/last.ckpt \
+		--baseline runs/resnet18_pneumoniamnist/checkpoints/last.ckpt --markdown shift_benchmark.md
+
 bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
 	$(PYTHON) -m tools.bench_data
 
@@ -51,7 +57,7 @@ tensorboard:  ## watch the runs under runs/
 	$(PYTHON) -m tensorboard.main --logdir runs
 
 clean:  ## remove runs and caches
-	rm -rf runs .pytest_cache bench.json ood_benchmark.json ood_benchmark.md
+	rm -rf runs .pytest_cache bench.json ood_benchmark.json ood_benchmark.md shift_benchmark.json shift_benchmark.md
 
 # make slurm-job CONFIG=configs/unet_chexpert.yaml NODES=2 GPUS=4 [TIME= PARTITION= ACCOUNT= CPUS= MEM= EXTRA="..."] > job.sbatch
 NODES ?= 1

@@ -82,7 +82,19 @@ class ClassifierModule(L.LightningModule):
 
     def weights_origin(self) -> str | None:
         """Where the classifying weights come from (metrics.json's `checkpoint`); None: untrained."""
-        return self.trainer.ckpt_path
+        folder = getattr(self, "pretrained_folder", None)
+        return self.trainer.ckpt_path or (str(folder) if folder else None)
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        """The classifier exported to `folder` by tools/export.py (safetensors weights, nothing unpickled), its
+        weights checked against the digest of its config.yaml; test and predict apply the folder's calibration."""
+        from .pretrained import PretrainedFolderError, load_pretrained
+
+        model = load_pretrained(folder)
+        if not isinstance(model, cls):
+            raise PretrainedFolderError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
 
     def results_settings(self):
         """The diffusion classifiers' ClassifierSettings (metrics.json's N, rule, forwards); None otherwise."""
@@ -130,6 +142,9 @@ class ClassifierModule(L.LightningModule):
         """calibration.json of the run whose checkpoint classifies: beside its checkpoints/ folder (so
         tools/classify.py finds it for new images), whether the checkpoint is named by a relative or absolute
         path or through a symlink to it; or in default_root_dir."""
+        folder = getattr(self, "pretrained_folder", None)
+        if folder:  # an exported model (lightning_modules/pretrained.py)
+            return Path(folder) / CALIBRATION_FILE
         checkpoint = self.trainer.ckpt_path
         if checkpoint:
             named, resolved = Path(checkpoint), Path(checkpoint).resolve()

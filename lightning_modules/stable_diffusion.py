@@ -84,6 +84,7 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
 
     # paths stay out of the checkpoint: `--ckpt_path` would otherwise put back the training machine's ones
     hparams_ignored = ("weights_dir", "finetuned_checkpoint")
+    frozen_parts = ("vae", "text_encoder")  # loaded from weights_dir, never trained: an export names them only
 
     def __init__(
         self,

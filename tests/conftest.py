@@ -131,6 +131,22 @@ def tiny_baseline_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def calibrated_tiny_run(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A copy of the tiny run calibrated by validate on 200 validation images: enough for the refusal at ood_alpha
+    0.01 (100 fit the time profile, 100 calibrate). Read it, never write into it."""
+    import shutil
+
+    from cli import main
+    from tests.helpers.runs import tiny_args
+
+    run = tmp_path_factory.mktemp("calibrated_tiny") / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_checkpoint, run / "checkpoints" / "last.ckpt")
+    main(["validate", *tiny_args(run), "--data.init_args.num_val=200", f"--ckpt_path={run / 'checkpoints/last.ckpt'}"])
+    return run
+
+
+@pytest.fixture(scope="session")
 def chexpert_root(tmp_path_factory) -> Path:
     """A tiny CheXpert tree (tests.helpers.publishers.make_chexpert), read by several test files."""
     from tests.helpers.publishers import make_chexpert

@@ -7,13 +7,10 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from cli import main
 from diffusion.noise import image_keys
-from tests.helpers.runs import tiny_args
 from tools import classify
 
 BOOKKEEPING = ("id", "path")  # the row's position in this listing and where the file lies: all else is the image's
@@ -31,16 +28,6 @@ def test_keys_depend_on_the_pixels_alone():
     changed[4, 1, 7, 3] += 2 / 255  # one level of one channel of one pixel
     assert image_keys(changed)[4] != keys[4] and torch.equal(image_keys(changed)[:4], keys[:4])
     assert image_keys(images[:, :, :8])[0] != image_keys(images[:, :, 8:])[0]
-
-
-@pytest.fixture(scope="module")
-def calibrated_run(tiny_checkpoint, tmp_path_factory) -> Path:
-    """The tiny run calibrated on 200 validation images: enough for the refusal at ood_alpha 0.01 (100 + 100)."""
-    run = tmp_path_factory.mktemp("keyed") / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    shutil.copy(tiny_checkpoint, run / "checkpoints" / "last.ckpt")
-    main(["validate", *tiny_args(run), "--data.init_args.num_val=200", f"--ckpt_path={run / 'checkpoints/last.ckpt'}"])
-    return run
 
 
 def write_images(folder: Path, count: int, seed: int) -> list[Path]:
@@ -64,7 +51,8 @@ def row_of(found: list[dict], name: str) -> dict:
     return {key: value for key, value in row.items() if key not in BOOKKEEPING}
 
 
-def test_an_images_row_is_its_own_whatever_else_is_listed_with_it(calibrated_run, tmp_path):
+def test_an_images_row_is_its_own_whatever_else_is_listed_with_it(calibrated_tiny_run, tmp_path):
+    calibrated_run = calibrated_tiny_run
     crowd = write_images(tmp_path / "ward_a", 49, seed=0)
     alone = tmp_path / "alone"
     alone.mkdir()

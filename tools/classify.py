@@ -29,6 +29,7 @@ import cli
 from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines, rule_status
 from evaluation.results import DECISIONS_FILE, PREDICTIONS_FILE
 from evaluation.set_shift import shift_message
+from lightning_modules.pretrained import is_pretrained_folder, read_config
 from networks.weights import load_weights_file
 from tools.experiments import experiment_config
 
@@ -57,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "checkpoint", type=Path, help="a checkpoint of a run of this suite (e.g. runs/demo/checkpoints/last.ckpt)"
+        "checkpoint",
+        type=Path,
+        help="a checkpoint of a run of this suite (e.g. runs/demo/checkpoints/last.ckpt), or a folder of tools.export",
     )
     parser.add_argument(
         "source", type=Path, help="a folder of images, or a CSV with a path column (and optionally label)"
@@ -72,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(own)  # fmt: skip
     args.output = args.output or Path("runs/classified") / args.source.stem
     try:
-        checkpoint = load_weights_file(args.checkpoint)
-        config = experiment_config(args.checkpoint, checkpoint)
+        config, hyperparameters = model_config(args.checkpoint)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -81,10 +83,21 @@ def main(argv: list[str] | None = None) -> int:
     config_file = args.output / "trained_with.yaml"
     config_file.write_text(config if config.endswith("\n") else config + "\n")
     yaml.safe_load(config)  # fail here, not inside the CLI, if the stored config is not YAML
-    status = cli.run([*cli_arguments(args, config_file, checkpoint["hyper_parameters"]), *extra])
+    status = cli.run([*cli_arguments(args, config_file, hyperparameters), *extra])
     if status == 0 and rank_zero_only.rank == 0:
         print(summary(newest_predictions(args.output), args.checkpoint))
     return status
+
+
+def model_config(source: Path) -> tuple[str, dict]:
+    """(experiment config as YAML, the model's class names and image size) of a checkpoint, or of a folder
+    exported by tools/export.py (its config.yaml; one process on one device unless options after `--` say more)."""
+    if is_pretrained_folder(source):
+        exported = read_config(source)
+        config = {"model": exported["model"], "trainer": {"devices": 1}}
+        return yaml.safe_dump(config, sort_keys=False), exported["model"]["init_args"]
+    checkpoint = load_weights_file(source)
+    return experiment_config(source, checkpoint), checkpoint["hyper_parameters"]
 
 
 def newest_predictions(output: Path) -> Path:

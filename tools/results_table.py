@@ -50,10 +50,15 @@ CALIBRATED_COLUMNS = (
     ("set size", "conformal.class_conditional.test.mean_set_size", "{:.2f}"),
 )
 PERCENT = {"accuracy", "selective.test.accuracy"}
+OFF = "OFF"  # the cell of a calibrated column whose rule was off in that run (metrics.json `rules`)
+RULE_OF = {"selective": "referral", "conformal": "prediction_sets"}
 
 
 def metric(metrics: dict, key: str):
-    """A metrics.json value by its dotted path; None where the run has none."""
+    """A metrics.json value by its dotted path; None where the run has none; OFF where its rule was off."""
+    rule = RULE_OF.get(key.split(".")[0])
+    if rule and not metrics.get("rules", {}).get(rule, {"on": True})["on"]:
+        return OFF
     for part in key.split("."):
         metrics = metrics.get(part) if isinstance(metrics, dict) else None
     return metrics
@@ -173,7 +178,8 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
             metrics = by_key.get((model, dataset), {})
             for title, key, _ in shown:
                 value = metric(metrics, key)
-                row[f"{dataset} {title}"] = None if value is None else value * 100 if key in PERCENT else value
+                scaled = value * 100 if key in PERCENT and isinstance(value, float) else value
+                row[f"{dataset} {title}"] = scaled
         rows.append(row)
     return columns, rows
 
@@ -181,6 +187,8 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
 def _markdown_cell(value, fmt: str) -> str:
     if value is None:
         return "-"
+    if value == OFF:
+        return OFF
     return "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
 
 

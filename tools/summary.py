@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from evaluation.decisions import OOD_BLOCK
+from evaluation.decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
@@ -53,25 +53,29 @@ def summary_table(metrics: dict, seconds: float | None = None) -> str:
 
 
 def decisions_summary(metrics: dict) -> str | None:
-    """What the calibrated rules did on the test images; None when the run had no calibration."""
-    if "selective" not in metrics:
+    """What the calibrated rules did on the test images, each rule that was OFF and why; None for a run written
+    before rules were reported."""
+    if RULES_BLOCK not in metrics:
         return None
-    n, rows = metrics["n_images"], []
+    n, rows, rules = metrics["n_images"], [], metrics[RULES_BLOCK]
+    rows += [("OFF", line) for line in off_lines(rules)]
     refusal = metrics.get(OOD_BLOCK)
-    if refusal:
-        shift = refusal["shift"]
+    if refusal and rules["refusal"]["on"]:
         rows.append(("refused: unlike the training data", f"{refusal['n_refused']} of {n} "
                      f"(p < {refusal['alpha']}, {refusal['score']} score)"))  # fmt: skip
-        verdict = "NOT like it: the guarantees do not hold" if shift["shifted"] else "like it: the guarantees hold"
-        rows.append(("the test set vs validation", f"{verdict} (Mann-Whitney p = {shift['pvalue']:.2g})"))
-    referral = metrics["selective"]
-    test = referral["test"]
-    accuracy = f"; accuracy on the answered {test['accuracy']:.3f}" if test["n_accepted"] else ""
-    rows.append(
-        ("referred to a human", f"{test['n_referred']} of {n}{accuracy} (target {referral['target_accuracy']})")
-    )
-    sets = metrics["conformal"]["class_conditional"]["test"]
-    if "coverage" in sets:
+    shift = metrics.get(SHIFT_BLOCK)
+    if shift:
+        verdict = (f"NOT like it ({', '.join(shift['fired'])}): the guarantees do not hold" if shift["shifted"]
+                   else "no check fired")  # fmt: skip
+        rows.append(("the test set vs validation", f"{verdict} (Bonferroni p = {shift['pvalue']:.2g})"))
+    if rules["referral"]["on"]:
+        referral, test = metrics["selective"], metrics["selective"]["test"]
+        accuracy = f"; accuracy on the answered {test['accuracy']:.3f}" if test["n_accepted"] else ""
+        rows.append(
+            ("referred to a human", f"{test['n_referred']} of {n}{accuracy} (target {referral['target_accuracy']})")
+        )
+    sets = metrics.get("conformal", {}).get("class_conditional", {}).get("test", {})
+    if rules["prediction_sets"]["on"] and "coverage" in sets:
         promised = 1 - metrics["conformal"]["alpha"]
         rows.append(("prediction sets", f"hold the label for {sets['coverage']:.1%} of the answered (promised >= "
                      f"{promised:.0%}), mean size {sets['mean_set_size']:.2f}"))  # fmt: skip
