@@ -11,11 +11,12 @@ help:  ## list the targets
 install:  ## install the pinned requirements (idempotent: pip skips what is there)
 	$(PIP) install -q --root-user-action=ignore -r requirements.txt
 
-demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min): fit, calibrate, test, explain, reports
+demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min): fit, calibrate, export, test, explain, reports
 	rm -rf runs/demo
 	@start=$$(date +%s); \
 	$(PYTHON) cli.py fit --config configs/demo.yaml && \
 	$(PYTHON) cli.py validate --config configs/demo.yaml --ckpt_path last && \
+	$(PYTHON) -m tools.export runs/demo && \
 	$(PYTHON) cli.py test --config configs/demo.yaml --ckpt_path last && \
 	seconds=$$(( $$(date +%s) - start )) && \
 	$(PYTHON) cli.py predict --config configs/demo.yaml --ckpt_path last --model.init_args.explain true \
@@ -45,7 +46,7 @@ shift-bench: install  ## does refusal see a second hospital? site shifts of Pneu
 	@test -f runs/unet_pneumoniamnist/checkpoints/last.ckpt || $(PYTHON) cli.py fit --config configs/unet_pneumoniamnist.yaml
 	@test -f runs/resnet18_pneumoniamnist/checkpoints/last.ckpt || $(PYTHON) cli.py fit --config configs/resnet18_pneumoniamnist.yaml
 	$(PYTHON) -m tools.shift_benchmark runs/unet_pneumoniamnist/checkpoints/last.ckpt \
-		--baseline runs/resnet18_pneumoniamnist/checkpoints/last.ckpt --markdown shift_benchmark.md
+		--baseline runs/resnet18_pneumoniamnist/checkpoints/last.ckpt --markdown shift_benchmark.md --cache runs/shift_benchmark_cache
 
 bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
 	$(PYTHON) -m tools.bench_data

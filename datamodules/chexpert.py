@@ -29,7 +29,7 @@ class CheXpertDataModule(TableDataModule):
         both: rows with both `No Finding` == 1 and `Pleural Effusion` == 1 (after `uncertain`):
             "drop" (default), "positive" or "negative".
         **kwargs: the shared options of `TableDataModule` (image_size, batch_size, num_workers,
-            seed, balance, split_fractions, splits_file, cache_dir, verify_images, crop).
+            seed, balance, split_fractions, splits_file, cache_dir, verify_images, crop, num_folds, fold).
     """
 
     name = "chexpert"

@@ -29,7 +29,7 @@ class CSVDataModule(TableDataModule):
             None: the sorted distinct labels (numerically when they are all numbers).
         balance: undersample every class to the smallest (within each given split); off by default.
         **kwargs: the shared options of `TableDataModule` (image_size, batch_size, num_workers,
-            seed, split_fractions, splits_file, cache_dir, verify_images, crop).
+            seed, split_fractions, splits_file, cache_dir, verify_images, crop, num_folds, fold).
     """
 
     def __init__(self, root: str, csv: str, class_names: list[str] | None = None, balance: bool = False, **kwargs):

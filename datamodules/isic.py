@@ -28,7 +28,7 @@ class ISICDataModule(TableDataModule):
     Args:
         root: folder holding the files above (one or both years).
         **kwargs: the shared options of `TableDataModule` (image_size, batch_size, num_workers,
-            seed, balance, split_fractions, splits_file, cache_dir, verify_images, crop).
+            seed, balance, split_fractions, splits_file, cache_dir, verify_images, crop, num_folds, fold).
     """
 
     name = "isic"

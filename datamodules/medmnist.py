@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from datamodules.decoding import ImageDataset
 from datamodules.errors import DataError
 from datamodules.loaders import SplitDataModule
-from datamodules.tables import SPLITS
+from datamodules.tables import SPLITS, check_folds, fold_splits
 
 SIZES = (28, 64, 128, 224)
 TASKS = ("binary-class", "multi-class", "ordinal-regression")  # one label per image
@@ -26,6 +26,14 @@ class MedMNISTDataModule(SplitDataModule):
     names (`INFO`) and, with `download=True`, fetches a missing official file.
     Sample ids are the row in train, val, test concatenated.
 
+    With `num_folds` (k-fold cross-validation; MedMNIST has no patient ids, so images are folded one
+    by one): the official train and val images are pooled, an image's fold is a hash of the seed and
+    its id (its row in the pool), fold `fold` is the test split, validation is carved from the other
+    folds (stratified by class, in the file's own val : train proportion) and the rest trains. The
+    official test split is then not used at all. Across the k runs every pooled image is tested
+    exactly once. Beware: images of one patient (MedMNIST keeps them in one official split) may
+    then land in different folds.
+
     Args:
         root: folder of the npz files.
         flag: MedMNIST 2D data set name, e.g. "pneumoniamnist", "dermamnist", "bloodmnist".
@@ -35,7 +43,11 @@ class MedMNISTDataModule(SplitDataModule):
             CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes.
         download: download the official file through the `medmnist` package when it is absent.
-        seed: unused (the splits are the file's); kept so every datamodule takes a seed.
+        seed: seed of the folds and of the validation carved from them (with num_folds); otherwise
+            unused (the splits are the file's).
+        num_folds: k of a k-fold cross-validation over the pooled official train + val images (see
+            above); None (the default): the file's own train / val / test splits.
+        fold: which fold is the test split, 0 <= fold < num_folds (only with num_folds).
     """
 
     def __init__(
@@ -48,6 +60,8 @@ class MedMNISTDataModule(SplitDataModule):
         num_workers: int = 2,
         download: bool = False,
         seed: int = 0,
+        num_folds: int | None = None,
+        fold: int = 0,
     ):
         from medmnist import INFO
 
@@ -60,7 +74,9 @@ class MedMNISTDataModule(SplitDataModule):
             raise DataError(f"flag {flag!r} is a {INFO[flag]['task']} task; only {TASKS} are supported")
         if size not in SIZES:
             raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+        check_folds(num_folds, fold)
         super().__init__(size if image_size is None else image_size, batch_size, num_workers)
+        self.num_folds, self.fold = num_folds, fold
         self.root, self.flag, self.size, self.download, self.seed = Path(root), flag, size, download, seed
         self.name = flag
         self.info = INFO[flag]
@@ -92,6 +108,13 @@ class MedMNISTDataModule(SplitDataModule):
                 raise DataError(f"{self.file} lacks array(s) {missing}; found: {npz.files}")
             images = [npz[f"{s}_images"] for s in SPLITS]
             labels = [npz[f"{s}_labels"].reshape(len(npz[f"{s}_labels"]), -1)[:, 0].astype(np.int64) for s in SPLITS]
+        for i, split in enumerate(SPLITS):
+            bad = (labels[i] < 0) | (labels[i] >= self.num_classes)
+            if bad.any():
+                raise DataError(f"{self.file}: {split} label {labels[i][bad][0]} is not a class of {self.class_names}")
+        if self.num_folds:  # ids = rows of train and val pooled (the same as without folds); test unused
+            splits = self._fold_splits(labels)
+            images, labels = images[:2], np.concatenate(labels[:2])
         pixels = np.concatenate(images)
         pixels = pixels[..., None] if pixels.ndim == 3 else pixels  # (N, H, W, C), C = 1 or 3
         pixels = torch.from_numpy(pixels).permute(0, 3, 1, 2)  # channels first, as ImageDataset reads them
@@ -100,8 +123,21 @@ class MedMNISTDataModule(SplitDataModule):
         pixels = pixels.contiguous().numpy()
         offsets = np.cumsum([0] + [len(x) for x in images])
         for i, split in enumerate(SPLITS):
-            bad = (labels[i] < 0) | (labels[i] >= self.num_classes)
-            if bad.any():
-                raise DataError(f"{self.file}: {split} label {labels[i][bad][0]} is not a class of {self.class_names}")
-            self.datasets[split] = ImageDataset(pixels, np.arange(offsets[i], offsets[i + 1]), labels[i])
+            if self.num_folds:
+                ids = np.flatnonzero(splits == split)
+                self.datasets[split] = ImageDataset(pixels, ids, labels[ids])
+            else:
+                self.datasets[split] = ImageDataset(pixels, np.arange(offsets[i], offsets[i + 1]), labels[i])
         self.report()
+
+    def _fold_splits(self, labels: list[np.ndarray]) -> np.ndarray:
+        """Split names of the pooled train + val images for fold `fold`: each image its own group."""
+        pooled = np.concatenate(labels[:2])
+        val_fraction = len(labels[1]) / len(pooled)
+        if not 0 < val_fraction < 1:
+            raise DataError(
+                f"{self.file}: num_folds pools the train and val images and carves validation in their "
+                f"proportion, but found {len(labels[0])} train and {len(labels[1])} val images"
+            )
+        ids = np.arange(len(pooled))
+        return fold_splits(pooled, ids, self.num_folds, self.fold, val_fraction, self.seed, unit="images")[0]

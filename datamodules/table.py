@@ -6,9 +6,11 @@ and why. `TableDataModule` then, before any training step:
 
 1. checks that every class still has images, and reports what was dropped;
 2. balances the classes by seeded undersampling (`balance`);
-3. splits 80/10/10 by patient (no patient in two splits), stratified by class, or reuses the
-   split written earlier to `splits.csv` (so a resumed or repeated run sees the same images);
-   every image gets a stable `id` (its row in that file) that seeds its classification noise;
+3. splits 80/10/10 by patient (no patient in two splits), stratified by class, or, with
+   `num_folds`, takes fold `fold` of a patient-level k-fold cross-validation as the test split
+   (`tables.fold_splits`); or reuses the split written earlier to `splits.csv` (so a resumed or
+   repeated run sees the same images); every image gets a stable `id` (its row in that file)
+   that seeds its classification noise;
 4. checks that every image file exists (`verify_images`: also decodes each one), and that every
    split holds every class;
 5. decodes and resizes every image once into a uint8 memmap (`cache_dir`), so training epochs
@@ -35,9 +37,14 @@ from datamodules.tables import (
     UNUSED,
     assign_splits,
     balance_classes,
+    check_folds,
     check_mask_files,
+    check_saved_folds,
     digest,
+    fold_of,
+    fold_splits,
     mask_paths,
+    patient_groups,
     read_csv,
 )
 
@@ -52,19 +59,30 @@ class TableDataModule(SplitDataModule):
         batch_size: images per batch in every loader, per process; None (the default): from the
             CLI's global_batch_size, or DEFAULT_BATCH_SIZE.
         num_workers: loader worker processes (also used to build the cache).
-        seed: seed of the balancing and of the split.
-        balance: undersample every class to the size of the smallest (seeded).
-        split_fractions: train / val / test fractions (by images, whole patients per split).
-        splits_file: CSV of the split (`path,label,class,patient,split,id`), written on first use
-            and reused when present. None: `splits.csv` in `trainer.default_root_dir` (beside the
-            run's checkpoints), or `runs/splits/<name>.csv` without a Trainer. When the data no
-            longer gives the images it lists, the run stops and says what changed.
+        seed: seed of the balancing, of the split and of the folds.
+        balance: undersample every class to the size of the smallest (seeded); done before the
+            split, and before the folds (the same images in every fold).
+        split_fractions: train / val / test fractions (by images, whole patients per split). With
+            num_folds only train : val counts (validation is val / (train + val) of the non-test images).
+        splits_file: CSV of the split (`path,label,class,patient,split,id`, plus `fold,num_folds`
+            with num_folds), written on first use and reused when present. None: `splits.csv` in
+            `trainer.default_root_dir` (beside the run's checkpoints), or `runs/splits/<name>.csv`
+            without a Trainer. With num_folds, `_fold{fold}of{num_folds}` is added to the name, so
+            the k folds' files live side by side. When the data no longer gives the images it lists,
+            or the file is of another fold setting, the run stops and says what changed.
         resplit: split again and rewrite splits_file even if it exists (after the data changed).
         cache_dir: folder of the decoded-image cache (uint8 `.npy` memmaps named by data set,
             size and a hash of the root and file list); None decodes every image at every access.
         verify_images: decode every image up front (done anyway when the cache is built);
             otherwise only their existence is checked before training.
         crop: centre-crop to a square before resizing instead of squeezing the whole image.
+        num_folds: k of a patient-level k-fold cross-validation; None (the default): the single
+            split of split_fractions. A patient's fold is a hash of the seed and its patient id
+            (an image without one is its own patient), so added rows never move a patient; fold
+            `fold` is the test split, validation is carved from the other folds' patients
+            (stratified by class, val share of split_fractions), the rest trains. Across the k
+            runs every (balanced) image is tested exactly once. Not with a given `split` column.
+        fold: which fold is the test split, 0 <= fold < num_folds (only with num_folds).
     """
 
     class_names: list[str] = []
@@ -84,6 +102,8 @@ class TableDataModule(SplitDataModule):
         verify_images: bool = False,
         crop: bool = False,
         resplit: bool = False,
+        num_folds: int | None = None,
+        fold: int = 0,
     ):
         super().__init__(image_size, batch_size, num_workers)
         self.root = check_root(root)
@@ -92,6 +112,8 @@ class TableDataModule(SplitDataModule):
         self.seed, self.balance, self.split_fractions = seed, balance, tuple(split_fractions)
         self.splits_file, self.cache_dir = splits_file, cache_dir
         self.verify_images, self.crop, self.resplit = verify_images, crop, resplit
+        check_folds(num_folds, fold)
+        self.num_folds, self.fold = num_folds, fold
         self.given_split = False
         self.table: pd.DataFrame | None = None
         self.dropped: dict[str, int] = {}
@@ -137,6 +159,11 @@ class TableDataModule(SplitDataModule):
             )
         self._check_classes(table, "after filtering")
         self.given_split = "split" in table.columns
+        if self.given_split and self.num_folds:
+            raise DataError(
+                f"{self.name}: the data gives a `split` column, and num_folds={self.num_folds} would split "
+                "again: drop the column to cross-validate, or leave num_folds unset to keep the given split"
+            )
         file = self.splits_path()
         if file.is_file() and not self.resplit:
             reused = self._reuse_splits(file, table)
@@ -159,10 +186,14 @@ class TableDataModule(SplitDataModule):
         so that a later run can tell images added to or removed from the data from balancing."""
         unused = data[~data["path"].isin(split["path"])].assign(split=UNUSED, id=-1)
         rows = pd.concat([split, unused], ignore_index=True)
+        columns = ["id", "path", "label", "class", "patient", "split"]
+        if self.num_folds:  # every row's fold (balanced-away ones too), and the k, checked on reuse
+            rows = rows.assign(fold=fold_of(patient_groups(rows), self.num_folds, self.seed), num_folds=self.num_folds)
+            columns += ["fold", "num_folds"]
         file.parent.mkdir(parents=True, exist_ok=True)
-        rows.assign(**{"class": np.array(self.class_names)[rows["label"].to_numpy(np.int64)]})[
-            ["id", "path", "label", "class", "patient", "split"]
-        ].to_csv(file, index=False)
+        rows.assign(**{"class": np.array(self.class_names)[rows["label"].to_numpy(np.int64)]})[columns].to_csv(
+            file, index=False
+        )
         return split
 
     def _split(self, table: pd.DataFrame) -> pd.DataFrame:
@@ -172,11 +203,20 @@ class TableDataModule(SplitDataModule):
             groups = [table[table["split"] == s] for s in SPLITS] if has_split else [table]
             table = pd.concat([balance_classes(g, self.seed) for g in groups if len(g)])
             self.dropped["undersampled to balance the classes"] = before - len(table)
-        if not has_split:
-            groups = table["patient"].where(table["patient"] != "", "path:" + table["path"]).to_numpy()
-            table = table.assign(
-                split=assign_splits(table["label"].to_numpy(), groups, self.split_fractions, self.seed)
+        labels, groups = table["label"].to_numpy(), patient_groups(table)
+        if self.num_folds:
+            train, val, _ = self.split_fractions
+            split, _ = fold_splits(labels, groups, self.num_folds, self.fold, val / (train + val), self.seed)
+            # ids by path alone: the same in every fold (the balanced rows are), so the k folds share
+            # one cache and every image keeps its classification noise across the folds
+            return (
+                table.assign(split=split)
+                .sort_values("path", kind="stable")
+                .reset_index(drop=True)
+                .assign(id=np.arange(len(table)))
             )
+        if not has_split:
+            table = table.assign(split=assign_splits(labels, groups, self.split_fractions, self.seed))
         order = table["split"].map(SPLITS.index)
         table = table.assign(order=order).sort_values(["order", "path"], kind="stable").drop(columns="order")
         return table.reset_index(drop=True).assign(id=np.arange(len(table)))
@@ -185,6 +225,7 @@ class TableDataModule(SplitDataModule):
         """The saved split, if the data still holds the images the file lists, with the same labels
         (and given splits); otherwise an error that counts what was added, removed or relabelled."""
         saved = read_csv(file, ["id", "path", "label", "patient", "split"], "splits")
+        check_saved_folds(saved, self.num_folds, self.fold, file)
         saved = saved.astype({"id": np.int64, "label": np.int64})
         used = saved[saved["split"].isin(SPLITS)].sort_values("id").reset_index(drop=True)
         if not np.array_equal(used["id"], np.arange(len(used))):  # ids index the cache rows
@@ -288,7 +329,15 @@ class TableDataModule(SplitDataModule):
 
     def splits_path(self) -> Path:
         if self.splits_file:
-            return Path(self.splits_file)
-        if self.trainer is not None:
-            return Path(self.trainer.default_root_dir) / "splits.csv"
-        return Path("runs/splits") / f"{self.name}.csv"
+            file = Path(self.splits_file)
+        elif self.trainer is not None:
+            file = Path(self.trainer.default_root_dir) / "splits.csv"
+        else:
+            file = Path("runs/splits") / f"{self.name}.csv"
+        # A file per fold, rather than one file checked against the setting: the k runs of a cross-
+        # validation (often one config, hence one splits_file, e.g. configs/data/*_shared_split.yaml)
+        # each keep their split beside the others instead of refusing or overwriting each other's.
+        # The file still records fold and num_folds (check_saved_folds), for a file named by hand.
+        if self.num_folds:
+            file = file.with_name(f"{file.stem}_fold{self.fold}of{self.num_folds}{file.suffix}")
+        return file

@@ -1,5 +1,5 @@
 """Publishers' tables to rows of images: reading CSVs with clear errors, label columns, balancing
-classes, patient-level splits, optional mask columns."""
+classes, patient-level splits and k-fold cross-validation folds, optional mask columns."""
 
 from __future__ import annotations
 
@@ -49,6 +49,78 @@ def assign_splits(labels: np.ndarray, groups: np.ndarray, fractions, seed: int) 
         group_split[members] = np.searchsorted(cuts, middles, side="right")
     split_of = dict(zip(per_group.index, np.array(SPLITS)[group_split]))
     return rows["group"].map(split_of).to_numpy()
+
+
+def patient_groups(table: pd.DataFrame) -> np.ndarray:
+    """The unit of every split, per row: the patient id, or (no id) the image's own path."""
+    return table["patient"].where(table["patient"] != "", "path:" + table["path"]).to_numpy()
+
+
+def check_folds(num_folds: int | None, fold: int) -> None:
+    """The k-fold options on their own (before any data is read): clear errors naming the valid range."""
+    if num_folds is None:
+        if fold != 0:
+            raise ValueError(
+                f"fold={fold!r} needs num_folds (an integer >= 2, for k-fold cross-validation); "
+                "without num_folds leave fold at 0"
+            )
+        return
+    if isinstance(num_folds, bool) or not isinstance(num_folds, int) or num_folds < 2:
+        raise ValueError(f"num_folds must be an integer >= 2 (or null for the single split), got {num_folds!r}")
+    if isinstance(fold, bool) or not isinstance(fold, int) or not 0 <= fold < num_folds:
+        raise ValueError(f"fold must be in 0..{num_folds - 1} (num_folds={num_folds}), got {fold!r}")
+
+
+def fold_of(keys, num_folds: int, seed: int) -> np.ndarray:
+    """Fold of each key (a patient id): sha256 of `{seed}:{key}` modulo num_folds. It depends on the key
+    and the seed alone, so adding or removing rows never moves another patient to another fold."""
+    unique, inverse = np.unique(np.asarray(keys).astype(str), return_inverse=True)
+    folds = [int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") % num_folds for key in unique]
+    return np.asarray(folds, dtype=np.int64)[inverse.reshape(-1)]
+
+
+def fold_splits(
+    labels: np.ndarray, groups: np.ndarray, num_folds: int, fold: int, val_fraction: float, seed: int, unit="patients"
+):
+    """Split names per row, and each row's fold, for fold `fold` of `num_folds`.
+
+    test: the rows whose group (patient) hashes to `fold` (`fold_of`), so across the k folds every
+    row is tested exactly once; val: `val_fraction` of the other folds' images, whole patients,
+    stratified by class (`assign_splits`), never from the test fold; train: the rest. `unit` names
+    the groups in the errors.
+    """
+    patients = len(pd.unique(groups))
+    if patients < num_folds:
+        raise DataError(
+            f"num_folds={num_folds} is more than the {patients} {unit} in the data (each fold needs at "
+            f"least one): choose num_folds in 2..{patients}"
+        )
+    folds = fold_of(groups, num_folds, seed)
+    test = folds == fold
+    if not test.any():
+        raise DataError(
+            f"fold {fold} of num_folds={num_folds} holds none of the {patients} {unit} (the hash left it "
+            "empty): choose fewer folds"
+        )
+    split = np.full(len(labels), "test", dtype=object)
+    split[~test] = assign_splits(labels[~test], groups[~test], (1 - val_fraction, val_fraction), seed)
+    return split, folds
+
+
+def check_saved_folds(saved: pd.DataFrame, num_folds: int | None, fold: int, file: Path) -> None:
+    """A reused splits file must be of this run's fold setting (its `fold` and `num_folds` columns):
+    the per-fold file name keeps the folds apart, this catches a file named by hand."""
+    if "num_folds" in saved.columns:
+        test = saved.loc[saved["split"] == "test", "fold"].unique().tolist()
+        written = f"fold {'/'.join(test)} of num_folds={'/'.join(saved['num_folds'].unique())}"
+    else:
+        written = "the single split (no num_folds)"
+    now = "the single split (no num_folds)" if num_folds is None else f"fold {fold} of num_folds={num_folds}"
+    if written != now:
+        raise DataError(
+            f"splits file {file} was written for {written}, this run asks for {now}: point "
+            "data.init_args.splits_file elsewhere, or set data.init_args.resplit=true to rewrite it"
+        )
 
 
 def read_csv(file: Path, required: list[str], what: str = "") -> pd.DataFrame:

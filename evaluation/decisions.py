@@ -190,7 +190,8 @@ def calibration_metrics(calibration: dict, decisions: dict, outputs: dict, class
         if SHIFT_REFERENCE in calibration:
             block = calibration[OOD_BLOCK]
             numbers[SHIFT_BLOCK] = set_shift(calibration[SHIFT_REFERENCE], block["calibration_scores"], outputs,
-                                             decisions["ood_score"], block["shift_level"], class_names)  # fmt: skip
+                                             decisions["ood_score"], block["shift_level"], class_names,
+                                             block.get("calibration_bands"), decisions.get("ood_bands"))  # fmt: skip
     if "label" not in outputs:
         return numbers
     labels = outputs["label"]

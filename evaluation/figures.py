@@ -177,3 +177,25 @@ def plot_ood_scores(calibration_scores, scores, threshold: float | None, name: s
     ax.set_title("Out-of-distribution scores")
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def plot_forest(pairs: dict[str, list[dict]], summary: dict, reference: str, path=None) -> Path:
+    """A study's forest plot: per model, the accuracy difference to the reference (percentage points) of every
+    paired run with its paired-bootstrap interval (thin, dots), and over the runs the mean with its t-interval
+    (thick); returns the PNG's path."""
+    fig, ax = new_figure((7.0, 1.2 + 0.9 * len(pairs)))
+    for row, (experiment, runs) in enumerate(pairs.items()):
+        for offset, run in zip(np.linspace(-0.25, -0.05, len(runs)), runs):
+            difference = run["accuracy_difference"]
+            ax.plot([100 * difference["low"], 100 * difference["high"]], [row + offset] * 2, color="0.6", lw=1)
+            ax.plot(100 * difference["estimate"], row + offset, "o", color="0.4", ms=4)
+        mean = summary[experiment].get("accuracy_difference")
+        if mean:
+            ax.plot([100 * mean["low"], 100 * mean["high"]], [row + 0.15] * 2, color="C0", lw=3)
+            ax.plot(100 * mean["mean"], row + 0.15, "D", color="C0", ms=7)
+    ax.axvline(0.0, color="k", lw=0.8, ls="--")
+    ax.set_yticks(range(len(pairs)), list(pairs))
+    ax.set_xlabel(f"accuracy minus {reference}'s (percentage points)")
+    ax.set_title("Paired differences: per run (grey, test-set bootstrap) and over runs (blue, t-interval)")
+    save_figure(fig, path)
+    return Path(path)

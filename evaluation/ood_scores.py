@@ -97,6 +97,23 @@ class TimeProfile:
         return asdict(self)
 
 
+BANDS = 4  # t-bands of the error-profile offsets the whole-set check compares (evaluation/set_shift.py)
+
+
+def band_offsets(outputs: dict, profile: TimeProfile, bands: int = BANDS) -> Tensor:
+    """(B, bands) the mean signed z of each image's steps in each of `bands` equal bands of the profile's t range
+    (0 where an image drew no step in a band). Per image the mean z of a band is noisy (a few steps at N = 21), but
+    a set's mean of it is not: a systematic offset of a whole set, such as another scanner's processing curve, shows
+    in it long before single images stand out."""
+    z = profile.z(outputs["step_errors"], outputs["step_times"])
+    width = max(profile.high - profile.low, 1e-12)
+    band = ((outputs["step_times"].double() - profile.low) / width * bands).floor().long().clamp(0, bands - 1)
+    evaluated = ~z.isnan()
+    sums = torch.zeros(len(z), bands, dtype=torch.float64).scatter_add_(1, band, z.nan_to_num(0.0))
+    counts = torch.zeros(len(z), bands, dtype=torch.float64).scatter_add_(1, band, evaluated.double())
+    return sums / counts.clamp(min=1)
+
+
 def typicality(outputs: dict, profile: TimeProfile) -> Tensor:
     return profile.z(outputs["step_errors"], outputs["step_times"]).pow(2).nanmean(dim=1)
 

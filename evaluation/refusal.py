@@ -19,8 +19,8 @@ Calibration (on the validation split, by `validate`, beside the referral rule an
    samples, which a test of the p-values against the uniform distribution would not (they share one
    calibration set). evaluation/set_shift.py runs it beside tests of the classifier's own outputs.
 
-Why our own code: the p-value is one count, and scipy (which has `mannwhitneyu`) is not a
-dependency; the test is checked against its exact null distribution in tests/test_refusal.py.
+Why our own code: the p-value is one count; the Mann-Whitney test is checked against its exact null
+distribution (tests/test_refusal.py) and against scipy's `mannwhitneyu` (tests/test_set_shift.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
+from .ood_scores import NEEDS_PROFILE, TimeProfile, band_offsets, ood_score
 from .uncertainty import auroc
 
 SPLIT_SEED = 0  # the permutation of the validation ids into reference and calibration halves
@@ -166,6 +166,7 @@ def calibrate_refusal(outputs: dict, score: str, alpha: float, level: float, bin
         "n_calibration": n,
         "profile": profile.as_dict() if profile else None,
         "calibration_scores": scores.tolist(),
+        "calibration_bands": band_offsets(calibration, profile).tolist() if profile else None,
         "threshold": refusal_threshold(scores, alpha),
         "feasible": n >= needed,
         "reason": None
@@ -175,11 +176,13 @@ def calibrate_refusal(outputs: dict, score: str, alpha: float, level: float, bin
 
 
 def apply_refusal(block: dict, outputs: dict) -> dict[str, Tensor]:
-    """Per-image `ood_score`, `ood_pvalue` and `out_of_distribution` (p < alpha) of new outputs."""
+    """Per-image `ood_score`, `ood_pvalue` and `out_of_distribution` (p < alpha) of new outputs, and with a time
+    profile `ood_bands`, the error-profile offsets the whole-set check compares."""
     profile = TimeProfile(**block["profile"]) if block.get("profile") else None
     scores = ood_score(block["score"], outputs, profile)
     pvalues = conformal_pvalues(block["calibration_scores"], scores)
-    return {"ood_score": scores, "ood_pvalue": pvalues, "out_of_distribution": pvalues < block["alpha"]}
+    found = {"ood_score": scores, "ood_pvalue": pvalues, "out_of_distribution": pvalues < block["alpha"]}
+    return found | ({"ood_bands": band_offsets(outputs, profile)} if profile else {})
 
 
 def refusal_metrics(block: dict, decisions: dict) -> dict:

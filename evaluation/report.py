@@ -199,8 +199,9 @@ def gallery_item(record: dict, class_names: list[str], directory: Path) -> dict:
 
 
 def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gallery: dict, *, class_names: list[str],
-                 calibration: dict | None, description: str) -> Path:  # fmt: skip
-    """Renders report.html into `directory` and returns its path."""
+                 calibration: dict | None, description: str, model_card: Path | None = None) -> Path:  # fmt: skip
+    """Renders report.html into `directory` and returns its path; `model_card`: the card of an export of these
+    weights, linked under the title."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
     page = environment.get_template(REPORT_FILE).render(
         title=f"{'Test' if stage == 'test' else 'Predictions'}: {len(outputs['id'])} images",
@@ -212,6 +213,7 @@ def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gall
         gallery=gallery_sections(gallery, class_names, directory, "label" in outputs),
         has_metrics=stage == "test",
         directory=str(directory),
+        model_card={"path": str(model_card), "uri": model_card.resolve().as_uri()} if model_card else None,
     )
     path = Path(directory) / REPORT_FILE
     path.write_text(page, encoding="utf-8")

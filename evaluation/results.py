@@ -225,12 +225,13 @@ class PerImageResults:
             self.gallery.add(images, outputs | (apply_calibration(calibration, outputs) if calibration else {}))
 
     def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None,
-               description: str = "", calibration_note: str | None = None) -> dict:  # fmt: skip
+               description: str = "", calibration_note: str | None = None, model_card=None) -> dict:  # fmt: skip
         """Writes the files; returns metrics.json's content (for predict: the decision blocks only).
         `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries;
         `calibration`: the run's calibration.json, applied: predictions.csv gets `refer`, the prediction
         sets and the out-of-distribution columns, metrics.json their blocks; `calibration_note`: why there
-        is none (every rule is then OFF, and every output says so); `description`: the report's subtitle."""
+        is none (every rule is then OFF, and every output says so); `description`: the report's subtitle;
+        `model_card`: the card of an export of these weights, which the report links."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
         gallery = self.gallery.finish(trainer)
         decisions = apply_calibration(calibration, outputs) if calibration and outputs else {}
@@ -261,7 +262,7 @@ class PerImageResults:
                             directory / "ood_scores.png")  # fmt: skip
         report = write_report(
             directory, "test" if metrics else "predict", numbers, outputs, gallery,
-            class_names=self.class_names, calibration=calibration, description=description,
+            class_names=self.class_names, calibration=calibration, description=description, model_card=model_card,
         )  # fmt: skip
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):

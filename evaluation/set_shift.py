@@ -12,6 +12,10 @@ the calibration images in three ways at once:
                      homogeneity (black-box shift detection, Rabanser, Gunnemann & Lipton 2019,
                      "Failing loudly"); a change of the label mix also voids referral and marginal
                      coverage, which assume the validation mix;
+  error_profile      (diffusion classifiers) the mean signed offset of the images' standardised log errors in 4 bands
+                     of t (evaluation/ood_scores.band_offsets) against the calibration half's: Hotelling's two-sample
+                     T^2. A per-image score must see each image apart; a set's mean offset averages the noise of
+                     100 images away, which is what another processing curve or burned-in text leaves;
   class_score_<c>    the distribution of the class scores (vote fractions of a diffusion classifier,
                      softmax of a baseline) against the validation images': two-sample Kolmogorov-Smirnov
                      per class (one class for two, whose scores sum to 1), as in "Failing loudly".
@@ -62,14 +66,33 @@ def class_score_test(reference: np.ndarray, scores: np.ndarray) -> dict:
             "reference_mean": float(reference.mean()), "mean": float(scores.mean())}  # fmt: skip
 
 
-def set_shift(reference: dict, calibration_scores, outputs: dict, scores, level: float, class_names: list[str]) -> dict:
+def hotelling_test(reference, sample) -> dict:
+    """Hotelling's two-sample T^2 with the pooled covariance: do two sets of vectors have the same mean? Under
+    equal means and covariances (n + m - k - 1) / (k (n + m - 2)) T^2 follows F(k, n + m - k - 1); for k = 1 it is
+    the pooled two-sample t-test squared. scipy has no Hotelling test: a few lines, checked against that t-test."""
+    reference, sample = np.asarray(reference, dtype=np.float64), np.asarray(sample, dtype=np.float64)
+    n, m, k = len(reference), len(sample), reference.shape[1]
+    difference = sample.mean(axis=0) - reference.mean(axis=0)
+    pooled = ((n - 1) * np.cov(reference, rowvar=False, ddof=1).reshape(k, k)
+              + (m - 1) * np.cov(sample, rowvar=False, ddof=1).reshape(k, k)) / (n + m - 2)  # fmt: skip
+    t2 = n * m / (n + m) * float(difference @ np.linalg.pinv(pooled) @ difference)
+    f = (n + m - k - 1) / (k * (n + m - 2)) * t2
+    return {"pvalue": float(stats.f.sf(f, k, n + m - k - 1)), "statistic": t2,
+            "offset": difference.tolist(), "n_reference": n}  # fmt: skip
+
+
+def set_shift(reference: dict, calibration_scores, outputs: dict, scores, level: float, class_names: list[str],
+              calibration_bands=None, bands=None) -> dict:  # fmt: skip
     """metrics.json's whole-set block: every test's p-value, the Bonferroni decision and which tests fired.
     `reference`: reference_outputs of the validation images; `calibration_scores`: their OOD scores (the
-    calibration half); `outputs`: the set's per-image `prediction` and `probs`; `scores`: its OOD scores."""
+    calibration half); `outputs`: the set's per-image `prediction` and `probs`; `scores`: its OOD scores;
+    `calibration_bands`, `bands`: the error-profile offsets of both (diffusion classifiers; None: no such test)."""
     num_classes = len(class_names)
     ref_probs = np.asarray(reference["probs"], dtype=np.float64)
     probs = torch.as_tensor(outputs["probs"]).double().numpy()
     tests = {"ood_score": shift_test(calibration_scores, scores, level)}
+    if calibration_bands is not None and bands is not None and len(bands) > 1:
+        tests["error_profile"] = hotelling_test(calibration_bands, torch.as_tensor(bands).double().numpy())
     tests["predicted_classes"] = class_mix_test(
         np.asarray(reference["prediction"]), torch.as_tensor(outputs["prediction"]).long().numpy(), num_classes
     )
@@ -94,6 +117,9 @@ def describe_test(name: str, test: dict) -> str:
     """One test of the block in a few words, for the warning line and the report."""
     if name == "ood_score":
         return f"out-of-distribution scores {test['direction']} (two-sided Mann-Whitney p = {test['pvalue']:.2g})"
+    if name == "error_profile":
+        offsets = ", ".join(f"{value:+.2f}" for value in test["offset"])
+        return f"error-profile offsets by t-band {offsets} sd (Hotelling p = {test['pvalue']:.2g})"
     if name == "predicted_classes":
         return (f"predicted-class mix {test['counts']} vs {test['reference_counts']} on validation "
                 f"(chi-square p = {test['pvalue']:.2g})")  # fmt: skip

@@ -22,6 +22,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -38,6 +39,9 @@ from evaluation.decisions import (
     rules_off,
 )
 from evaluation.results import PerImageResults, concat_outputs, gather_unique
+
+from .pretrained import CARD_FILE, EXPORT_DIR
+from .pretrained import CONFIG_FILE as EXPORTED_CONFIG
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
 CALIBRATION_FILE = "calibration.json"
@@ -220,6 +224,16 @@ class ClassifierModule(L.LightningModule):
                            "training data; run `validate` again to calibrate refusals")  # fmt: skip
         return calibration
 
+    def model_card(self) -> Path | None:
+        """The model card of an export of exactly these weights: the folder they were loaded from, or the run's
+        `export/` (tools/export.py's default); None when there is none."""
+        folder = getattr(self, "pretrained_folder", None) or self.calibration_file().parent / EXPORT_DIR
+        card, config = Path(folder) / CARD_FILE, Path(folder) / EXPORTED_CONFIG
+        if not (card.is_file() and config.is_file()):
+            return None
+        exported = yaml.safe_load(config.read_text()) or {}
+        return card if exported.get("weights") == weights_digest(self) else None
+
     def ood_score_name(self) -> str:
         """The out-of-distribution score validate calibrates: the configured one, or the model's default."""
         return self.calibration.ood_score or self.ood_scores[0]
@@ -243,7 +257,7 @@ class ClassifierModule(L.LightningModule):
         metrics = self.results.finish(
             self.trainer, metrics=True, settings=self.results_settings(), info=info,
             calibration=self.active_calibration, description=self.report_description(),
-            calibration_note=self.calibration_note,
+            calibration_note=self.calibration_note, model_card=self.model_card(),
         )  # fmt: skip
         scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
         scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
@@ -269,4 +283,5 @@ class ClassifierModule(L.LightningModule):
 
     def on_predict_epoch_end(self) -> None:
         self.results.finish(self.trainer, metrics=False, calibration=self.active_calibration,
-                            description=self.report_description(), calibration_note=self.calibration_note)  # fmt: skip
+                            description=self.report_description(), calibration_note=self.calibration_note,
+                            model_card=self.model_card())  # fmt: skip

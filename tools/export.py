@@ -1,6 +1,7 @@
 """Export a trained classifier as one folder that travels: safetensors weights, config, calibration, model card.
 
-    python -m tools.export runs/demo OUT/                      # the run's last checkpoint
+    python -m tools.export runs/demo                           # the run's last checkpoint -> runs/demo/export/
+    python -m tools.export runs/demo OUT/
     python -m tools.export runs/demo/checkpoints/last.ckpt OUT/
 
 The folder (lightning_modules/pretrained.py) holds the classifying weights only (EMA where the run has it; for
@@ -23,7 +24,7 @@ from evaluation.binding import binding_mismatch, weights_digest
 from evaluation.model_card import model_card
 from evaluation.results import METRICS_FILE
 from lightning_modules.base import CALIBRATION_FILE
-from lightning_modules.pretrained import CARD_FILE, WEIGHTS_FILE, save_pretrained
+from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR, WEIGHTS_FILE, save_pretrained
 from networks.weights import load_weights_file
 from tools.experiments import experiment_config, load_trained
 
@@ -118,10 +119,16 @@ def export(run_or_checkpoint, output) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_or_checkpoint", help="a run folder (its checkpoints/last.ckpt) or a checkpoint file")
-    parser.add_argument("output", help="the folder to write (created; files in it are replaced)")
+    parser.add_argument(
+        "output",
+        nargs="?",
+        default=None,
+        help=f"the folder to write (created; files in it are replaced); default <run>/{EXPORT_DIR}",
+    )
     args = parser.parse_args(argv)
     try:
-        export(args.run_or_checkpoint, args.output)
+        output = args.output or checkpoint_of(Path(args.run_or_checkpoint)).resolve().parent.parent / EXPORT_DIR
+        export(args.run_or_checkpoint, output)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from datamodules.site_shifts import SEVERITIES, SITE_SHIFTS, site_shift
-from evaluation.ood_scores import TimeProfile, ood_score
+from evaluation.ood_scores import TimeProfile, band_offsets, ood_score
 from evaluation.refusal import detection_report, reference_half
 from evaluation.set_shift import reference_outputs, set_shift
 from tools.experiments import load_trained
@@ -82,14 +82,6 @@ class Gaussian:
         return ((centred @ self.precision) * centred).sum(dim=1)
 
 
-def band_means(z: torch.Tensor, times: torch.Tensor, bins: int) -> torch.Tensor:
-    """(B, bins) mean of z over the steps whose t falls in each of `bins` equal bands of [0, 1] (0 where none)."""
-    band = (times.double() * bins).floor().long().clamp(0, bins - 1)
-    sums = torch.zeros(len(z), bins, dtype=torch.float64).scatter_add_(1, band, z.nan_to_num(0.0))
-    counts = torch.zeros(len(z), bins, dtype=torch.float64).scatter_add_(1, band, (~z.isnan()).double())
-    return sums / counts.clamp(min=1)
-
-
 class Candidates:
     """Every candidate score of the diffusion classifier, fitted on reference outputs."""
 
@@ -104,14 +96,13 @@ class Candidates:
         self.class_bands = Gaussian(self.class_features(reference))
 
     def best_features(self, outputs: dict) -> torch.Tensor:
-        return band_means(
-            self.profile.z(outputs["step_errors"], outputs["step_times"]), outputs["step_times"], self.bins
-        )
+        return band_offsets(outputs, self.profile, self.bins)
 
     def class_features(self, outputs: dict) -> torch.Tensor:
         times = outputs["step_times"]
         per_class = [
-            band_means(p.z(outputs["errors"][:, c], times), times, self.bins) for c, p in enumerate(self.class_profiles)
+            band_offsets({"step_errors": outputs["errors"][:, c], "step_times": times}, profile, self.bins)
+            for c, profile in enumerate(self.class_profiles)
         ]
         return torch.cat(per_class, dim=1)
 
@@ -158,20 +149,24 @@ def whole_set(model_sets: dict, ids: torch.Tensor, args, diffusion: bool, class_
         held, calibrating = order[:size], order[size:]
         part = select(model_sets["validation"], calibrating)
         reference = reference_half(ids[calibrating])
+        bands = None
         if diffusion:
             profile = TimeProfile.fit(part["step_errors"][reference], part["step_times"][reference], args.profile_bins)
             score = lambda outputs, profile=profile: ood_score("typicality", outputs, profile)  # noqa: E731
+            bands = lambda outputs, profile=profile: band_offsets(outputs, profile)  # noqa: E731
         else:
             reference = torch.zeros(len(calibrating), dtype=torch.bool)
             score = lambda outputs: ood_score("energy", outputs)  # noqa: E731
         calibration_scores = score(select(part, ~reference))
+        calibration_bands = bands(select(part, ~reference)) if bands else None
         kept = reference_outputs(part)
         sets = {"in distribution": select(model_sets["validation"], held)}
         if split < args.shifted_splits:
             sets |= {f"{kind} {MIDDLE}": select(model_sets[f"{kind} {MIDDLE}"], held) for kind in SITE_SHIFTS}
             sets[TEST_SPLIT] = select(test, torch.as_tensor(rng.choice(len(test["prediction"]), size, replace=False)))
         for target, outputs in sets.items():
-            block = set_shift(kept, calibration_scores, outputs, score(outputs), args.level, class_names)
+            block = set_shift(kept, calibration_scores, outputs, score(outputs), args.level, class_names,
+                              calibration_bands, bands(outputs) if bands else None)  # fmt: skip
             fired[target].append(block["shifted"])
             for name in block["fired"]:
                 by_test[target][name] = by_test[target].get(name, 0) + 1
@@ -180,21 +175,37 @@ def whole_set(model_sets: dict, ids: torch.Tensor, args, diffusion: bool, class_
             for target in targets}  # fmt: skip
 
 
+def classify_sets(model, data, images, ids, batch_size: int) -> tuple[dict, float]:
+    """Outputs of the validation images as they are, under every site shift and severity, and of the test split;
+    and the seconds per image of the first."""
+    started = time.perf_counter()
+    sets = {"validation": classified(model, images, ids, batch_size)}
+    seconds = (time.perf_counter() - started) / len(ids)
+    for kind in SITE_SHIFTS:
+        for severity in SEVERITIES:
+            sets[f"{kind} {severity}"] = classified(model, site_shift(images, kind, severity), ids, batch_size)
+        print(f"  {kind} classified", flush=True)
+    sets[TEST_SPLIT] = classified(model, *images_of(data.split_dataset("test"), None), batch_size)
+    return sets, seconds
+
+
 def benchmark(checkpoint: str, args, diffusion: bool) -> dict:
     cli = load_trained(checkpoint)
     model, data = cli.model.eval(), cli.datamodule
     data.setup("validate")
     data.setup("test")
     images, ids = images_of(data.split_dataset("val"), None)
-    started = time.perf_counter()
-    sets = {"validation": classified(model, images, ids, args.batch_size)}
-    seconds = (time.perf_counter() - started) / len(ids)
-    print(f"{checkpoint}: {len(ids)} validation images, {seconds:.3f} s/image", flush=True)
-    for kind in SITE_SHIFTS:
-        for severity in SEVERITIES:
-            sets[f"{kind} {severity}"] = classified(model, site_shift(images, kind, severity), ids, args.batch_size)
-        print(f"  {kind} classified", flush=True)
-    sets[TEST_SPLIT] = classified(model, *images_of(data.split_dataset("test"), None), args.batch_size)
+    cache = Path(args.cache) / f"{Path(checkpoint).resolve().parent.parent.name}.pt" if args.cache else None
+    if cache and cache.is_file():  # the classifications of an earlier run of the benchmark on this checkpoint
+        saved = torch.load(cache, weights_only=True)
+        sets, seconds = saved["sets"], saved["seconds_per_image"]
+        print(f"{checkpoint}: classifications read from {cache}", flush=True)
+    else:
+        sets, seconds = classify_sets(model, data, images, ids, args.batch_size)
+        print(f"{checkpoint}: {len(ids)} validation images, {seconds:.3f} s/image", flush=True)
+        if cache:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"sets": sets, "seconds_per_image": seconds}, cache)
     labels = {"validation": labels_of(data.split_dataset("val")), TEST_SPLIT: labels_of(data.split_dataset("test"))}
     accuracy = {name: float((sets[name]["prediction"] == labels[name]).double().mean()) for name in labels}
     accuracy |= {f"{kind} {MIDDLE}": float((sets[f"{kind} {MIDDLE}"]["prediction"] == labels["validation"]).double()
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="shift_benchmark.json")
+    parser.add_argument("--cache", default=None, help="a folder to keep the classifications in, for a rerun")
     parser.add_argument("--markdown", default=None, help="also write the tables as markdown to this file")
     args = parser.parse_args(argv)
     started = time.perf_counter()

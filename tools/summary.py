@@ -20,6 +20,7 @@ from evaluation.decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
+from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR
 
 EXPLANATION_NUMBERS = (
     "flip_rate",
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         print(explanations + "\n")
     for report in reports(args.run_dir):
         print(f"Report (open in a browser): {report}")
+    exported = Path(args.run_dir) / EXPORT_DIR
+    if (exported / CARD_FILE).is_file():
+        print(f"Exported model (safetensors, config, calibration, model card): {exported}/")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,184 @@
+"""A study's numbers with error bars: from its finished run folders to study.csv, study.json, study.md and report.html.
+
+Two sources of variance, reported apart (shared/DESIGN.md, "Statistics for comparisons"):
+  the test set   per run, stratified bootstrap 95 % intervals of accuracy, F1, AUROC and ECE (study.csv), and per
+                 pair of runs on the same test images, the paired-bootstrap interval of the accuracy difference,
+                 McNemar's exact test and DeLong's test of the AUROC difference;
+  the training   across seeds and folds, mean +- sd and a t-interval of each metric (study.md's cells), and of the
+                 paired differences against the reference model (its last column).
+An interval over seeds says nothing about the size of the test set, and a bootstrap of one run nothing about seed
+luck: the table gives both. evaluation/statistics.py holds the statistics.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .figures import plot_forest
+from .report import data_uri
+from .results import PREDICTIONS_FILE, newest_metrics
+from .statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
+
+METRICS = ("accuracy", "macro_f1", "auroc", "ece")
+STUDY_FILES = ("study.csv", "study.json", "study.md", "report.html")
+
+
+def read_run(folder: Path) -> dict:
+    """The newest test of a run folder: labels, class scores, predictions and row ids from its predictions.csv."""
+    directory = newest_metrics(folder).parent
+    with (directory / PREDICTIONS_FILE).open() as handle:
+        rows = list(csv.DictReader(handle))
+    classes = [key.removeprefix("prob_") for key in rows[0] if key.startswith("prob_")]
+    return {
+        "directory": str(directory),
+        "ids": np.array([int(row["id"]) for row in rows]),
+        "labels": np.array([int(row["label"]) for row in rows]),
+        "predictions": np.array([int(row["prediction"]) for row in rows]),
+        "probs": np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]),
+    }
+
+
+def run_rows(study) -> tuple[list[dict], dict]:
+    """study.csv's rows, one per run (done, failed or not run), and the read outputs of the finished runs."""
+    rows, outputs = [], {}
+    for run in study.runs():
+        row = {"experiment": run.experiment, "seed": run.seed, "fold": run.fold, "folder": str(run.folder)}
+        if not run.done():
+            log = run.folder / "study.log"
+            rows.append(row | {"status": "failed" if log.is_file() else "not run", "log": str(log)})
+            continue
+        data = read_run(run.folder)
+        outputs[run.name] = data | {"run": run}
+        intervals = bootstrap_intervals(data["labels"], data["probs"], data["predictions"])
+        row |= {"status": "done", "test": data["directory"], "n_images": len(data["labels"])}
+        for metric in METRICS:
+            row |= {metric: intervals[metric]["estimate"], f"{metric}_low": intervals[metric]["low"],
+                    f"{metric}_high": intervals[metric]["high"]}  # fmt: skip
+        rows.append(row)
+    return rows, outputs
+
+
+def paired_runs(study, outputs: dict) -> dict[str, list[dict]]:
+    """Per experiment other than the reference: its paired comparison with the reference run of the same seed and
+    fold, on the same test images (refused, in one line, where they differ)."""
+    pairs = {}
+    for name, data in outputs.items():
+        run = data["run"]
+        if run.experiment == study.reference:
+            continue
+        reference = outputs.get(name.replace(run.experiment, study.reference, 1))
+        if reference is None:
+            continue
+        comparison = paired_comparison(
+            reference["labels"], data["probs"], reference["probs"], data["predictions"], reference["predictions"],
+            ids_a=data["ids"], ids_b=reference["ids"],
+        )  # fmt: skip
+        pairs.setdefault(run.experiment, []).append(comparison | {"seed": run.seed, "fold": run.fold})
+    return pairs
+
+
+def summaries(study, rows: list[dict], pairs: dict) -> dict:
+    """Per experiment: the t-interval of each metric over its finished runs, and of the differences to the reference."""
+    found = {}
+    for experiment in study.experiments:
+        done = [row for row in rows if row["experiment"] == experiment and row["status"] == "done"]
+        found[experiment] = {"runs": len(done)} | {
+            metric: t_interval([row[metric] for row in done]) for metric in METRICS if done
+        }
+        if experiment in pairs:
+            runs = pairs[experiment]
+            found[experiment]["accuracy_difference"] = paired_differences(
+                [pair["accuracy_a"] for pair in runs], [pair["accuracy_b"] for pair in runs]
+            )
+    return found
+
+
+def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
+    """study.md: Table 1 with mean +- sd [95 % t-interval over runs] cells and the differences to the reference."""
+    over = "seeds and folds" if study.folds else "seeds"
+    header = [
+        "model",
+        "runs",
+        "accuracy",
+        "F1 (macro)",
+        "AUROC",
+        "ECE",
+        f"accuracy - {study.reference} (pp)",
+        "McNemar p / DeLong p per run",
+    ]
+    lines = [f"# Study {study.name}", "", f"Cells: mean ± sd [95 % t-interval] over {over}; accuracy and F1 in %; "
+             f"differences paired by run. "
+             "Per-run bootstrap intervals (the test set's variance) are in study.csv.", "",
+             "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]  # fmt: skip
+    for experiment, numbers in summary.items():
+        cells = [experiment, str(numbers["runs"])]
+        cells += [format_cell(numbers[metric], metric) if metric in numbers else "-" for metric in METRICS]
+        difference = numbers.get("accuracy_difference")
+        cells.append(
+            format_cell(difference, "accuracy_difference")
+            if difference
+            else "reference" * (experiment == study.reference)
+        )
+        tests = [f"{pair['mcnemar']['pvalue']:.2g} / " + (f"{pair['auroc']['pvalue']:.2g}" if pair["auroc"] else "-")
+                 for pair in pairs.get(experiment, [])]  # fmt: skip
+        cells.append(", ".join(tests))
+        lines.append("| " + " | ".join(cells) + " |")
+    missing = [row for row in rows if row["status"] != "done"]
+    if missing:
+        lines += ["", "Runs without results (left out of the table):", ""]
+        for row in missing:
+            fold = f" fold {row['fold']}" if row["fold"] is not None else ""
+            lines.append(f"- {row['experiment']} seed {row['seed']}{fold}: {row['status']}, log {row['log']}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: Path, study, markdown: str, figure: Path | None) -> Path:
+    """report.html: the table and the forest plot in one self-contained page."""
+    body = "".join(f"<p>{html.escape(line)}</p>" if not line.startswith("|") else "" for line in markdown.splitlines())
+    table_lines = [line for line in markdown.splitlines() if line.startswith("|") and not line.startswith("| ---")]
+    cells = lambda line: [html.escape(cell.strip()) for cell in line.strip("|").split("|")]  # noqa: E731
+    rows = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in cells(line)) + "</tr>" for line in table_lines)
+    image = f'<img src="{data_uri(figure.read_bytes())}" alt="forest plot">' if figure else ""
+    page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Study {html.escape(study.name)}"
+            "</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}td{border:1px solid #ccc;"
+            f"padding:4px}}table{{border-collapse:collapse}}</style></head><body>{body}<table>{rows}</table>{image}"
+            "</body></html>")  # fmt: skip
+    path = folder / "report.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+
+def summarize(study) -> dict:
+    """Writes study.csv, study.json, study.md and report.html under runs/<study>/ and prints the table."""
+    folder = study.root / study.name
+    folder.mkdir(parents=True, exist_ok=True)
+    rows, outputs = run_rows(study)
+    pairs = paired_runs(study, outputs)
+    summary = summaries(study, rows, pairs)
+    columns = sorted({key for row in rows for key in row}, key=lambda key: (key not in rows[0], key))
+    with (folder / "study.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    result = {"study": study.name, "reference": study.reference, "runs": rows, "summary": summary, "paired": pairs}
+    (folder / "study.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    markdown = table(study, summary, pairs, rows)
+    (folder / "study.md").write_text(markdown)
+    figure = plot_forest(pairs, summary, study.reference, folder / "forest.png") if pairs else None
+    report = write_report(folder, study, markdown, figure)
+    print(markdown + f"\nwritten: {', '.join(str(folder / name) for name in STUDY_FILES)}; open {report}")
+    return result
+
+
+def _plain(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return None if isinstance(value, float) and math.isnan(value) else str(value)

@@ -1,0 +1,228 @@
+"""A study: experiments x seeds (x patient-level folds) as one command and one file, with error bars.
+
+    python -m tools.study studies/pneumonia.yaml                 # run what is not finished, then summarise
+    python -m tools.study studies/pneumonia.yaml --summarize     # only the tables and the report
+    python -m tools.study studies/pneumonia.yaml --slurm --time 04:00:00 > study.sbatch   # one array task a run
+
+The study file names the experiments (a config and overrides each, under a short name), the seeds, optionally the
+number of folds, and the reference model the others are compared with:
+
+    name: pneumonia                  # runs/<name>/<experiment>/seed<k>[/fold<j>]
+    reference: resnet18
+    seeds: [0, 1, 2]
+    folds: 5                         # optional: patient-level k-fold (data.init_args.num_folds / fold)
+    experiments:
+      unet:     {config: configs/unet_pneumoniamnist.yaml, overrides: [--trainer.max_time=00:00:04:00]}
+      resnet18: {config: configs/resnet18_pneumoniamnist.yaml}
+
+Every run is an ordinary run folder (TensorBoard, `make results` and `tools.classify` work on it): `fit`, then
+`validate` (the calibration), then `test` (both with the checkpoint the config keeps: the best on validation where
+it monitors a metric, as tools/side_by_side.py), each as `python cli.py ...` with its output in the run's `study.log`.
+A finished run (its `study_run.json`) is skipped; a killed one resumes from its `last.ckpt`; a failed one is listed
+as failed with its log, never left as a hole. The runs go one after another here, or as a SLURM job array
+(`--slurm`: one task a run, `--only` picks it; the cluster does the parallel part). evaluation/studies.py turns the
+finished runs into study.csv, study.json, study.md (Table 1 with mean +- sd [95 % CI] and differences against the
+reference) and report.html (a forest plot of the differences).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from evaluation.studies import summarize
+from tools.side_by_side import kept_checkpoint
+from tools.slurm import REPO_ROOT
+
+STUDY_KEYS = ("name", "root", "reference", "seeds", "folds", "experiments")
+EXPERIMENT_KEYS = ("config", "overrides")
+DONE_FILE = "study_run.json"
+LOG_FILE = "study.log"
+STAGES_FILE = "study_stages.txt"  # the stages a run finished, one a line: a rerun skips them
+STAGES = ("fit", "validate", "test")
+
+
+class StudyError(ValueError):
+    """A study file that cannot be run as written; the message names the key or file."""
+
+
+@dataclass(frozen=True)
+class Run:
+    experiment: str
+    config: str
+    overrides: tuple[str, ...]
+    seed: int
+    fold: int | None
+    num_folds: int | None
+    folder: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.experiment}/seed{self.seed}" + (f"/fold{self.fold}" if self.fold is not None else "")
+
+    def options(self) -> list[str]:
+        folds = [f"--data.init_args.num_folds={self.num_folds}", f"--data.init_args.fold={self.fold}"]
+        return [f"--config={self.config}", *self.overrides, f"--trainer.default_root_dir={self.folder}",
+                f"--seed_everything={self.seed}", *(folds if self.fold is not None else [])]  # fmt: skip
+
+    def done(self) -> bool:
+        return (self.folder / DONE_FILE).is_file()
+
+
+@dataclass
+class Study:
+    name: str
+    root: Path
+    reference: str
+    seeds: list[int]
+    folds: int | None
+    experiments: dict[str, dict] = field(default_factory=dict)
+
+    def runs(self) -> list[Run]:
+        folds = list(range(self.folds)) if self.folds else [None]
+        return [
+            Run(
+                name,
+                spec["config"],
+                tuple(spec.get("overrides") or ()),
+                seed,
+                fold,
+                self.folds,
+                self.root / self.name / name / f"seed{seed}" / ("" if fold is None else f"fold{fold}"),
+            )  # fmt: skip
+            for name, spec in self.experiments.items()
+            for seed in self.seeds
+            for fold in folds
+        ]
+
+
+def unknown_keys(found, allowed, where: str) -> None:
+    for key in found:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise StudyError(f"{where}: unknown key {key!r}{hint}; the keys are {', '.join(allowed)}")
+
+
+def load_study(path: str | Path) -> Study:
+    """The study file, checked before anything runs: keys (with the nearest valid one for a typo), config files,
+    seeds, folds, the reference."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown_keys(spec, STUDY_KEYS, str(path))
+    for key in ("name", "seeds", "experiments"):
+        if not spec.get(key):
+            raise StudyError(f"{path}: `{key}` is missing or empty")
+    if not all(isinstance(seed, int) for seed in spec["seeds"]):
+        raise StudyError(f"{path}: seeds must be a list of integers, got {spec['seeds']!r}")
+    folds = spec.get("folds")
+    if folds is not None and (not isinstance(folds, int) or folds < 2):
+        raise StudyError(f"{path}: folds must be an integer >= 2 (or left out for the data's own split), got {folds!r}")
+    for name, experiment in spec["experiments"].items():
+        unknown_keys(experiment, EXPERIMENT_KEYS, f"{path}: experiment {name!r}")
+        config = experiment.get("config")
+        if not config or not (REPO_ROOT / config).is_file() and not Path(config).is_file():
+            raise StudyError(f"{path}: experiment {name!r}: config {config!r} does not exist")
+    reference = spec.get("reference") or next(iter(spec["experiments"]))
+    if reference not in spec["experiments"]:
+        raise StudyError(f"{path}: reference {reference!r} is not one of the experiments {list(spec['experiments'])}")
+    return Study(spec["name"], Path(spec.get("root", "runs")), reference, list(spec["seeds"]), folds,
+                 dict(spec["experiments"]))  # fmt: skip
+
+
+def run_one(run: Run, python: str = sys.executable) -> bool:
+    """fit, validate, test, each skipped when an earlier attempt finished it; fit resumes from last.ckpt where a
+    killed attempt left one. True when all three succeeded."""
+    run.folder.mkdir(parents=True, exist_ok=True)
+    finished = run.folder / STAGES_FILE
+    done = set(finished.read_text().split()) if finished.is_file() else set()
+    with (run.folder / LOG_FILE).open("a") as log:
+        for stage in (stage for stage in STAGES if stage not in done):
+            if stage == "fit":  # resumed where a killed attempt left a last.ckpt
+                weights = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
+            else:  # the checkpoint the config keeps: the best on validation where it monitors a metric
+                weights = [f"--ckpt_path={kept_checkpoint(run.folder)}"]
+            command = [python, "cli.py", stage, *run.options(), *weights]
+            log.write(f"\n$ {shlex.join(command)}\n")
+            log.flush()
+            if subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                return False
+            with finished.open("a") as stages:
+                stages.write(f"{stage}\n")
+    (run.folder / DONE_FILE).write_text(json.dumps({"run": run.name, "options": run.options()}, indent=2) + "\n")
+    return True
+
+
+def run_study(study: Study, only: int | None = None) -> list[str]:
+    """Runs what is not finished (all, or the run with index `only`); returns the names of the runs that failed."""
+    runs = study.runs()
+    if only is not None and not 0 <= only < len(runs):
+        raise StudyError(f"--only {only}: the study has runs 0 to {len(runs) - 1}")
+    failed = []
+    for index, run in enumerate(runs):
+        if (only is not None and index != only) or run.done():
+            print(f"[{index + 1}/{len(runs)}] {run.name}: " + ("finished, skipped" if run.done() else "not this task"))
+            continue
+        print(f"[{index + 1}/{len(runs)}] {run.name}: running (log: {run.folder / LOG_FILE})", flush=True)
+        if not run_one(run):
+            failed.append(run.name)
+            print(f"[{index + 1}/{len(runs)}] {run.name}: FAILED, see {run.folder / LOG_FILE}", flush=True)
+    return failed
+
+
+def slurm_array(study_file: Path, study: Study, time: str, partition: str | None, cpus: int, gpus: int) -> str:
+    """A job array, one task a run, each `python -m tools.study FILE --only $SLURM_ARRAY_TASK_ID`; a run killed at
+    its time limit is requeued and resumes from its last.ckpt. Summarise afterwards with --summarize."""
+    count = len(study.runs())
+    logs = study.root / study.name / "slurm"
+    lines = ["#!/bin/bash", f"# study {study.name}: {count} runs, one array task each (tools/study.py)",
+             f"#SBATCH --job-name=study-{study.name}", f"#SBATCH --array=0-{count - 1}", "#SBATCH --ntasks=1",
+             f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --time={time}", "#SBATCH --requeue",
+             "#SBATCH --open-mode=append", f"#SBATCH --output={logs}/task-%a.out"]  # fmt: skip
+    lines += [f"#SBATCH --gres=gpu:{gpus}"] * bool(gpus) + [f"#SBATCH --partition={partition}"] * bool(partition)
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}", f"mkdir -p {logs}",
+              "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1",
+              f"{shlex.quote(sys.executable)} -m tools.study {shlex.quote(str(study_file))} "
+              "--only ${SLURM_ARRAY_TASK_ID} --no-summary",
+              f"# when every task is done: python -m tools.study {study_file} --summarize"]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", type=Path, help="the study file (YAML)")
+    parser.add_argument("--only", type=int, default=None, help="run only the run with this index (SLURM array task)")
+    parser.add_argument("--summarize", action="store_true", help="run nothing: write the tables and the report")
+    parser.add_argument("--no-summary", action="store_true", help="run, but leave the summary to a later call")
+    parser.add_argument("--slurm", action="store_true", help="print a SLURM job-array script instead of running")
+    parser.add_argument("--time", default="04:00:00", help="SLURM time limit of one run (default 04:00:00)")
+    parser.add_argument("--partition", default=None, help="SLURM partition")
+    parser.add_argument("--cpus", type=int, default=4, help="SLURM CPUs per run (default 4)")
+    parser.add_argument("--gpus", type=int, default=0, help="SLURM GPUs per run (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.study)
+        if args.slurm:
+            print(slurm_array(args.study, study, args.time, args.partition, args.cpus, args.gpus), end="")
+            return 0
+        failed = [] if args.summarize else run_study(study, args.only)
+        if not args.no_summary:
+            summarize(study)
+    except StudyError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
