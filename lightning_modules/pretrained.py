@@ -61,6 +61,7 @@ def save_pretrained(model: torch.nn.Module, folder: Path, config: dict) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     digest = weights_digest(model)
     save_file(exported_state(model), folder / WEIGHTS_FILE, metadata={"weights": digest})
+    (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; a model to pass on is readable like its config
     config = {"format": FORMAT, "weights": digest} | config
     (folder / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
     return digest

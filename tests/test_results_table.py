@@ -8,6 +8,8 @@ import pytest
 import yaml
 
 from cli import main
+from evaluation.statistics import bootstrap_intervals
+from evaluation.studies import read_run as read_predictions
 from tests.helpers.runs import TINY_UNET
 from tools.results_table import describe_data, describe_model
 from tools.results_table import main as results_table
@@ -66,7 +68,16 @@ def test_the_table_from_real_baseline_and_diffusion_runs(tmp_path, capsys):
         assert float(row[f"{dataset} F1"]) == pytest.approx(metrics["f1"])
         assert float(row[f"{dataset} AUROC"]) == pytest.approx(metrics["auroc"], nan_ok=True)
         assert float(row[f"{dataset} ECE"]) == pytest.approx(metrics["ece"])
-        assert f"{100 * metrics['accuracy']:.1f} | {metrics['f1']:.3f}" in markdown
+        low, high = (
+            float(row[f"{dataset} accuracy (%) 95 % CI low"]),
+            float(row[f"{dataset} accuracy (%) 95 % CI high"]),
+        )
+        assert f"{100 * metrics['accuracy']:.1f} [{low:.1f}, {high:.1f}] | {metrics['f1']:.3f}" in markdown
+        # the interval is the stratified bootstrap of the run's own test predictions
+        tested = read_predictions(metrics_file.parent)
+        interval = bootstrap_intervals(tested["labels"], tested["probs"], tested["predictions"])["accuracy"]
+        assert (low, high) == pytest.approx((100 * interval["low"], 100 * interval["high"]))
+        assert low <= 100 * metrics["accuracy"] <= high
     assert rows[0]["Synthetic chest accuracy (%)"] == rows[1]["Synthetic skin accuracy (%)"] == ""
 
 

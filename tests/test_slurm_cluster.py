@@ -5,6 +5,8 @@ its hpc checkpoint to the straight run's weights. Without the packages or root t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import pwd
 import random
@@ -371,3 +373,25 @@ def test_real_slurm_requeues_on_sigusr1_and_resumes_to_the_straight_runs_weights
     assert "training starts at global step 0," not in requeued_run, text
     assert_same_state(saved_state(root / "checkpoints" / "last.ckpt"),
                       saved_state(straight_root / "checkpoints" / "last.ckpt"))  # fmt: skip
+
+
+def test_real_slurm_runs_a_two_run_study_as_a_job_array(slurm):
+    """tools/study.py --slurm on the real cluster: one array task a run, each a whole fit, validate and test."""
+    from tests.test_study import write_study
+    from tools import study as study_tool
+
+    folder = slurm.folder / "study"
+    folder.mkdir()
+    study_file = write_study(folder)
+    script = folder / "study.sbatch"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert study_tool.main([str(study_file), "--slurm", "--cpus", "1", "--time", "10:00"]) == 0
+    script.write_text(printed.getvalue())
+    slurm.submit(script)
+    runs = study_tool.load_study(study_file).runs()
+    logs = folder / "runs" / "tiny" / "slurm"
+    slurm.wait_for(lambda: all(run.done() for run in runs), 400, "both array tasks", log=logs / "task-0.out")
+    assert study_tool.main([str(study_file), "--summarize"]) == 0
+    table = (folder / "runs" / "tiny" / "study.md").read_text()
+    assert "| unet | 1 |" in table and "| resnet | 1 |" in table and "Runs without results" not in table

@@ -26,7 +26,9 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.results import METRICS_FILE, newest_metrics
+from evaluation import studies
+from evaluation.results import METRICS_FILE, PREDICTIONS_FILE, newest_metrics
+from evaluation.statistics import bootstrap_intervals
 from networks.backbones import BACKBONES
 
 GROUPS = ("CNN", "TF", "DM")  # Table 1's groups, in its order; anything else comes last
@@ -41,6 +43,11 @@ COLUMNS = (
     ("AUROC", "auroc", "{:.3f}"),
     ("ECE", "ece", "{:.3f}"),
 )
+# 95 % intervals shown in the cells of these columns (and as columns of their own in the CSV): a stratified
+# bootstrap of the run's test images from its predictions.csv (evaluation/statistics.py), the test set's share
+# of the uncertainty, not the seed's (a study gives that: tools/study.py).
+INTERVALS = {"accuracy (%)": ("intervals.accuracy", 100.0, "{:.1f}"), "AUROC": ("intervals.auroc", 1.0, "{:.3f}")}
+CI = " 95 % CI"
 # Where a run was calibrated (`validate`): the referral rule's accuracy on the images it keeps and their
 # share, and the class-conditional conformal sets' coverage and mean size (evaluation/calibration.py).
 CALIBRATED_COLUMNS = (
@@ -126,14 +133,12 @@ def read_run(directory: str | Path) -> Run:
         raise FileNotFoundError(f"{config_path} is missing: the model and data of {metrics_path} are unknown")
     config = yaml.safe_load(config_path.read_text())
     group, model = describe_model(config.get("model") or {})
-    return Run(
-        directory,
-        metrics_path,
-        group,
-        model,
-        describe_data(config.get("data") or {}),
-        json.loads(metrics_path.read_text()),
-    )
+    metrics = json.loads(metrics_path.read_text())
+    predictions = metrics_path.with_name(PREDICTIONS_FILE)
+    if predictions.is_file() and "label" in predictions.open().readline().split(","):
+        tested = studies.read_run(directory)
+        metrics["intervals"] = bootstrap_intervals(tested["labels"], tested["probs"], tested["predictions"])
+    return Run(directory, metrics_path, group, model, describe_data(config.get("data") or {}), metrics)
 
 
 def collect_runs(directories: list[str | Path]) -> list[Run]:
@@ -141,6 +146,10 @@ def collect_runs(directories: list[str | Path]) -> list[Run]:
     newest: dict[tuple[str, str], Run] = {}
     for directory in directories:
         if not Path(directory).is_dir():
+            continue
+        if (Path(directory) / "study.md").is_file():
+            print(f"skipped {directory}: a study of several runs, its table is {Path(directory) / 'study.md'}",
+                  file=sys.stderr)  # fmt: skip
             continue
         try:
             run = read_run(directory)
@@ -178,8 +187,10 @@ def build_table(runs: list[Run]) -> tuple[list[str], list[dict]]:
             metrics = by_key.get((model, dataset), {})
             for title, key, _ in shown:
                 value = metric(metrics, key)
-                scaled = value * 100 if key in PERCENT and isinstance(value, float) else value
-                row[f"{dataset} {title}"] = scaled
+                row[f"{dataset} {title}"] = value * 100 if key in PERCENT and isinstance(value, float) else value
+                if title in INTERVALS and metric(metrics, INTERVALS[title][0]):
+                    interval, scale = metric(metrics, INTERVALS[title][0]), INTERVALS[title][1]
+                    row[f"{dataset} {title}{CI}"] = (scale * interval["low"], scale * interval["high"])
         rows.append(row)
     return columns, rows
 
@@ -192,6 +203,14 @@ def _markdown_cell(value, fmt: str) -> str:
     return "n/a" if isinstance(value, float) and math.isnan(value) else fmt.format(value)
 
 
+def _interval(row: dict, column: str) -> str:
+    interval = row.get(column + CI)
+    if interval is None:
+        return ""
+    fmt = next(fmt for title, (_, _, fmt) in INTERVALS.items() if column.endswith(" " + title))
+    return f" [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
 def to_markdown(columns: list[str], rows: list[dict]) -> str:
     formats = {"group": "{}", "model": "{}"} | {
         c: fmt for c in columns for title, _, fmt in COLUMNS + CALIBRATED_COLUMNS if c.endswith(" " + title)
@@ -199,7 +218,7 @@ def to_markdown(columns: list[str], rows: list[dict]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(" --- " for _ in columns) + "|"]
     previous_group = None
     for row in rows:
-        cells = [_markdown_cell(row[c], formats[c]) for c in columns]
+        cells = [_markdown_cell(row[c], formats[c]) + _interval(row, c) for c in columns]
         if row["group"] == previous_group:
             cells[0] = ""  # as in the paper: the group is named on its first row only
         previous_group = row["group"]
@@ -211,9 +230,16 @@ def write_csv(path: str | Path, columns: list[str], rows: list[dict]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        intervals = [c + CI for c in columns if any(c + CI in row for row in rows)]
+        bounds = [f"{c} {bound}" for c in intervals for bound in ("low", "high")]
+        writer = csv.DictWriter(handle, fieldnames=columns + bounds)
         writer.writeheader()
-        writer.writerows({c: "" if row[c] is None else row[c] for c in columns} for row in rows)
+        for row in rows:
+            cells = {c: "" if row[c] is None else row[c] for c in columns}
+            for c in intervals:
+                low, high = row.get(c, ("", ""))
+                cells |= {f"{c} low": low, f"{c} high": high}
+            writer.writerow(cells)
     return path
 
 
