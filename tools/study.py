@@ -184,13 +184,14 @@ def slurm_array(study_file: Path, study: Study, time: str, partition: str | None
     """A job array, one task a run, each `python -m tools.study FILE --only $SLURM_ARRAY_TASK_ID`; a run killed at
     its time limit is requeued and resumes from its last.ckpt. Summarise afterwards with --summarize."""
     count = len(study.runs())
-    logs = study.root / study.name / "slurm"
+    logs = (study.root / study.name / "slurm").resolve()
+    logs.mkdir(parents=True, exist_ok=True)  # SLURM opens --output before the script runs: it must exist
     lines = ["#!/bin/bash", f"# study {study.name}: {count} runs, one array task each (tools/study.py)",
              f"#SBATCH --job-name=study-{study.name}", f"#SBATCH --array=0-{count - 1}", "#SBATCH --ntasks=1",
              f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --time={time}", "#SBATCH --requeue",
              "#SBATCH --open-mode=append", f"#SBATCH --output={logs}/task-%a.out"]  # fmt: skip
     lines += [f"#SBATCH --gres=gpu:{gpus}"] * bool(gpus) + [f"#SBATCH --partition={partition}"] * bool(partition)
-    lines += ["set -euo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}", f"mkdir -p {logs}",
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(REPO_ROOT))}",
               "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1} PYTHONUNBUFFERED=1",
               f"{shlex.quote(sys.executable)} -m tools.study {shlex.quote(str(study_file))} "
               "--only ${SLURM_ARRAY_TASK_ID} --no-summary",
