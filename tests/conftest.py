@@ -27,6 +27,9 @@ SHARED_WORKER = {
     "test_stable_diffusion": "stable_diffusion",
     "test_stable_diffusion_runs": "stable_diffusion",
     "test_speed_switches": "test_configs",  # both resolve every experiment config (tests.helpers.configs caches)
+    "test_binding": "calibrated_tiny",  # the three share calibrated_tiny_run
+    "test_image_keys": "calibrated_tiny",
+    "test_export": "calibrated_tiny",
 }
 
 
