@@ -66,6 +66,17 @@ def class_score_test(reference: np.ndarray, scores: np.ndarray) -> dict:
             "reference_mean": float(reference.mean()), "mean": float(scores.mean())}  # fmt: skip
 
 
+def profile_testable(calibration_bands, bands) -> bool:
+    """Hotelling's test needs more vectors than dimensions on each side (a pooled covariance of full rank) and
+    finite values; a smaller set or calibration (a handful of images) is compared without it."""
+    if calibration_bands is None or bands is None:
+        return False
+    reference, sample = np.asarray(calibration_bands, dtype=np.float64), torch.as_tensor(bands).double().numpy()
+    if reference.ndim != 2 or min(len(reference), len(sample)) <= reference.shape[1]:
+        return False
+    return bool(np.isfinite(reference).all() and np.isfinite(sample).all())
+
+
 def hotelling_test(reference, sample) -> dict:
     """Hotelling's two-sample T^2 with the pooled covariance: do two sets of vectors have the same mean? Under
     equal means and covariances (n + m - k - 1) / (k (n + m - 2)) T^2 follows F(k, n + m - k - 1); for k = 1 it is
@@ -91,7 +102,7 @@ def set_shift(reference: dict, calibration_scores, outputs: dict, scores, level:
     ref_probs = np.asarray(reference["probs"], dtype=np.float64)
     probs = torch.as_tensor(outputs["probs"]).double().numpy()
     tests = {"ood_score": shift_test(calibration_scores, scores, level)}
-    if calibration_bands is not None and bands is not None and len(bands) > 1:
+    if profile_testable(calibration_bands, bands):
         tests["error_profile"] = hotelling_test(calibration_bands, torch.as_tensor(bands).double().numpy())
     tests["predicted_classes"] = class_mix_test(
         np.asarray(reference["prediction"]), torch.as_tensor(outputs["prediction"]).long().numpy(), num_classes

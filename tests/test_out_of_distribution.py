@@ -45,6 +45,7 @@ def test_validate_calibrates_refusal_and_test_keeps_false_refusals_within_alpha(
     shift = json.loads((folder / "metrics.json").read_text())["set_shift"]
     assert not shift["shifted"] and set(shift["tests"]) == {
         "ood_score",
+        "error_profile",
         "predicted_classes",
         "class_score_pleural_effusion",
     }

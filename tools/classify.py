@@ -129,8 +129,8 @@ def summary(predictions: Path, checkpoint: Path) -> str:
     shift = decisions.get(SHIFT_BLOCK)
     if shift:
         lines.append(f"  warning: {shift_message(shift)}" if shift["shifted"] else
-                     f"  no whole-set check fired: {', '.join(shift['tests'])} all like the validation images' at "
-                     f"level {shift['level']}")  # fmt: skip
+                     f"  whole-set checks against the validation images: none fired at level {shift['level']} "
+                     f"({', '.join(shift['tests'])})")  # fmt: skip
     return "\n".join(lines)
 
 
