@@ -263,8 +263,8 @@ def test_validate_calibrates_the_run_and_test_and_predict_apply_it(tmp_path):
     from tests.helpers.runs import tiny_args
 
     # refer a fixed quarter: a target accuracy cannot be certified on 24 images (that rule would be OFF)
-    args = tiny_args(tmp_path, "--data.init_args.num_val=24", "--model.init_args.calibration.alpha=0.2",
-                     '--model.init_args.calibration={"target_accuracy": null, "refer_fraction": 0.25, "alpha": 0.2}')  # fmt: skip
+    settings = '{"target_accuracy": null, "refer_fraction": 0.25, "alpha": 0.2}'  # set together: each alone is refused
+    args = tiny_args(tmp_path, "--data.init_args.num_val=24", f"--model.init_args.calibration={settings}")
     main(["fit", *args, "--trainer.max_steps=2"])
     assert main(["validate", *args, "--ckpt_path=last", "--trainer.limit_val_batches=1.0"])  # every image
     calibration = json.loads((tmp_path / "calibration.json").read_text())
