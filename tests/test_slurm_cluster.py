@@ -375,6 +375,7 @@ def test_real_slurm_requeues_on_sigusr1_and_resumes_to_the_straight_runs_weights
                       saved_state(straight_root / "checkpoints" / "last.ckpt"))  # fmt: skip
 
 
+@pytest.mark.slow  # 80 s: two whole runs under SLURM; make test stays under 9 minutes (make test-all runs it)
 def test_real_slurm_runs_a_two_run_study_as_a_job_array(slurm):
     """tools/study.py --slurm on the real cluster: one array task a run, each a whole fit, validate and test."""
     from tests.test_study import write_study
