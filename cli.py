@@ -50,7 +50,8 @@ from lightning_modules.callbacks import (
 )
 from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
-from lightning_modules.pretrained import PretrainedFolderError, is_pretrained_folder, load_weights, read_config
+from lightning_modules.base import calibrate_on_whole_split
+from lightning_modules.pretrained import is_pretrained_folder, load_exported
 from lightning_modules.run_folders import (
     CHECKPOINT_PARAMETER_COPIES,
     check_free_space,
@@ -180,16 +181,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         self.check_run_folders()
         self.check_checkpoint("validate")
         self.note_under_ddp(VALIDATION_UNDER_DDP)
-        self.validate_on_whole_split()
-
-    def validate_on_whole_split(self) -> None:
-        """`validate` calibrates, on every validation image: a limit that suits fit's frequent validations
-        (configs/base/diffusion_cpu.yaml: 2 batches) would leave too few images for the refusal."""
-        limit = self.trainer.limit_val_batches
-        if isinstance(limit, int) or limit != 1.0:  # an int counts batches: 1 is one batch, 1.0 all of them
-            rank_zero_info(f"validate classifies the whole validation split to calibrate on it: "
-                           f"trainer.limit_val_batches={limit} (fit's setting) is not used")  # fmt: skip
-            self.trainer.limit_val_batches = 1.0
+        calibrate_on_whole_split(self.trainer)
 
     def before_test(self) -> None:
         self.split_global_batch()
@@ -248,8 +240,9 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         """The checkpoint file Lightning is about to load, refused now if it does not fit the model;
         validate, test and predict refuse to run without one (unless --allow_untrained)."""
         given = self.subcommand_option("ckpt_path")
-        if stage != "fit" and is_pretrained_folder(given):
-            self.load_exported(given)
+        if stage != "fit" and is_pretrained_folder(given):  # an exported model: Lightning then loads no checkpoint
+            load_exported(self.model, given)
+            self.config_init[self.subcommand]["ckpt_path"] = None
             return None
         path = resolve_checkpoint_path(self.trainer, stage, given)
         if path:
@@ -259,21 +252,6 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         elif stage != "fit" and not self.subcommand_option("allow_untrained") and not self.model_is_pretrained():
             raise UntrainedModelError(untrained_message(stage, given, self.trainer.checkpoint_callback))
         return path
-
-    def load_exported(self, folder: str) -> None:
-        """`--ckpt_path FOLDER` of tools/export.py: its safetensors weights into the model (nothing unpickled), its
-        calibration applied; Lightning itself then loads no checkpoint."""
-        config = read_config(Path(folder))
-        exported = config["model"]["init_args"]
-        for key in ("class_names", "image_size", "image_channels"):
-            if key in exported and key in self.model.hparams and exported[key] != self.model.hparams[key]:
-                raise PretrainedFolderError(
-                    f"{folder} was exported with {key}={exported[key]!r}, this config has {self.model.hparams[key]!r} "
-                    "(linked from the data): use the exported config.yaml's classes and image size"
-                )
-        load_weights(self.model, Path(folder), config)
-        self.model.pretrained_folder = Path(folder)
-        self.config_init[self.subcommand]["ckpt_path"] = None
 
     def model_is_pretrained(self) -> bool:
         """A model that classifies without a checkpoint of ours (Stable Diffusion from its weights folder)."""

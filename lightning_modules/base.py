@@ -285,3 +285,13 @@ class ClassifierModule(L.LightningModule):
         self.results.finish(self.trainer, metrics=False, calibration=self.active_calibration,
                             description=self.report_description(), calibration_note=self.calibration_note,
                             model_card=self.model_card())  # fmt: skip
+
+
+def calibrate_on_whole_split(trainer) -> None:
+    """`validate` calibrates, on every validation image: a limit that suits fit's frequent validations
+    (configs/base/diffusion_cpu.yaml: 2 batches) would leave too few images for the refusal. cli.py calls it."""
+    limit = trainer.limit_val_batches
+    if isinstance(limit, int) or limit != 1.0:  # an int counts batches: 1 is one batch, 1.0 all of them
+        rank_zero_info(f"validate classifies the whole validation split to calibrate on it: "
+                       f"trainer.limit_val_batches={limit} (fit's setting) is not used")  # fmt: skip
+        trainer.limit_val_batches = 1.0

@@ -145,3 +145,18 @@ def load_pretrained(folder) -> LightningModule:
     load_weights(model, folder, config)
     model.pretrained_folder = folder
     return model
+
+
+def load_exported(model: LightningModule, folder) -> None:
+    """`--ckpt_path FOLDER`: the folder's weights into the model the CLI built from its config (nothing unpickled),
+    after checking that the data's classes and image size are the exported model's; its calibration then applies."""
+    config = read_config(Path(folder))
+    exported = config["model"]["init_args"]
+    for key in ("class_names", "image_size", "image_channels"):
+        if key in exported and key in model.hparams and exported[key] != model.hparams[key]:
+            raise PretrainedFolderError(
+                f"{folder} was exported with {key}={exported[key]!r}, this config has {model.hparams[key]!r} "
+                "(linked from the data): use the exported config.yaml's classes and image size"
+            )
+    load_weights(model, Path(folder), config)
+    model.pretrained_folder = Path(folder)
