@@ -41,6 +41,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.batch_plan import DEFAULT_BATCH_SIZE, BatchPlan, batch_plan
+from lightning_modules.base import calibrate_on_whole_split
 from lightning_modules.callbacks import (
     LOGGER_VERSION_KEY,
     AtomicCheckpointIO,
@@ -50,7 +51,6 @@ from lightning_modules.callbacks import (
 )
 from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
-from lightning_modules.base import calibrate_on_whole_split
 from lightning_modules.pretrained import is_pretrained_folder, load_exported
 from lightning_modules.run_folders import (
     CHECKPOINT_PARAMETER_COPIES,
@@ -237,8 +237,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             check_free_space(folder, min_free_bytes)
 
     def check_checkpoint(self, stage: str) -> str | None:
-        """The checkpoint file Lightning is about to load, refused now if it does not fit the model;
-        validate, test and predict refuse to run without one (unless --allow_untrained)."""
+        """The checkpoint Lightning will load, refused now if it does not fit (validate, test, predict: one is needed)."""
         given = self.subcommand_option("ckpt_path")
         if stage != "fit" and is_pretrained_folder(given):  # an exported model: Lightning then loads no checkpoint
             load_exported(self.model, given)
