@@ -237,7 +237,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             check_free_space(folder, min_free_bytes)
 
     def check_checkpoint(self, stage: str) -> str | None:
-        """The checkpoint Lightning will load, refused now if it does not fit (validate, test, predict: one is needed)."""
+        """The checkpoint Lightning will load, refused now if it does not fit (validate, test, predict need one)."""
         given = self.subcommand_option("ckpt_path")
         if stage != "fit" and is_pretrained_folder(given):  # an exported model: Lightning then loads no checkpoint
             load_exported(self.model, given)
