@@ -35,7 +35,7 @@ SHARED_WORKER = {
 
 # Seconds each group takes in `make test` (measured and estimated, 2 workers on the 2-core machine): the longest start
 # first, so that no long group starts last and leaves one worker idle (the rest take about 5 s or less).
-GROUP_SECONDS = {"test_ddp": 181, "calibrated_tiny": 170, "learned_demo": 150, "test_configs": 104, "test_study": 100,
+GROUP_SECONDS = {"test_ddp": 181, "calibrated_tiny": 170, "learned_demo": 150, "test_configs": 104,
                  "test_slurm_cluster": 96, "test_cli": 60, "test_images": 53, "test_faults": 38, "test_slurm": 35,
                  "test_side_by_side": 32, "test_baselines": 29, "test_speed_switches": 18, "test_resume": 17,
                  "stable_diffusion": 16, "test_results_table": 16, "test_set_shift": 12, "test_dit": 10}  # fmt: skip

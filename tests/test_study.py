@@ -51,6 +51,7 @@ def test_a_study_file_with_a_mistake_is_refused_before_anything_runs(tmp_path, c
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # 100 s: eight cli.py processes of tiny runs; make test stays under 9 minutes (make test-all runs it)
 def test_a_study_runs_resumes_without_repeating_and_lists_a_failed_run(tmp_path, capsys):
     broken = write_study(tmp_path)
     spec = yaml.safe_load(broken.read_text())
