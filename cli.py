@@ -23,11 +23,9 @@ new one). A NaN or infinite training loss stops the run naming the last good che
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
-import traceback
 import warnings
 from pathlib import Path
 
@@ -61,15 +59,12 @@ from lightning_modules.run_folders import (
     run_root,
     tensorboard_logger,
 )
+from lightning_modules.user_errors import DEBUG_VARIABLE, guarded  # noqa: F401 (DEBUG_VARIABLE: for tests)
 from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
-REPO_ROOT = Path(__file__).resolve().parent
-DEBUG_VARIABLE = "DIFFCLS_DEBUG"
-# The kinds of exception the suite's own checks raise for a person's mistake; raised elsewhere they are bugs.
-USER_ERROR_TYPES = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
 LINKED_DATA_PROPERTIES = ("num_classes", "class_names", "image_size", "image_channels")
 VALIDATION_UNDER_DDP = (
     "validation under DDP uses Lightning's DistributedSampler, which pads the ranks to equal "
@@ -347,18 +342,9 @@ def main(args: list[str] | None = None, exit_on_error: bool = True) -> Experimen
 
 def run(args: list[str] | None = None) -> int:
     """The command line: a mistake in the options, data, images or checkpoint prints one line naming
-    the culprit and exits with status 2, without a traceback (set DEBUG_VARIABLE=1 for one)."""
+    the culprit and exits with status 2, without a traceback (set DIFFCLS_DEBUG=1 for one)."""
     lightning_info_to_stdout()
-    try:
-        main(args, exit_on_error=False)
-    except Exception as error:
-        message = user_facing_message(error)
-        if message is None or os.environ.get(DEBUG_VARIABLE):
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        print(f"       (the full traceback: {DEBUG_VARIABLE}=1 python cli.py ...)", file=sys.stderr)
-        return 2
-    return 0
+    return guarded(lambda: main(args, exit_on_error=False) and 0)
 
 
 def lightning_info_to_stdout() -> None:
@@ -368,32 +354,6 @@ def lightning_info_to_stdout() -> None:
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
                 handler.setStream(sys.stdout)
-
-
-def user_facing_message(error: BaseException) -> str | None:
-    """The message of the exception a person should read, or None for a bug (which keeps its traceback).
-
-    That is the innermost exception of the chain raised by the suite's own code (its checks of
-    options, data and checkpoints say what is wrong and how to fix it; jsonargparse wraps them in
-    errors of its own), or a parse error of an option or config file."""
-    chain, seen = [], set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        chain.append(error)
-        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
-    for candidate in reversed(chain):
-        if isinstance(candidate, USER_ERROR_TYPES) and raised_by_the_suite(candidate):
-            return str(candidate).strip().replace("\n", " ")
-    for candidate in chain:
-        if isinstance(candidate, argparse.ArgumentError):
-            return str(candidate).strip().splitlines()[0]
-    return None
-
-
-def raised_by_the_suite(error: BaseException) -> bool:
-    frames = traceback.extract_tb(error.__traceback__)
-    raised_in = Path(frames[-1].filename) if frames else None  # compiled extensions give relative names
-    return raised_in is not None and raised_in.is_absolute() and raised_in.resolve().is_relative_to(REPO_ROOT)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,12 @@ checkpoint), so a folder of new X-rays needs no table at all:
 
     python -m tools.classify runs/demo/checkpoints/last.ckpt path/to/new/images
 
-Folders are searched recursively for PNG, JPEG, TIFF, BMP and DICOM files (DICOM also without a
-suffix, by its marker). A CSV needs a `path` column (relative to its own folder, or `root`, or
-absolute); a `label` column (class names) is optional and used for metrics, never required; a
+The source is a folder (searched recursively, symlinked folders followed once), an image file, a
+list of image files and folders, or a CSV. datamodules/intake.py sorts every file found into the
+images to classify and the files skipped with a named reason (skipped.csv beside predictions.csv),
+before any model loads; `strict` refuses to go on when anything would be skipped. A CSV needs a
+`path` column (relative to its own folder, or `root`, or absolute); a `label` column (class names)
+is optional and used for metrics, never required; a
 `mask` column (segmentations of the finding, paths like `path`, empty for none) is optional and
 scores the explanations (`--explain`) against them.
 """
@@ -20,24 +23,21 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
-import pandas as pd
 from torch.utils.data import Dataset
 
 from datamodules.decoding import DecodedImages, ImageDataset, MaskFiles, warn_small_images
-from datamodules.dicom import DICOM_SUFFIXES, is_dicom
 from datamodules.errors import DataError
+from datamodules.intake import check_intake, take_in
 from datamodules.loaders import SplitLoaders, check_image_size
-from datamodules.tables import check_mask_files, mask_paths, read_csv
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", *DICOM_SUFFIXES)
-SKIPPED_SUFFIXES = (".csv", ".txt", ".json", ".yaml", ".md", ".npz", ".npy", ".ckpt")
+from datamodules.tables import check_mask_files
 
 
 class ImagesDataModule(SplitLoaders, L.LightningDataModule):
     """Every image of a folder (recursive) or of a CSV, for `predict`, or `test` when labelled.
 
     Args:
-        source: a folder of images, or a CSV file with a `path` column (and optionally `label`).
+        source: a folder of images, an image file, a list of image files and folders, or a CSV file with a
+            `path` column (and optionally `label` and `mask`).
         class_names: the trained model's classes, in its order (tools/classify.py takes them from the
             checkpoint); labels of a CSV must be among them.
         image_size: the trained model's input side (from the checkpoint too); every image is resized to it.
@@ -45,76 +45,60 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
         crop: centre-crop to a square before resizing instead of squeezing the whole image.
         batch_size: images per batch, per process; None: from the CLI's global_batch_size.
         num_workers: loader worker processes (decoding).
+        strict: stop before any model loads when a file would be skipped, naming every one; default:
+            classify the readable images and list the others in skipped.csv.
+        keep_duplicates: classify every listed file, also a second copy of a file already listed
+            (same path or same bytes); default: the copy is skipped as "duplicate of <first>",
+            so metrics count each image once.
     """
 
-    def __init__(self, source: str, class_names: list[str], image_size: int, root: str | None = None,
-                 crop: bool = False, batch_size: int | None = None, num_workers: int = 0):  # fmt: skip
+    def __init__(self, source: str | list[str], class_names: list[str], image_size: int, root: str | None = None,
+                 crop: bool = False, batch_size: int | None = None, num_workers: int = 0, strict: bool = False,
+                 keep_duplicates: bool = False):  # fmt: skip
         super().__init__()
         check_image_size(image_size)
-        self.source, self.class_names, self.image_size = Path(source), list(class_names), image_size
-        self.root = None if root is None else Path(root)
+        self.source, self.class_names, self.image_size = source, list(class_names), image_size
         self.crop, self.batch_size, self.num_workers = crop, batch_size, num_workers
         if len(self.class_names) < 2:
             raise DataError(f"data.init_args.class_names={self.class_names}: a classifier has at least two classes")
-        self.masks: np.ndarray | None = None  # full mask paths, from a CSV's optional `mask` column
-        self.paths, self.labels = self.read_source()
+        if isinstance(source, str) and not Path(source).exists():
+            raise DataError(f"data.init_args.source: {source} is neither a folder, an image nor a CSV file")
+        # checked now, before any model loads: every file a row or a reason
+        self.intake = take_in(source, root, keep_duplicates)
+        check_intake(self.intake, strict)
+        self.paths = np.array(self.intake.paths, dtype=str)
+        self.masks = None if self.intake.masks is None else np.array(self.intake.masks, dtype=str)
+        check_mask_files(self.masks, self.intake.source)
+        self.labels = None if self.intake.labels is None else self.label_indices(self.intake.labels)
         self.dataset: ImageDataset | None = None
+        print(f"{self.intake.source}: {self.intake.summary()}", flush=True)
 
-    def read_source(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """Image paths (sorted) and class indices (None without labels), checked now, before any model loads."""
-        if self.source.is_dir():
-            paths, labels = image_files(self.source), None
-        elif self.source.is_file():
-            paths, labels = self.paths_and_labels(read_csv(self.source, ["path"], "image list"))
-        else:
-            raise DataError(f"data.init_args.source: {self.source} is neither a folder nor a CSV file")
-        if len(paths) == 0:
-            raise DataError(f"no image files in {self.source} (looked for {', '.join(IMAGE_SUFFIXES)} and DICOM files)")
-        missing = [path for path in paths if not Path(path).is_file()]
-        if missing:
-            raise DataError(f"{len(missing)} image files listed in {self.source} are missing, e.g. {missing[0]}")
-        return np.array(paths, dtype=str), labels
-
-    def paths_and_labels(self, table: pd.DataFrame) -> tuple[list[str], np.ndarray | None]:
-        base = self.root or self.source.parent
-        rows = table.assign(path=[str(base / path) for path in table["path"]]).sort_values("path", kind="stable")
-        self.masks = mask_paths(rows, base)
-        check_mask_files(self.masks, self.source)
-        if "label" not in rows.columns:
-            return rows["path"].tolist(), None
+    def label_indices(self, labels: list[str]) -> np.ndarray:
         index = {name: i for i, name in enumerate(self.class_names)}
-        unknown = ~rows["label"].isin(index)
-        if unknown.any():
-            row = rows[unknown].iloc[0]
-            raise DataError(f"{self.source}: label {row['label']!r} of {row['path']} is not a class of the model "
+        unknown = [(path, label) for path, label in zip(self.paths, labels) if label not in index]
+        if unknown:
+            path, label = unknown[0]
+            raise DataError(f"{self.intake.source}: label {label!r} of {path} is not a class of the model "
                             f"{self.class_names}")  # fmt: skip
-        return rows["path"].tolist(), rows["label"].map(index).to_numpy(np.int64)
+        return np.array([index[label] for label in labels], dtype=np.int64)
 
     def setup(self, stage: str | None = None):
         if self.dataset is None:
-            warn_small_images(self.paths, self.image_size, str(self.source))
+            warn_small_images(self.paths, self.image_size, self.intake.source)
             images = DecodedImages(self.paths, self.image_size, 3, self.crop)
             masks = None if self.masks is None else MaskFiles(self.masks, self.image_size, self.crop)
             self.dataset = ImageDataset(images, np.arange(len(self.paths)), self.labels, self.paths, masks)
             labelled = "labelled" if self.labels is not None else "without labels"
-            print(f"{self.source}: {len(self.paths)} images, {labelled}, classes {self.class_names}", flush=True)
+            print(f"{self.intake.source}: {len(self.paths)} images, {labelled}, classes {self.class_names}", flush=True)
 
     def split_dataset(self, split: str) -> Dataset:
         if split == "test" and self.labels is None:
-            raise DataError(f"{self.source} has no labels: `test` needs a CSV with a label column; use `predict`")
+            raise DataError(
+                f"{self.intake.source} has no labels: `test` needs a CSV with a label column; use `predict`"
+            )
         if split in ("train", "val"):
             raise DataError(f"{type(self).__name__} holds new images for predict (or test): nothing to {split} on")
         return self.dataset
 
     def predict_dataloader(self):
         return self._loader("predict")
-
-
-def image_files(folder: Path) -> list[str]:
-    """Every image file under `folder`, sorted: by suffix, or DICOM by its marker when it has no suffix."""
-    found = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES or (suffix not in SKIPPED_SUFFIXES and is_dicom(path)):
-            found.append(str(path))
-    return found

@@ -27,7 +27,8 @@ REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
 EXPLANATIONS_DIR = "explanations"
 HEADLINES = (  # metrics.json key, name, what it means
-    ("accuracy", "Accuracy", "share of the images whose predicted class is their label"),
+    ("accuracy", "Accuracy", "share of the images whose leading class is their label, refused ones included"),
+    ("accuracy_answered", "Accuracy of the answers", "the same on the images not refused: the answers given"),
     ("auroc", "AUROC", "how well the score ranks positives above negatives: 1 perfect, 0.5 chance"),
     ("f1", "F1 (macro)", "harmonic mean of precision and recall, averaged over the classes"),
     ("ece", "Calibration error (ECE)", "mean gap between confidence and accuracy over 15 bins; 0 = calibrated"),
@@ -36,6 +37,7 @@ HEADLINES = (  # metrics.json key, name, what it means
     ("aurc", "AURC", "area under the risk-coverage curve: the mean error rate when the most certain are kept"),
     ("brier", "Brier score", "squared distance of the class probabilities from the label, 0 to 2; lower is better"),
     ("n_images", "Images", "images in this run, each counted once"),
+    ("n_refused", "Refused", "images refused as unlike the calibration images: no answer, neither right nor wrong"),
 )  # fmt: skip
 
 

@@ -45,6 +45,7 @@ PREDICTIONS_FILE = "predictions.csv"
 ERRORS_FILE = "errors.pt"
 DECISIONS_FILE = "decisions.json"  # test and predict: each rule on or OFF and why, refusals, whole-set tests
 OFF = "off"  # predictions.csv's value in the column of a rule that is OFF
+NO_ANSWER = -1  # predictions.csv's prediction of an image refused as out of distribution
 RULE_COLUMNS = {
     "referral": "refer",
     "prediction_sets": "prediction_set",
@@ -123,7 +124,7 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
     if "label" not in outputs:
         raise ValueError("the test set has no labels: use `predict` for unlabeled images")
     labels, predictions = outputs["label"], outputs["prediction"]
-    accuracy = lambda p: float(multiclass_accuracy(p, labels, num_classes, average="micro"))  # noqa: E731
+    accuracy = lambda p, y=labels: float(multiclass_accuracy(p, y, num_classes, average="micro"))  # noqa: E731
     report = uncertainty_report(outputs["probs"], labels, predictions, outputs["entropy"])
     metrics = {
         **report,
@@ -137,6 +138,10 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
         metrics["mean_forwards"] = float(outputs["forwards"].float().mean())
         metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps)
     metrics["n_images"] = len(labels)
+    if "out_of_distribution" in outputs:  # a refused image is counted as refused, not as right or wrong
+        answered = ~outputs["out_of_distribution"].bool()
+        metrics |= {"n_refused": int((~answered).sum()), "n_answered": int(answered.sum())}
+        metrics["accuracy_answered"] = accuracy(predictions[answered], labels[answered]) if answered.any() else None
     if settings is not None:
         metrics |= {"n_steps": settings.num_steps, "rule": settings.rule, "early_exit": settings.early_exit}
     return metrics
@@ -147,14 +152,18 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str], r
 
     Columns a model does not produce are left out: votes_*, error_* and forwards exist for
     diffusion classifiers only, path and label only when the data has them. The column of a decision
-    rule that is OFF (`rules`, decisions.rule_status) says "off" on every row, not a decision.
+    rule that is OFF (`rules`, decisions.rule_status) says "off" on every row, not a decision. An image
+    refused as out of distribution has no answer: prediction -1 and an empty predicted_class; the
+    class the model's scores lead with stays in `leading_class`, for audit only.
     """
     off = {RULE_COLUMNS[rule] for rule, status in (rules or {}).items() if rule in RULE_COLUMNS and not status["on"]}
     decision = lambda column, value: OFF if column in off else value  # noqa: E731
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     has = lambda key: key in outputs  # noqa: E731
+    refusing = has("out_of_distribution") and "out_of_distribution" not in off
     header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction", "predicted_class"]
+    header += ["leading_class"] * has("out_of_distribution")
     header += [f"votes_{c}" for c in class_names if has("votes")] + [f"prob_{c}" for c in class_names]
     header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
     header += ["score"] + ["forwards"] * has("forwards")
@@ -166,7 +175,10 @@ def write_predictions(path: str | Path, outputs: dict, class_names: list[str], r
         for i in range(len(outputs["id"])):
             row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if has(k)]
             prediction = int(outputs["prediction"][i])
-            row += [prediction, class_names[prediction]] + (outputs["votes"][i].tolist() if has("votes") else [])
+            refused = refusing and bool(outputs["out_of_distribution"][i])
+            row += [NO_ANSWER, ""] if refused else [prediction, class_names[prediction]]
+            row += [class_names[prediction]] if has("out_of_distribution") else []
+            row += outputs["votes"][i].tolist() if has("votes") else []
             row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
             row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
             row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()] if has("mean_error") else []
@@ -248,6 +260,9 @@ class PerImageResults:
             return numbers
         path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names, numbers[RULES_BLOCK])
         write_decisions(directory, numbers)
+        intake = getattr(trainer.datamodule, "intake", None)  # new images: the files left out, and why
+        if intake is not None:
+            intake.write_skipped(directory)
         if "errors" in outputs:
             save_errors(directory / ERRORS_FILE, outputs)
         if metrics:

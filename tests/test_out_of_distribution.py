@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -78,6 +79,30 @@ def test_a_folder_of_chest_and_skin_images_gets_the_skin_ones_refused(calibrated
     summary = printed.out[printed.out.index("Classified") :]
     assert f"\n  {sum(skin) + sum(chest)} of 16 images refused" in summary
     assert "are not like the validation images (out-of-distribution scores larger" in printed.err  # the set moved
+
+
+def test_refused_images_have_no_answer_and_the_csv_metrics_and_report_agree_on_them(calibrated, tmp_path):
+    """A labelled CSV of chest images like the calibration's and skin images unlike them (refused)."""
+    root, _ = calibrated
+    chest, skin = write_pngs(tmp_path / "images", "chest", 6), write_pngs(tmp_path / "images", "skin", 4)
+    names = ["no_finding", "pleural_effusion"]
+    listed = "".join(f"{path},{names[i % 2]}\n" for i, path in enumerate(chest + skin))
+    (tmp_path / "list.csv").write_text("path,label\n" + listed)
+    checkpoint = root / "checkpoints" / "last.ckpt"
+    assert classify.main([str(checkpoint), str(tmp_path / "list.csv"), "--output", str(tmp_path / "out")]) == 0
+    (version,) = (tmp_path / "out" / "tensorboard").glob("version_*")
+    rows = rows_of(version)
+    refused = [row for row in rows if row["out_of_distribution"] == "true"]
+    metrics = json.loads((version / "metrics.json").read_text())
+    decisions = json.loads((version / "decisions.json").read_text())
+    assert len(refused) >= 4 and metrics["n_refused"] == decisions["out_of_distribution"]["n_refused"] == len(refused)
+    assert all(row["predicted_class"] == "" and row["prediction"] == "-1" and row["leading_class"] for row in refused)
+    answered = [row for row in rows if row["out_of_distribution"] == "false"]
+    right = sum(row["prediction"] == row["label"] for row in answered)  # label: the class index
+    assert metrics["n_answered"] == len(answered)
+    assert metrics["accuracy_answered"] == pytest.approx(right / len(answered))
+    report = (version / "report.html").read_text()
+    assert re.search(rf"Refused</[^>]+>\s*<[^>]+>{len(refused)}<", report)
 
 
 def test_a_calibration_without_refusal_applies_its_other_rules_and_says_refusal_is_off(calibrated):

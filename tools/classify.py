@@ -26,6 +26,8 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_only
 
 import cli
+from datamodules.errors import DataError
+from datamodules.intake import SKIPPED_FILE, check_intake, take_in
 from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines, rule_status
 from evaluation.results import DECISIONS_FILE, PREDICTIONS_FILE
 from evaluation.set_shift import shift_message
@@ -34,28 +36,22 @@ from networks.weights import load_weights_file
 from tools.experiments import experiment_config
 
 
-def has_labels(source: Path) -> bool:
-    if not source.is_file():
-        return False
-    with source.open() as handle:
-        return "label" in handle.readline().strip().split(",")
-
-
-def cli_arguments(args: argparse.Namespace, config_file: Path, hyperparameters: dict) -> list[str]:
-    subcommand = "test" if has_labels(args.source) and not args.explain else "predict"
+def cli_arguments(args: argparse.Namespace, config_file: Path, hyperparameters: dict, labelled: bool) -> list[str]:
+    subcommand = "test" if labelled and not args.explain else "predict"
+    source = str(args.source[0]) if len(args.source) == 1 else json.dumps([str(path) for path in args.source])
     return [
         subcommand, f"--config={config_file}", f"--ckpt_path={args.checkpoint}",
-        "--data=datamodules.ImagesDataModule", f"--data.init_args.source={args.source}",
+        "--data=datamodules.ImagesDataModule", f"--data.init_args.source={source}",
         f"--data.init_args.class_names={json.dumps(list(hyperparameters['class_names']))}",
         f"--data.init_args.image_size={hyperparameters['image_size']}",
+        f"--data.init_args.strict={str(args.strict).lower()}",
+        f"--data.init_args.keep_duplicates={str(args.keep_duplicates).lower()}",
         f"--trainer.default_root_dir={args.output}", f"--global_batch_size={args.batch_size}",
         *(["--model.init_args.explain=true"] if args.explain else []),
     ]  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "checkpoint",
@@ -63,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         help="a checkpoint of a run of this suite (e.g. runs/demo/checkpoints/last.ckpt), or a folder of tools.export",
     )
     parser.add_argument(
-        "source", type=Path, help="a folder of images, or a CSV with a path column (and optionally label)"
-    )
+        "source", type=Path, nargs="+",
+        help="a folder of images, one or more image files, or a CSV with a path column (and optionally label)",
+    )  # fmt: skip
     parser.add_argument(
         "--output", type=Path, default=None, help="run folder of the results (default: runs/classified/<source name>)"
     )
@@ -72,21 +69,45 @@ def main(argv: list[str] | None = None) -> int:
         "--explain", action="store_true", help="also write counterfactual explanations (diffusion models)"
     )
     parser.add_argument("--batch-size", type=int, default=16, help="images per batch over all processes (default 16)")
-    args = parser.parse_args(own)  # fmt: skip
-    args.output = args.output or Path("runs/classified") / args.source.stem
-    try:
-        config, hyperparameters = model_config(args.checkpoint)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    parser.add_argument("--strict", action="store_true",
+                        help="stop before the model loads if any file would be skipped, naming them all "
+                             "(default: classify the readable images, list the others in skipped.csv)")  # fmt: skip
+    parser.add_argument("--keep-duplicates", action="store_true",
+                        help="classify a second copy of a file too (same path or same bytes); default: skip it as "
+                             "'duplicate of <first>', so metrics count each image once")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser().parse_args(own)
+    cli.lightning_info_to_stdout()
+    return cli.guarded(lambda: classify(args, extra), "python -m tools.classify ...")
+
+
+def classify(args: argparse.Namespace, extra: list[str]) -> int:
+    """The intake (every file a row or a reason; before the model loads), then the CLI's test or predict."""
+    args.output = args.output or Path("runs/classified") / args.source[0].stem
+    check_output_folder(args.output)
+    intake = take_in(args.source[0] if len(args.source) == 1 else args.source, None, args.keep_duplicates)
+    check_intake(intake, args.strict)
+    config, hyperparameters = model_config(args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)
     config_file = args.output / "trained_with.yaml"
     config_file.write_text(config if config.endswith("\n") else config + "\n")
-    yaml.safe_load(config)  # fail here, not inside the CLI, if the stored config is not YAML
-    status = cli.run([*cli_arguments(args, config_file, hyperparameters), *extra])
-    if status == 0 and rank_zero_only.rank == 0:
-        print(summary(newest_predictions(args.output), args.checkpoint))
-    return status
+    experiment = cli.main([*cli_arguments(args, config_file, hyperparameters, intake.labelled), *extra], False)
+    if rank_zero_only.rank == 0:
+        print(summary(Path(experiment.trainer.log_dir) / PREDICTIONS_FILE, args.checkpoint))
+    return 0
+
+
+def check_output_folder(output: Path) -> None:
+    """--output must be a folder or not exist yet, and no file may stand where one of its parents would be."""
+    for path in (output, *output.parents):
+        if path.exists() and not path.is_dir():
+            what = "is a file" if path == output else f"lies below the file {path}"
+            raise DataError(f"--output {output} {what}: give a folder for the results")
 
 
 def model_config(source: Path) -> tuple[str, dict]:
@@ -97,11 +118,13 @@ def model_config(source: Path) -> tuple[str, dict]:
         config = {"model": exported["model"], "trainer": {"devices": 1}}
         return yaml.safe_dump(config, sort_keys=False), exported["model"]["init_args"]
     checkpoint = load_weights_file(source)
-    return experiment_config(source, checkpoint), checkpoint["hyper_parameters"]
-
-
-def newest_predictions(output: Path) -> Path:
-    return max(output.rglob(PREDICTIONS_FILE), key=lambda path: path.stat().st_mtime)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
+        held = f"a {type(checkpoint).__name__}" if not isinstance(checkpoint, dict) else "no hyper_parameters"
+        raise DataError(f"{source} is not a checkpoint of this suite ({held}): give the last.ckpt of a run of "
+                        "`python cli.py fit`, or a folder written by tools.export")  # fmt: skip
+    config = experiment_config(source, checkpoint)
+    yaml.safe_load(config)  # refuse here, not inside the CLI, a stored config that is not YAML
+    return config, checkpoint["hyper_parameters"]
 
 
 def summary(predictions: Path, checkpoint: Path) -> str:
@@ -114,6 +137,12 @@ def summary(predictions: Path, checkpoint: Path) -> str:
     decisions = json.loads(decisions_file.read_text()) if decisions_file.is_file() else {}
     rules = decisions.get(RULES_BLOCK) or rule_status(None, f"no {decisions_file} was written")
     lines = [f"Classified {len(rows)} images with {checkpoint} -> {predictions}"]
+    skipped_file = predictions.parent / SKIPPED_FILE
+    if skipped_file.is_file():
+        with skipped_file.open() as handle:
+            skipped = [row["reason"] for row in csv.DictReader(handle)]
+        if skipped:
+            lines.append(f"  {len(skipped)} files skipped, each with its reason in {skipped_file}")
     lines += [f"  {line}" for line in off_lines(rules)]
     answered = rows
     if rules["refusal"]["on"]:
@@ -122,7 +151,7 @@ def summary(predictions: Path, checkpoint: Path) -> str:
         lines.append(f"  {len(refused)} of {len(rows)} images refused: unlike the images the model was calibrated "
                      "on (out_of_distribution = true); no answer is given for them")  # fmt: skip
     counts = Counter(row["predicted_class"] for row in answered)
-    lines.append(f"  {len(answered)} answered: " + ", ".join(f"{name} {n}" for name, n in sorted(counts.items())))
+    lines.append(f"  {len(answered)} answered" + "".join(f", {name} {n}" for name, n in sorted(counts.items())))
     if rules["referral"]["on"]:
         referred = sum(row["refer"] == "true" for row in answered)
         lines.append(f"  {referred} of the answered referred to a human for uncertainty (refer = true)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
@@ -79,3 +80,48 @@ def write_pngs(folder: Path, kind: str, count: int, size: int = 32) -> list[str]
         paths.append(str(folder / f"{kind}_{i:02d}.png"))
         Image.fromarray(np.ascontiguousarray(pixels)).save(paths[-1])
     return paths
+
+
+def awkward_folder(root: Path) -> dict[str, str | None]:
+    """A folder as a new user's might be: each file name -> the reason it is skipped (None: classified).
+    Readable images in odd modes (16-bit, CMYK, palette), files that are no image or cannot be read,
+    a DICOM without pixels and one with two frames, a broken link, a symlinked subfolder and a copy."""
+    rng = np.random.default_rng(3)
+    root.mkdir(parents=True)
+    grey = lambda: rng.integers(0, 255, (24, 24), dtype=np.uint8)  # noqa: E731
+    Image.fromarray(grey()).save(root / "plain.png")
+    Image.fromarray(rng.integers(0, 65535, (24, 24), dtype=np.uint16)).save(root / "sixteen_bit.png")
+    Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).convert("CMYK").save(root / "cmyk.jpg")
+    Image.fromarray(grey()).convert("P").save(root / "palette.png")
+    Image.fromarray(grey()).save(root / "photo.webp")
+    (root / "zero_bytes.png").write_bytes(b"")
+    Image.fromarray(rng.integers(0, 255, (64, 64), dtype=np.uint8)).save(root / "full.png")
+    data = (root / "full.png").read_bytes()
+    (root / "truncated.png").write_bytes(data[: len(data) // 2])
+    (root / "full.png").unlink()
+    (root / "text.jpg").write_text("this is a note, saved with the wrong suffix\n")
+    (root / "scan.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(64))
+    write_dicom(root / "report.dcm")
+    no_pixels = pydicom.dcmread(root / "report.dcm")
+    del no_pixels.PixelData
+    no_pixels.Modality = "SR"
+    no_pixels.save_as(root / "report.dcm")
+    two_frames = write_dicom(root / "cine.dcm", np.concatenate([STORED, STORED]))
+    frames = pydicom.dcmread(two_frames)
+    frames.NumberOfFrames, frames.Rows = 2, STORED.shape[0]
+    frames.save_as(two_frames)
+    (root / "gone.png").symlink_to(root / "nowhere.png")
+    linked = root.parent / f"{root.name}_elsewhere"
+    linked.mkdir()
+    for i in range(3):
+        Image.fromarray(grey()).save(linked / f"linked_{i}.png")
+    (root / "linked").symlink_to(linked, target_is_directory=True)
+    (linked / "loop").symlink_to(root, target_is_directory=True)  # back to where the walk started
+    (root / "plain_copy.png").write_bytes((root / "plain.png").read_bytes())
+    return {
+        "plain.png": None, "sixteen_bit.png": None, "cmyk.jpg": None, "palette.png": None, "photo.webp": None,
+        "linked_0.png": None, "linked_1.png": None, "linked_2.png": None,
+        "zero_bytes.png": "empty file", "truncated.png": "unreadable", "text.jpg": "not an image",
+        "scan.heic": "unsupported type", "report.dcm": "no pixel data", "cine.dcm": "multi-frame",
+        "gone.png": "broken link", "plain_copy.png": "duplicate", "loop": "folder already read",
+    }  # fmt: skip

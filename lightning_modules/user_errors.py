@@ -1,0 +1,59 @@
+"""A person's mistake as one line, a bug as a traceback: what cli.py and the tools print when something fails.
+
+A mistake (a wrong path, option, file or checkpoint) is an exception the suite's own checks raise,
+with a message that names the culprit; anything else is a bug and keeps its traceback. Setting
+DEBUG_VARIABLE=1 shows the traceback of a mistake too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEBUG_VARIABLE = "DIFFCLS_DEBUG"
+# The kinds of exception the suite's own checks raise for a person's mistake; raised elsewhere they are bugs.
+USER_ERROR_TYPES = (ValueError, TypeError, OSError, RuntimeError, ArithmeticError)
+
+
+def guarded(work, command: str = "python cli.py ...") -> int:
+    """work()'s status; a person's mistake (user_facing_message) becomes one line and status 2, a bug keeps
+    its traceback. The suite's tools run their work through it too."""
+    try:
+        return work()
+    except Exception as error:
+        message = user_facing_message(error)
+        if message is None or os.environ.get(DEBUG_VARIABLE):
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        print(f"       (the full traceback: {DEBUG_VARIABLE}=1 {command})", file=sys.stderr)
+        return 2
+
+
+def user_facing_message(error: BaseException) -> str | None:
+    """The message of the exception a person should read, or None for a bug (which keeps its traceback).
+
+    That is the innermost exception of the chain raised by the suite's own code (its checks of
+    options, data and checkpoints say what is wrong and how to fix it; jsonargparse wraps them in
+    errors of its own), or a parse error of an option or config file."""
+    chain, seen = [], set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        chain.append(error)
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    for candidate in reversed(chain):
+        if isinstance(candidate, USER_ERROR_TYPES) and raised_by_the_suite(candidate):
+            return str(candidate).strip().replace("\n", " ")
+    for candidate in chain:
+        if isinstance(candidate, argparse.ArgumentError):
+            return str(candidate).strip().splitlines()[0]
+    return None
+
+
+def raised_by_the_suite(error: BaseException) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    raised_in = Path(frames[-1].filename) if frames else None  # compiled extensions give relative names
+    return raised_in is not None and raised_in.is_absolute() and raised_in.resolve().is_relative_to(REPO_ROOT)
