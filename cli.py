@@ -334,9 +334,9 @@ def main(args: list[str] | None = None, exit_on_error: bool = True) -> Experimen
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
-        parser_kwargs={}
-        if exit_on_error
-        else {"exit_on_error": False} | {name: {"exit_on_error": False} for name in subcommands},
+        # no abbreviations: `--trainer.max_step 5` is a typo to name, not max_steps to guess
+        parser_kwargs={"allow_abbrev": False, "exit_on_error": exit_on_error}
+        | {name: {"allow_abbrev": False, "exit_on_error": exit_on_error} for name in subcommands},
     )
 
 

@@ -50,7 +50,16 @@ def user_facing_message(error: BaseException) -> str | None:
     for candidate in chain:
         if isinstance(candidate, argparse.ArgumentError):
             return str(candidate).strip().splitlines()[0]
+        if isinstance(candidate, OSError) and candidate.filename:  # a path given by a person, wherever opened
+            return f"{candidate.filename}: {candidate.strerror or candidate}"
     return None
+
+
+def tool_main(main, command: str) -> None:
+    """A tool's `if __name__ == "__main__":` exit: main()'s status (0 when it returns no int), a person's
+    mistake as one line and status 2."""
+    status = guarded(main, command)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 def raised_by_the_suite(error: BaseException) -> bool:

@@ -105,7 +105,7 @@ def test_a_csv_of_paths_with_labels_is_tested_and_explained(checkpoints, tmp_pat
 
 
 def test_refusals_name_the_culprit(tmp_path):
-    with pytest.raises(DataError, match="neither a folder nor a CSV"):
+    with pytest.raises(DataError, match="neither a folder, an image nor a CSV"):
         ImagesDataModule(str(tmp_path / "nowhere"), CLASSES, 32)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"no image files in .*empty"):

@@ -3,6 +3,7 @@ predictions.csv or a named reason in skipped.csv; labelled CSVs are labelled how
 duplicates are counted once; refused images carry no answer; every ordinary mistake is one line, exit 2."""
 
 import csv
+import importlib
 import json
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from datamodules import ImagesDataModule
 from datamodules.errors import DataError
 from datamodules.intake import take_in
 from evaluation import results
+from lightning_modules.user_errors import guarded
 from tests.helpers.data import awkward_folder, write_dicom
 from tools import classify
 
@@ -170,3 +172,13 @@ def test_every_ordinary_mistake_is_one_line_with_exit_2(tiny_checkpoint, tmp_pat
         assert error[0].startswith("error: ") and says in error[0] and "Traceback" not in "".join(error), case
         assert len(error) == 2 and "DIFFCLS_DEBUG=1" in error[1], case
     assert not (tmp_path / "out").exists()  # nothing written before the mistake was found (no trained_with.yaml)
+
+
+@pytest.mark.parametrize("tool", ["summary", "export", "study"])
+def test_the_other_tools_say_a_wrong_path_in_one_line(tool, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DIFFCLS_DEBUG", raising=False)
+    module = importlib.import_module(f"tools.{tool}")
+    wrong = str(tmp_path / "nowhere.yaml")
+    assert guarded(lambda: module.main([wrong]), f"python -m tools.{tool} ...") == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[0].startswith("error: ") and wrong in error[0] and not any("Traceback" in line for line in error)

@@ -22,6 +22,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from datamodules.csv_folder import CSVDataModule
+from lightning_modules.user_errors import tool_main
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], mode: str) -> None:
@@ -85,4 +86,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.bench_data ...")

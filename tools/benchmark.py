@@ -31,6 +31,7 @@ import yaml
 from diffusion.classify import ClassifierSettings, classify_images
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.voting import summarize
+from lightning_modules.user_errors import tool_main
 from networks import ClassConditionalUNet, DiT
 from tools.experiments import load_experiment
 
@@ -218,4 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.benchmark ...")

@@ -97,8 +97,9 @@ def classify(args: argparse.Namespace, extra: list[str]) -> int:
     config_file = args.output / "trained_with.yaml"
     config_file.write_text(config if config.endswith("\n") else config + "\n")
     experiment = cli.main([*cli_arguments(args, config_file, hyperparameters, intake.labelled), *extra], False)
+    run_folder = Path(experiment.trainer.log_dir)  # a collective under DDP: asked on every rank
     if rank_zero_only.rank == 0:
-        print(summary(Path(experiment.trainer.log_dir) / PREDICTIONS_FILE, args.checkpoint))
+        print(summary(run_folder / PREDICTIONS_FILE, args.checkpoint))
     return 0
 
 

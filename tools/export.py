@@ -25,6 +25,7 @@ from evaluation.model_card import model_card
 from evaluation.results import METRICS_FILE
 from lightning_modules.base import CALIBRATION_FILE
 from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR, WEIGHTS_FILE, save_pretrained
+from lightning_modules.user_errors import tool_main
 from networks.weights import load_weights_file
 from tools.experiments import experiment_config, load_trained
 
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tool_main(main, "python -m tools.export ...")

@@ -38,6 +38,7 @@ from diffusion.noise import image_keys
 from evaluation.calibration import binomial_cdf
 from evaluation.ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
 from evaluation.refusal import calibrate_refusal, conformal_pvalues, detection_report
+from lightning_modules.user_errors import tool_main
 from tools.experiments import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,4 +260,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.ood_benchmark ...")

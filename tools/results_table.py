@@ -29,6 +29,7 @@ import yaml
 from evaluation import studies
 from evaluation.results import METRICS_FILE, PREDICTIONS_FILE, newest_metrics
 from evaluation.statistics import bootstrap_intervals
+from lightning_modules.user_errors import tool_main
 from networks.backbones import BACKBONES
 
 GROUPS = ("CNN", "TF", "DM")  # Table 1's groups, in its order; anything else comes last
@@ -264,4 +265,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.results_table ...")

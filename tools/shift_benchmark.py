@@ -38,6 +38,7 @@ from datamodules.site_shifts import SEVERITIES, SITE_SHIFTS, site_shift
 from evaluation.ood_scores import TimeProfile, band_offsets, ood_score
 from evaluation.refusal import detection_report, reference_half
 from evaluation.set_shift import reference_outputs, set_shift
+from lightning_modules.user_errors import tool_main
 from tools.experiments import load_trained
 from tools.ood_benchmark import images_of
 
@@ -270,4 +271,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.shift_benchmark ...")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import cli
 from evaluation.results import newest_metrics
+from lightning_modules.user_errors import tool_main
 from networks.weights import load_weights_file
 
 MODELS = {
@@ -148,4 +149,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.side_by_side ...")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from datamodules.batch_plan import BatchConfigError, batch_plan
 from lightning_modules.callbacks import REQUEUE_SECONDS, REQUEUE_SIGNAL
+from lightning_modules.user_errors import tool_main
 from tools.experiments import resolved_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -324,4 +325,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.slurm ...")

@@ -39,6 +39,7 @@ from pathlib import Path
 import yaml
 
 from evaluation.studies import summarize
+from lightning_modules.user_errors import tool_main
 from tools.side_by_side import kept_checkpoint
 from tools.slurm import REPO_ROOT
 
@@ -226,4 +227,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    tool_main(main, "python -m tools.study ...")

@@ -21,6 +21,7 @@ from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
 from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR
+from lightning_modules.user_errors import tool_main
 
 EXPLANATION_NUMBERS = (
     "flip_rate",
@@ -135,4 +136,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    tool_main(main, "python -m tools.summary ...")
