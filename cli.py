@@ -23,6 +23,8 @@ new one). A NaN or infinite training loss stops the run naming the last good che
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import logging
 import os
 import sys
@@ -59,7 +61,7 @@ from lightning_modules.run_folders import (
     run_root,
     tensorboard_logger,
 )
-from lightning_modules.user_errors import DEBUG_VARIABLE, guarded  # noqa: F401 (DEBUG_VARIABLE: for tests)
+from lightning_modules.user_errors import DEBUG_VARIABLE, guarded, unknown_option_message  # noqa: F401 (DEBUG_VARIABLE: for tests)
 from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
@@ -79,6 +81,24 @@ TEST_UNDER_DDP = (
 
 
 LIGHTNING_TEST_SAMPLER_WARNING = r"Using `DistributedSampler` with the dataloaders\. During `trainer\.test\(\)`"
+
+
+class StrictArgumentParser(LightningArgumentParser):
+    """No abbreviated options: jsonargparse builds each class's parser from this class too, so a nested
+    `--model.init_args.classification.num_step 3` is refused as a typo, not silently read as num_steps."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def class_option_names(class_path: str) -> list[str]:
+    """Every option of a model, data or callback class, nested settings as `classification.num_steps`."""
+    parser = StrictArgumentParser(exit_on_error=False)
+    module, name = class_path.rsplit(".", 1)
+    parser.add_class_arguments(getattr(importlib.import_module(module), name), "options", fail_untyped=False,
+                               sub_configs=True)  # fmt: skip
+    return [action.dest.removeprefix("options.") for action in parser._actions if action.dest.startswith("options.")]
 
 
 class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
@@ -127,6 +147,20 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             help="fit --ckpt_path: log into a new tensorboard/version_N instead of continuing in the "
             "resumed run's one (the default, so a resumed run's curves continue where they stopped).",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        """A mistyped option is named with the nearest valid ones (jsonargparse's own message buries it)."""
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as error:
+            given = [arg for arg in (sys.argv[1:] if args is None else args) if isinstance(arg, str)]
+            subcommand = next((arg for arg in given if arg in parser._subcommands_action.choices), None)
+            top = parser._subcommands_action.choices[subcommand] if subcommand else parser
+            top_options = [name[2:] for action in top._actions for name in action.option_strings if name[:2] == "--"]
+            message = unknown_option_message(str(error), class_option_names, top_options)
+            if message is None:
+                raise
+            raise argparse.ArgumentError(None, message) from error
 
     def before_instantiate_classes(self) -> None:
         # Pin the checkpoint folder to the run, not to the logger's version_N folder: otherwise a
@@ -334,9 +368,9 @@ def main(args: list[str] | None = None, exit_on_error: bool = True) -> Experimen
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
-        # no abbreviations: `--trainer.max_step 5` is a typo to name, not max_steps to guess
-        parser_kwargs={"allow_abbrev": False, "exit_on_error": exit_on_error}
-        | {name: {"allow_abbrev": False, "exit_on_error": exit_on_error} for name in subcommands},
+        parser_class=StrictArgumentParser,
+        parser_kwargs={"exit_on_error": exit_on_error}
+        | {name: {"exit_on_error": exit_on_error} for name in subcommands},
     )
 
 

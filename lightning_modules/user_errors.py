@@ -8,7 +8,9 @@ DEBUG_VARIABLE=1 shows the traceback of a mistake too.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -66,3 +68,32 @@ def raised_by_the_suite(error: BaseException) -> bool:
     frames = traceback.extract_tb(error.__traceback__)
     raised_in = Path(frames[-1].filename) if frames else None  # compiled extensions give relative names
     return raised_in is not None and raised_in.is_absolute() and raised_in.resolve().is_relative_to(REPO_ROOT)
+
+
+# jsonargparse's ways of saying an option does not exist: under a class (model, data, a callback), or at the top
+UNKNOWN_UNDER_CLASS = re.compile(
+    r"class_path '(?P<class_path>[\w.]+)':\s+(?:Option '(?P<option>[\w.]+)' is not accepted|"
+    r"unrecognized arguments: --(?P<argument>[\w.]+)|Key \"(?P<key>[\w.]+)\" is not expected)"
+)
+UNKNOWN_AT_TOP = re.compile(r"nrecognized arguments: --(?P<option>[\w.]+)")
+SECTION = re.compile(r'Parser key "(?P<section>[\w.]+)"')
+
+
+def unknown_option_message(message: str, class_options, top_options: list[str]) -> str | None:
+    """"unknown option --data.init_args.bach_size; did you mean --data.init_args.batch_size?" for jsonargparse's
+    message of a mistyped option, or None for any other message. class_options(class_path): the option names of
+    that class (nested settings as `classification.num_steps`); top_options: the subcommand's own option names."""
+    under = UNKNOWN_UNDER_CLASS.search(message)
+    if under:
+        section = SECTION.search(message)
+        prefix = f"{section['section']}.init_args." if section else ""
+        bad = under["option"] or under["argument"] or under["key"]
+        where, candidates = f" (options of {under['class_path']})", class_options(under["class_path"])
+    elif top := UNKNOWN_AT_TOP.search(message):
+        prefix, bad, where, candidates = "", top["option"], "", top_options
+    else:
+        return None
+    close = difflib.get_close_matches(bad, candidates, n=3, cutoff=0.6)
+    close = close or [name for name in candidates if name.startswith(bad.split(".")[0] + ".")][:3]
+    hint = f"; did you mean {' or '.join('--' + prefix + name for name in close)}?" if close else ""
+    return f"unknown option --{prefix}{bad}{where}{hint} (--help lists them all)"

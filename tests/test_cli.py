@@ -54,10 +54,23 @@ def test_untrained_weights_only_when_asked_and_make_results_leaves_them_out(tmp_
     ("--model.init_args.classification.rule=median", "classification.rule='median' is not one of"),
     ("--data.init_args.image_size=31", "image_size must be an even integer"),
     ("--global_batch_size=0", "global_batch_size=0: a batch holds at least one image"),
-    ("--trainer.no_such_option=1", "unrecognized arguments: --trainer.no_such_option"),
+    ("--trainer.no_such_option=1", "unknown option --trainer.no_such_option"),
 ])  # fmt: skip
 def test_a_bad_option_is_named(option, culprit, tmp_path, capsys):
     assert culprit in refusal(capsys, "test", *tiny_args(tmp_path), option, "--allow_untrained=true")
+
+
+@pytest.mark.parametrize("typo, suggestion", [
+    ("--model.init_args.learning_rat=1e-3", "did you mean --model.init_args.learning_rate"),
+    ("--data.init_args.bach_size=8", "did you mean --data.init_args.batch_size"),
+    ("--trainer.max_step=5", "did you mean --trainer.max_steps"),  # an abbreviation is a typo, not max_steps
+    ("--model.init_args.classification.num_step=3", "did you mean --model.init_args.classification.num_steps"),
+    ("--global_batch=4", "did you mean --global_batch_size"),
+])  # fmt: skip
+def test_a_mistyped_option_is_named_with_the_nearest_valid_ones(typo, suggestion, tmp_path, capsys):
+    line = refusal(capsys, "fit", *tiny_args(tmp_path), typo)
+    assert f"unknown option {typo.split('=')[0]}" in line and suggestion in line
+    assert not (tmp_path / "checkpoints").exists()  # refused before anything ran
 
 
 def csv_data(root: Path, rows: list[str]) -> list[str]:
