@@ -23,7 +23,7 @@ from .early_exit import EXIT_RULES, exact_decided, prune_classes, sequential_dec
 from .noise import normals, pair_keys, stratified_times, uniform_times
 from .parameterization import diffuse, eps_from_v, v_target, x_from_v
 from .schedule import broadcast_like
-from .voting import RULES, vote_counts
+from .voting import VOTE_RULES, vote_counts
 
 ERROR_SPACES = ("eps", "x", "v")
 Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat
@@ -86,7 +86,7 @@ class ClassifierSettings:
 
     def __post_init__(self):
         for name, value, allowed in (
-            ("rule", self.rule, RULES),
+            ("rule", self.rule, tuple(VOTE_RULES)),
             ("error_space", self.error_space, ERROR_SPACES),
             ("early_exit", self.early_exit, EXIT_RULES),
         ):

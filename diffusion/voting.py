@@ -20,8 +20,6 @@ import math
 import torch
 from torch import Tensor
 
-RULES = ("majority", "mean")
-
 
 def first_argmax(values: Tensor) -> Tensor:
     """(B, C) -> (B,): the index of the maximum, the lowest one on ties (torch.argmax does not
@@ -44,40 +42,57 @@ def vote_counts(errors: Tensor) -> Tensor:
     return votes.sum(dim=1)
 
 
-def vote_entropy(counts: Tensor, normalize: bool = False) -> Tensor:
-    """Shannon entropy (nats) of the vote fractions: the paper's uncertainty (sec. 4.4).
-
-    normalize=True divides by log(C), so 0 = unanimous and 1 = votes spread evenly.
-    """
-    fractions = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
-    entropy = -(fractions * torch.log(fractions.clamp(min=1e-12))).sum(dim=1) + 0.0  # + 0.0: no "-0" in files
-    return entropy / math.log(counts.shape[1]) if normalize else entropy
+def entropy(probs: Tensor, normalize: bool = False) -> Tensor:
+    """Shannon entropy (nats) of each row of class probabilities: the paper's uncertainty (sec. 4.4) when
+    they are vote fractions. normalize=True divides by log(C): 0 = certain, 1 = spread evenly."""
+    probs = probs.float()
+    value = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1) + 0.0  # + 0.0: no "-0" in files
+    return value / math.log(probs.shape[1]) if normalize else value
 
 
-def summarize(errors: Tensor, rule: str = "majority") -> dict[str, Tensor]:
+# ---- the vote rules: (errors (B, C, N), values per image D) -> class probabilities (B, C) -------------------
+# One signature; the option value `classification.rule` is the function's name, and the outputs are keyed by
+# it (`<rule>_prediction`, metrics.json's `<rule>_accuracy`). The prediction is the first argmax of the
+# probabilities, so a rule's answer and its probabilities, entropy and score never disagree.
+
+
+def majority(errors: Tensor, values_per_image: int) -> Tensor:
+    """Majority vote (paper, Appendix A): the share of the evaluated steps each class won."""
+    votes = vote_counts(errors)
+    return votes.float() / votes.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def mean(errors: Tensor, values_per_image: int) -> Tensor:
+    """Mean error (Li et al. 2023, eq. 6): softmax over classes of minus the summed squared error, i.e. the
+    per-value mean error over the evaluated steps times the D values of an image (their ELBO posterior)."""
+    mean_error = errors.double().nanmean(dim=2).nan_to_num(nan=math.inf)
+    return torch.softmax(-mean_error * values_per_image, dim=1).float()
+
+
+VOTE_RULES = {"majority": majority, "mean": mean}
+
+
+def summarize(errors: Tensor, rule: str = "majority", values_per_image: int = 1) -> dict[str, Tensor]:
     """Per-image outputs from an error matrix (see the module docstring for NaN and +inf).
 
-    Returns prediction (by `rule`), majority_prediction and mean_error_prediction (both rules, for
-    the paper's Fig. 2 ablation), votes (B, C), probs (vote fractions, rows sum to 1), entropy and
-    entropy_normalized (of the vote fractions), mean_error (B, C) over the evaluated steps (+inf
-    for a pruned class), steps (B,) evaluated, and score: the vote fraction of class 1 with two
-    classes (the positive class, for ROC analysis), the winning vote fraction with more classes.
+    Returns prediction, probs (rows sum to 1), entropy and entropy_normalized (of probs), and score (the
+    probability of class 1 with two classes, the positive class for ROC analysis; the winning one with
+    more), all by `rule`; `<name>_prediction` of every rule in VOTE_RULES (the paper's Fig. 2 ablation
+    on the same errors); votes (B, C), mean_error (B, C) over the evaluated steps (+inf for a pruned
+    class) and steps (B,) evaluated. values_per_image: D = C x H x W of the input (the mean rule's scale).
     """
-    if rule not in RULES:
-        raise ValueError(f"unknown classification rule {rule!r}; choose one of {RULES}")
-    votes = vote_counts(errors)
-    mean_error = errors.nanmean(dim=2)
-    by_rule = {"majority": first_argmax(votes), "mean": first_argmax(-mean_error.nan_to_num(nan=math.inf))}
-    probs = votes.float() / votes.sum(dim=1, keepdim=True).clamp(min=1)
+    if rule not in VOTE_RULES:
+        raise ValueError(f"unknown classification rule {rule!r}; choose one of {list(VOTE_RULES)}")
+    probs = {name: function(errors, values_per_image) for name, function in VOTE_RULES.items()}
+    chosen = probs[rule]
     return {
-        "prediction": by_rule[rule],
-        "majority_prediction": by_rule["majority"],
-        "mean_error_prediction": by_rule["mean"],
-        "votes": votes,
-        "probs": probs,
-        "entropy": vote_entropy(votes),
-        "entropy_normalized": vote_entropy(votes, normalize=True),
-        "mean_error": mean_error,
+        "prediction": first_argmax(chosen),
+        **{f"{name}_prediction": first_argmax(p) for name, p in probs.items()},
+        "votes": vote_counts(errors),
+        "probs": chosen,
+        "entropy": entropy(chosen),
+        "entropy_normalized": entropy(chosen, normalize=True),
+        "mean_error": errors.nanmean(dim=2),
         "steps": evaluated_steps(errors).sum(dim=1),
-        "score": probs[:, 1] if errors.shape[1] == 2 else probs.max(dim=1).values,
+        "score": chosen[:, 1] if errors.shape[1] == 2 else chosen.max(dim=1).values,
     }

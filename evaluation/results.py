@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from diffusion.voting import entropy
 
 from .decisions import (
     OOD_BLOCK,
@@ -107,12 +108,11 @@ def outputs_from_probs(probs: Tensor) -> dict[str, Tensor]:
     entropy (nats) and entropy_normalized (/ log C) of probs, and score (probability of class 1,
     the positive class, with two classes; the winning probability with more)."""
     probs = probs.float()
-    entropy = -(probs * torch.log(probs.clamp(min=1e-12))).sum(dim=1) + 0.0  # + 0.0: no "-0" in files
     return {
         "prediction": probs.argmax(dim=1),
         "probs": probs,
-        "entropy": entropy,
-        "entropy_normalized": entropy / math.log(probs.shape[1]),
+        "entropy": entropy(probs),
+        "entropy_normalized": entropy(probs, normalize=True),
         "score": probs[:, 1] if probs.shape[1] == 2 else probs.max(dim=1).values,
     }
 
@@ -131,9 +131,8 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
         "accuracy": accuracy(predictions),
         "f1": float(multiclass_f1_score(predictions, labels, num_classes, average="macro")),
     }
-    for rule in ("majority", "mean_error"):
-        if f"{rule}_prediction" in outputs:
-            metrics[f"{rule}_accuracy"] = accuracy(outputs[f"{rule}_prediction"])
+    for key in [key for key in outputs if key.endswith("_prediction")]:  # every vote rule's (diffusion.voting)
+        metrics[key.replace("_prediction", "_accuracy")] = accuracy(outputs[key])
     if "forwards" in outputs and settings is not None:
         metrics["mean_forwards"] = float(outputs["forwards"].float().mean())
         metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps)

@@ -122,7 +122,10 @@ class DiffusionClassifierBase(ClassifierModule):
             run = classify_images(self.denoiser(), x, keys, self.hparams.num_classes, self.schedule, settings)
         except NonFiniteOutputError as error:
             raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
-        outputs = summarize(run["errors"], settings.rule) | {"forwards": run["forwards"], "errors": run["errors"]}
+        outputs = summarize(run["errors"], settings.rule, x[0].numel()) | {
+            "forwards": run["forwards"],
+            "errors": run["errors"],
+        }
         # what the out-of-distribution scores read: the best class's error at each step, and the step's t
         outputs |= {
             "step_errors": step_profile(run["errors"]),

@@ -80,7 +80,7 @@ SECTION = re.compile(r'Parser key "(?P<section>[\w.]+)"')
 
 
 def unknown_option_message(message: str, class_options, top_options: list[str]) -> str | None:
-    """"unknown option --data.init_args.bach_size; did you mean --data.init_args.batch_size?" for jsonargparse's
+    """ "unknown option --data.init_args.bach_size; did you mean --data.init_args.batch_size?" for jsonargparse's
     message of a mistyped option, or None for any other message. class_options(class_path): the option names of
     that class (nested settings as `classification.num_steps`); top_options: the subcommand's own option names."""
     under = UNKNOWN_UNDER_CLASS.search(message)

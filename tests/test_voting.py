@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from diffusion.voting import summarize, vote_counts, vote_entropy
+from diffusion import voting
+from diffusion.voting import entropy, summarize, vote_counts
 
 NAN, INF = float("nan"), float("inf")
 
@@ -27,7 +28,7 @@ def test_majority_and_mean_disagree_on_a_case_built_for_it():
     out = summarize(hand_made_errors())
     assert out["votes"].tolist() == [[2, 3], [5, 0]]
     assert out["prediction"].tolist() == out["majority_prediction"].tolist() == [1, 0]
-    assert out["mean_error_prediction"].tolist() == [0, 0]
+    assert out["mean_prediction"].tolist() == [0, 0]
     assert summarize(hand_made_errors(), "mean")["prediction"].tolist() == [0, 0]
     torch.testing.assert_close(out["mean_error"], torch.tensor([[1.2, 3.0], [0.3, 1.3]]))
     torch.testing.assert_close(out["probs"], torch.tensor([[0.4, 0.6], [1.0, 0.0]]))
@@ -58,7 +59,7 @@ def test_a_pruned_class_wins_nothing_and_is_never_predicted():
     errors = torch.tensor([[[INF, INF, INF, NAN], [1.0, 3.0, 1.0, NAN], [2.0, 2.0, 2.0, NAN], [3.0, 1.0, 3.0, NAN]]])
     out = summarize(errors)
     assert out["votes"].tolist() == [[0, 2, 0, 1]] and out["steps"].tolist() == [3]
-    assert out["prediction"].tolist() == [1] and out["mean_error_prediction"].tolist() == [1]  # means 5/3, 2, 7/3
+    assert out["prediction"].tolist() == [1] and out["mean_prediction"].tolist() == [1]  # means 5/3, 2, 7/3
     assert out["mean_error"][0, 0] == INF and out["probs"][0, 0] == 0
     torch.testing.assert_close(out["score"], torch.tensor([2 / 3]))  # more than two classes: the winning fraction
     h = -(2 / 3 * math.log(2 / 3) + 1 / 3 * math.log(1 / 3))
@@ -87,9 +88,37 @@ def test_three_classes_plurality():
 def test_vote_entropy_closed_forms():
     counts = torch.tensor([[10, 0], [5, 5], [3, 1], [2, 2]])
     expected = [0.0, math.log(2), -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)), math.log(2)]
-    torch.testing.assert_close(vote_entropy(counts), torch.tensor(expected))
-    torch.testing.assert_close(vote_entropy(counts, normalize=True), torch.tensor(expected) / math.log(2))
-    assert vote_entropy(torch.tensor([[1, 1, 1]]), normalize=True).item() == pytest.approx(1.0)
+    fractions = counts / counts.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(entropy(fractions), torch.tensor(expected))
+    torch.testing.assert_close(entropy(fractions, normalize=True), torch.tensor(expected) / math.log(2))
+    assert entropy(torch.full((1, 3), 1 / 3), normalize=True).item() == pytest.approx(1.0)
+
+
+def test_the_mean_rule_gives_li_et_al_posterior_and_its_own_entropy_and_score():
+    # mean errors 1.2 / 3.0 and 0.3 / 1.3 per value; D = 2 values per image: p(c) = softmax(-2 * mean error)
+    out = summarize(hand_made_errors(), "mean", values_per_image=2)
+    p0 = 1 / (1 + math.exp(-2 * 1.8)), 1 / (1 + math.exp(-2 * 1.0))
+    torch.testing.assert_close(out["probs"], torch.tensor([[p0[0], 1 - p0[0]], [p0[1], 1 - p0[1]]]))
+    assert out["prediction"].tolist() == [0, 0]  # the probabilities' argmax, unlike the majority's [1, 0]
+    torch.testing.assert_close(out["score"], out["probs"][:, 1])
+    h = [-(p * math.log(p) + (1 - p) * math.log(1 - p)) for p in p0]
+    torch.testing.assert_close(out["entropy"], torch.tensor(h))
+
+
+def test_a_new_rule_is_one_function(monkeypatch):
+    """Registered in VOTE_RULES, a rule is an option value, an output key and a metrics.json accuracy."""
+    from diffusion.classify import ClassifierSettings
+    from evaluation.results import test_metrics
+
+    def last_step(errors, values_per_image):  # the class with the lowest error at the last evaluated step
+        return voting.majority(errors[..., -1:], values_per_image)
+
+    monkeypatch.setitem(voting.VOTE_RULES, "last_step", last_step)
+    ClassifierSettings(num_steps=5, rule="last_step")  # accepted as an option value
+    out = summarize(hand_made_errors(), "last_step")
+    assert out["prediction"].tolist() == out["last_step_prediction"].tolist() == [0, 0]  # 2.0 < 6.3, 0.5 < 1.5
+    metrics = test_metrics(out | {"label": torch.tensor([0, 1])}, 2)
+    assert metrics["last_step_accuracy"] == metrics["accuracy"] == 0.5 and metrics["majority_accuracy"] == 0.0
 
 
 def test_unknown_rule_names_the_choices():

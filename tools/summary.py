@@ -16,6 +16,7 @@ import json
 import math
 from pathlib import Path
 
+from diffusion.voting import VOTE_RULES
 from evaluation.decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
@@ -41,7 +42,7 @@ def summary_table(metrics: dict, seconds: float | None = None) -> str:
     ]
     if "n_steps" in metrics:  # a diffusion classifier
         rows += [
-            ("mean-error rule accuracy", f"{metrics.get('mean_error_accuracy', math.nan):.3f}"),
+            *((f"{rule} rule accuracy", f"{metrics.get(f'{rule}_accuracy', math.nan):.3f}") for rule in VOTE_RULES),
             ("test images", str(metrics["n_images"])),
             ("N (eps, t) steps", str(metrics["n_steps"])),
             ("rule", str(metrics.get("rule", "majority"))),
