@@ -10,7 +10,7 @@ import pandas as pd
 
 from datamodules.errors import DataError
 from datamodules.table import TableDataModule
-from datamodules.tables import SPLITS, check_label_spellings, read_csv
+from datamodules.tables import SPLITS, check_label_spellings, label_indices, read_csv
 
 
 class CSVDataModule(TableDataModule):
@@ -28,19 +28,29 @@ class CSVDataModule(TableDataModule):
         class_names: the classes in class-index order; a label outside them is an error.
             None: the sorted distinct labels (numerically when they are all numbers).
         balance: undersample every class to the smallest (within each given split); off by default.
+        path_column, label_column, patient_column: the CSV's names for the image path, the class label and
+            the patient id, when a publisher names them otherwise (e.g. `Image Index`, `Finding Labels`,
+            `Patient ID`); a new publisher's CSV is then one YAML file (configs/data/).
         **kwargs: the shared options of `TableDataModule` (image_size, batch_size, num_workers,
             seed, split_fractions, splits_file, cache_dir, verify_images, crop, num_folds, fold).
     """
 
-    def __init__(self, root: str, csv: str, class_names: list[str] | None = None, balance: bool = False, **kwargs):
+    def __init__(self, root: str, csv: str, class_names: list[str] | None = None, balance: bool = False,
+                 path_column: str = "path", label_column: str = "label", patient_column: str = "patient_id",
+                 **kwargs):  # fmt: skip
         super().__init__(root, balance=balance, **kwargs)
+        self.columns = {path_column: "path", label_column: "label", patient_column: "patient_id"}
         self.csv = self.root / csv  # an absolute `csv` stays absolute
         self.name = f"csv-{os.path.splitext(os.path.basename(csv))[0]}"
         self._given_class_names = None if class_names is None else [str(c) for c in class_names]
 
     @functools.cached_property
     def _csv_table(self) -> pd.DataFrame:
-        table = read_csv(self.csv, ["path", "label"], "CSV")
+        table = read_csv(self.csv, list(self.columns)[:2], "CSV")
+        clashes = [name for given, name in self.columns.items() if given != name and name in table.columns]
+        if clashes:
+            raise DataError(f"{self.csv} has both {clashes} and the column(s) named to stand for them: rename one")
+        table = table.rename(columns=self.columns)
         check_label_spellings(table["label"], self.csv)
         return table
 
@@ -57,19 +67,16 @@ class CSVDataModule(TableDataModule):
         return [str(v) for v in (labels[np.argsort(numeric)] if numeric.notna().all() else sorted(labels))]
 
     def read_table(self):
-        table, names = self._csv_table, self.class_names
-        index = {name: i for i, name in enumerate(names)}
-        unknown = ~table["label"].isin(index)
-        if unknown.any():
-            row = np.flatnonzero(unknown)[0]
-            raise DataError(
-                f"{self.csv}: label {table['label'].iloc[row]!r} (row {row + 2}, {table['path'].iloc[row]}) "
-                f"is not in the class list {names}"
-            )
+        table = self._csv_table
         rows = pd.DataFrame(
             {
                 "path": table["path"],
-                "label": table["label"].map(index).astype(int),
+                "label": label_indices(
+                    table["label"].tolist(),
+                    self.class_names,
+                    self.csv,
+                    [f"row {i + 2}, {path}" for i, path in enumerate(table["path"])],
+                ),
                 "patient": table.get("patient_id", pd.Series("", index=table.index)),
             }
         )

@@ -29,7 +29,7 @@ from datamodules.decoding import DecodedImages, ImageDataset, MaskFiles, warn_sm
 from datamodules.errors import DataError
 from datamodules.intake import check_intake, take_in
 from datamodules.loaders import SplitLoaders, check_image_size
-from datamodules.tables import check_mask_files
+from datamodules.tables import check_mask_files, label_indices
 
 
 class ImagesDataModule(SplitLoaders, L.LightningDataModule):
@@ -69,18 +69,12 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
         self.paths = np.array(self.intake.paths, dtype=str)
         self.masks = None if self.intake.masks is None else np.array(self.intake.masks, dtype=str)
         check_mask_files(self.masks, self.intake.source)
-        self.labels = None if self.intake.labels is None else self.label_indices(self.intake.labels)
+        labels = self.intake.labels
+        self.labels = (
+            None if labels is None else label_indices(labels, self.class_names, self.intake.source, self.paths)
+        )
         self.dataset: ImageDataset | None = None
         print(f"{self.intake.source}: {self.intake.summary()}", flush=True)
-
-    def label_indices(self, labels: list[str]) -> np.ndarray:
-        index = {name: i for i, name in enumerate(self.class_names)}
-        unknown = [(path, label) for path, label in zip(self.paths, labels) if label not in index]
-        if unknown:
-            path, label = unknown[0]
-            raise DataError(f"{self.intake.source}: label {label!r} of {path} is not a class of the model "
-                            f"{self.class_names}")  # fmt: skip
-        return np.array([index[label] for label in labels], dtype=np.int64)
 
     def setup(self, stage: str | None = None):
         if self.dataset is None:

@@ -141,6 +141,18 @@ def read_csv(file: Path, required: list[str], what: str = "") -> pd.DataFrame:
     return table
 
 
+def label_indices(labels, class_names: list[str], source, rows=None) -> np.ndarray:
+    """Class indices of class-name labels; a label outside `class_names` is refused naming its row: rows[i]
+    (a path, or "row 7, images/x.png"), or the CSV line number."""
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [i for i, label in enumerate(labels) if label not in index]
+    if unknown:
+        row = unknown[0]
+        which = rows[row] if rows is not None else f"row {row + 2}"
+        raise DataError(f"{source}: label {list(labels)[row]!r} of {which} is not one of the classes {class_names}")
+    return np.array([index[label] for label in labels], dtype=np.int64)
+
+
 def check_label_spellings(labels: pd.Series, file: Path) -> None:
     """Refuse labels that differ only by surrounding whitespace or by case: they would become classes of their own."""
     names = pd.Series(labels.unique())

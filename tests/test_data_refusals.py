@@ -78,7 +78,7 @@ def test_bad_label_not_in_the_class_list(tmp_path):
     dm = CSVDataModule(
         root=str(tmp_path / "mine"), csv="labels.csv", class_names=["benign", "nevus"], **options(tmp_path)
     )
-    with pytest.raises(DataError, match=r"label 'malignant' \(row 2, images/000\.jpg\) is not in the class list"):
+    with pytest.raises(DataError, match=r"label 'malignant' of row 2, images/000\.jpg is not one of the classes"):
         dm.setup("fit")
 
 

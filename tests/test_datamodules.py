@@ -304,3 +304,21 @@ def test_cache_benchmark_runs(capsys):
 
     result = bench(["--n", "30", "--width", "64", "--height", "48", "--image-size", "16"])
     assert result["images"] > 0 and result["decode_images_per_s"] > 0 and result["cache_images_per_s"] > 0
+
+
+def test_a_publishers_csv_with_its_own_column_names_is_one_yaml(tmp_path):
+    """configs/data/example_publisher.yaml reads `file,diagnosis,subject` through the real CLI."""
+    from cli import main
+
+    make_csv_folder(tmp_path / "mine")
+    table = pd.read_csv(tmp_path / "mine" / "labels.csv", dtype=str)
+    renamed = table.rename(columns={"path": "file", "label": "diagnosis", "patient_id": "subject"})
+    renamed.to_csv(tmp_path / "mine" / "labels.csv", index=False)
+    data = ["--data=configs/data/example_publisher.yaml", f"--data.init_args.root={tmp_path / 'mine'}",
+            "--data.init_args.cache_dir=null", "--data.init_args.image_size=16"]  # fmt: skip
+    cli = main(["fit", "--config=configs/demo.yaml", *data, f"--trainer.default_root_dir={tmp_path / 'run'}",
+                "--trainer.max_steps=0", "--trainer.limit_val_batches=0"], exit_on_error=False)  # fmt: skip
+    data_module = cli.datamodule
+    assert data_module.class_names == sorted(table["label"].unique())
+    assert data_module.table["patient"].tolist() and set(data_module.table["patient"]) <= set(table["patient_id"])
+    assert_no_patient_in_two_splits(data_module.table)

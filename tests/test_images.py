@@ -113,7 +113,7 @@ def test_refusals_name_the_culprit(tmp_path):
     image_folder(tmp_path / "images")
     table = tmp_path / "list.csv"
     table.write_text("path,label\nimages/png_0.png,pneumothorax\n")
-    with pytest.raises(DataError, match="'pneumothorax' of .*png_0.png is not a class of the model"):
+    with pytest.raises(DataError, match="'pneumothorax' of .*png_0.png is not one of the classes"):
         ImagesDataModule(str(table), CLASSES, 32)
     unlabelled = ImagesDataModule(str(tmp_path / "images"), CLASSES, 32)
     unlabelled.setup("test")
