@@ -79,19 +79,16 @@ def jpeg(images: Tensor, severity: int, seed: int = 0) -> Tensor:
     return (torch.stack(decoded).float() / 127.5 - 1.0).to(images)
 
 
-CORRUPTIONS = {
-    "gaussian_noise": gaussian_noise,
-    "blur": blur,
-    "contrast": contrast,
-    "inversion": inversion,
-    "rotation": rotation,
-    "crop_and_zoom": crop_and_zoom,
-    "jpeg": jpeg,
-}
+CORRUPTIONS = {kind.__name__: kind for kind in (gaussian_noise, blur, contrast, inversion, rotation, crop_and_zoom, jpeg)}
 
 
 def corrupt(images: Tensor, kind: str, severity: int, seed: int = 0) -> Tensor:
     """`images` corrupted by `kind` (a key of CORRUPTIONS) at `severity`."""
-    if kind not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {kind!r}; choose one of {tuple(CORRUPTIONS)}")
-    return CORRUPTIONS[kind](images, severity, seed)
+    return apply_named(CORRUPTIONS, "corruption", images, kind, severity, seed)
+
+
+def apply_named(table: dict, what: str, images: Tensor, kind: str, severity: int, seed: int) -> Tensor:
+    """table[kind](images, severity, seed), or an error naming the kinds there are."""
+    if kind not in table:
+        raise ValueError(f"unknown {what} {kind!r}; choose one of {tuple(table)}")
+    return table[kind](images, severity, seed)

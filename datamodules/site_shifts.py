@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from datamodules.corruptions import SEVERITIES, _level
+from datamodules.corruptions import SEVERITIES, _level, apply_named
 
 __all__ = [  # SEVERITIES is re-exported: the same three levels as the corruptions
     "SEVERITIES",
@@ -168,18 +168,10 @@ def burned_in_text(images: Tensor, severity: int, seed: int = 0) -> Tensor:
     return (images + coverage * (1.0 - images)).clamp(-1.0, 1.0)  # towards white, never darker
 
 
-SITE_SHIFTS = {
-    "resolution": resolution,
-    "gamma": gamma,
-    "windowing": windowing,
-    "field_of_view": field_of_view,
-    "collimation": collimation,
-    "burned_in_text": burned_in_text,
-}
+SHIFT_KINDS = (resolution, gamma, windowing, field_of_view, collimation, burned_in_text)
+SITE_SHIFTS = {kind.__name__: kind for kind in SHIFT_KINDS}
 
 
 def site_shift(images: Tensor, kind: str, severity: int, seed: int = 0) -> Tensor:
     """`images` as a second site would give them: `kind` (a key of SITE_SHIFTS) at `severity`."""
-    if kind not in SITE_SHIFTS:
-        raise ValueError(f"unknown site shift {kind!r}; choose one of {tuple(SITE_SHIFTS)}")
-    return SITE_SHIFTS[kind](images, severity, seed)
+    return apply_named(SITE_SHIFTS, "site shift", images, kind, severity, seed)
