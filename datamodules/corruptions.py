@@ -79,7 +79,8 @@ def jpeg(images: Tensor, severity: int, seed: int = 0) -> Tensor:
     return (torch.stack(decoded).float() / 127.5 - 1.0).to(images)
 
 
-CORRUPTIONS = {kind.__name__: kind for kind in (gaussian_noise, blur, contrast, inversion, rotation, crop_and_zoom, jpeg)}
+CORRUPTION_KINDS = (gaussian_noise, blur, contrast, inversion, rotation, crop_and_zoom, jpeg)
+CORRUPTIONS = {kind.__name__: kind for kind in CORRUPTION_KINDS}
 
 
 def corrupt(images: Tensor, kind: str, severity: int, seed: int = 0) -> Tensor:
