@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 
 from datamodules.errors import DataError
-from datamodules.table import TableDataModule
-from datamodules.tables import parse_flags, read_csv
+from datamodules.table_datamodule import TableDataModule
+from datamodules.table_reading import parse_flags, read_csv
 
 LAYOUTS = ("CheXpert-v1.0-small", "CheXpert-v1.0")
 COLUMNS = ["Path", "Frontal/Lateral", "No Finding", "Pleural Effusion"]

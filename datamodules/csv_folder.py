@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from datamodules.errors import DataError
-from datamodules.table import TableDataModule
-from datamodules.tables import SPLITS, check_label_spellings, label_indices, read_csv
+from datamodules.table_datamodule import TableDataModule
+from datamodules.table_reading import SPLITS, check_label_spellings, label_indices, read_csv
 
 
 class CSVDataModule(TableDataModule):

@@ -29,7 +29,7 @@ from datamodules.decoding import DecodedImages, ImageDataset, MaskFiles, warn_sm
 from datamodules.errors import DataError
 from datamodules.intake import check_intake, take_in
 from datamodules.loaders import SplitLoaders, check_image_size
-from datamodules.tables import check_mask_files, label_indices
+from datamodules.table_reading import check_mask_files, label_indices
 
 
 class ImagesDataModule(SplitLoaders, L.LightningDataModule):

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 
 from datamodules.dicom import DICOM_SUFFIXES, is_dicom
 from datamodules.errors import DataError
-from datamodules.tables import read_csv
+from datamodules.table_reading import read_csv
 
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 IMAGE_SUFFIXES = (*PICTURE_SUFFIXES, *DICOM_SUFFIXES)

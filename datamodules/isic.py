@@ -5,8 +5,8 @@ from __future__ import annotations
 import pandas as pd
 
 from datamodules.errors import DataError
-from datamodules.table import TableDataModule
-from datamodules.tables import parse_flags, read_csv
+from datamodules.table_datamodule import TableDataModule
+from datamodules.table_reading import parse_flags, read_csv
 
 GROUND_TRUTH_2019 = "ISIC_2019_Training_GroundTruth.csv"
 METADATA_2019 = "ISIC_2019_Training_Metadata.csv"

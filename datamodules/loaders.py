@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.batch_plan import DEFAULT_BATCH_SIZE
 from datamodules.decoding import ImageDataset
 from datamodules.errors import DataError
-from datamodules.tables import SPLITS
+from datamodules.table_reading import SPLITS
 
 
 def check_image_size(image_size):

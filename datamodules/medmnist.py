@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as TF
 from datamodules.decoding import ImageDataset
 from datamodules.errors import DataError
 from datamodules.loaders import SplitDataModule
-from datamodules.tables import SPLITS, check_folds, fold_splits
+from datamodules.table_reading import SPLITS, check_folds, fold_splits
 
 SIZES = (28, 64, 128, 224)
 TASKS = ("binary-class", "multi-class", "ordinal-regression")  # one label per image

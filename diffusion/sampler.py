@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .classify import Denoiser
+from .engine import VPredictor
 from .parameterization import diffuse, eps_from_v, x_from_v
 from .schedule import ShiftedCosineSchedule, broadcast_like
 
@@ -33,7 +33,7 @@ def sampling_times(t_start: float, steps: int) -> Tensor:
 
 
 def guided_velocity(
-    denoiser: Denoiser,
+    denoiser: VPredictor,
     z: Tensor,
     t: Tensor,
     labels: Tensor,
@@ -59,7 +59,7 @@ def guided_velocity(
     return (1 + guidance_scale) * conditional - guidance_scale * unconditional
 
 
-def _forward_in_chunks(denoiser: Denoiser, z: Tensor, t: Tensor, labels: Tensor, max_batch: int) -> Tensor:
+def _forward_in_chunks(denoiser: VPredictor, z: Tensor, t: Tensor, labels: Tensor, max_batch: int) -> Tensor:
     return torch.cat(
         [
             denoiser(z[i : i + max_batch], t[i : i + max_batch], labels[i : i + max_batch])
@@ -70,7 +70,7 @@ def _forward_in_chunks(denoiser: Denoiser, z: Tensor, t: Tensor, labels: Tensor,
 
 @torch.no_grad()
 def ddim_sample(
-    denoiser: Denoiser,
+    denoiser: VPredictor,
     z: Tensor,
     labels: Tensor,
     schedule: ShiftedCosineSchedule,

@@ -2,7 +2,7 @@
 (referral threshold, conformal prediction sets, out-of-distribution refusal), and what test and predict
 do with it: the decisions per image and the metrics.json blocks of what they achieved.
 
-The rules themselves live in evaluation/calibration.py (referral, conformal sets) and
+The rules themselves live in evaluation/referral_and_sets.py (referral, conformal sets) and
 evaluation/refusal.py (refusal, exchangeability tests); this file wires them to a run's outputs.
 """
 
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from .calibration import (
+from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
+from .referral_and_sets import (
     CONFORMAL_KINDS,
     apply_referral,
     check_referral_levels,
@@ -23,7 +24,6 @@ from .calibration import (
     referral_threshold,
     selective_report,
 )
-from .ood_scores import BASELINE_SCORES, DIFFUSION_SCORES
 from .refusal import apply_refusal, calibrate_refusal, conformity_shift, refusal_metrics
 from .set_shift import reference_outputs, set_shift
 

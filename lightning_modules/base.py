@@ -4,7 +4,7 @@
               and kept once per image id, so `val/accuracy` and `val/f1` count each image once.
   validate:   (the subcommand, outside fit) the validation images are classified as test would
               classify them, and the run is calibrated on them: calibration.json in the run's folder
-              holds a referral threshold and conformal-set thresholds (evaluation/calibration.py).
+              holds a referral threshold and conformal-set thresholds (evaluation/referral_and_sets.py).
   test:       per-image outputs -> evaluation.results.PerImageResults -> predictions.csv,
               metrics.json, figures, and `test/...` scalars in the logger; with the run's
               calibration, also who is referred, the prediction sets and how both did.

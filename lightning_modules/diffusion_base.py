@@ -2,7 +2,7 @@
 
   validation: the diffusion loss at one (eps, t) per image, seeded by image id, and the
               classification of each image with `val_steps` pairs (no early exit).
-  test/predict: N shared (eps, t) pairs x C classes -> error matrix -> votes (diffusion/classify.py,
+  test/predict: N shared (eps, t) pairs x C classes -> error matrix -> votes (diffusion/engine.py,
               diffusion/voting.py) -> per-image outputs (lightning_modules/base.py writes them).
   explain:    predict with `explain: true`: noise to t0 -> guided DDIM toward each class ->
               counterfactuals, difference maps, faithfulness numbers (diffusion/explain.py),
@@ -22,7 +22,7 @@ import dataclasses
 
 from torch import Tensor
 
-from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
+from diffusion.engine import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import VALIDATION_LOSS_SEED, image_keys, shared_noise
 from diffusion.voting import summarize
@@ -155,7 +155,7 @@ class DiffusionClassifierBase(ClassifierModule):
         return self.classification
 
     def decision_settings(self) -> dict:
-        # max_forward_batch changes how the pairs are cut into forwards, never a result (tests/test_classify.py)
+        # max_forward_batch changes how the pairs are cut into forwards, never a result (tests/test_engine.py)
         return {key: value for key, value in dataclasses.asdict(self.classification).items()
                 if key != "max_forward_batch"}  # fmt: skip
 

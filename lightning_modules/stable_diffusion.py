@@ -1,7 +1,7 @@
 """StableDiffusionClassifier: Stable Diffusion as a zero-shot or fine-tuned classifier (paper sec. 3.4, App. D).
 
 Every class is a text prompt; an image is classified by which prompt lets the UNet denoise its
-VAE latent best, with the same engine as the other diffusion models (`diffusion/classify.py`):
+VAE latent best, with the same engine as the other diffusion models (`diffusion/engine.py`):
 shared (eps, t) pairs per (seed, image id, step), all classes in one batched forward, majority
 vote, early exit, per-image outputs, metrics.json and predictions.csv. Errors are measured in
 latent space.

@@ -1,6 +1,6 @@
 """Stable Diffusion's parts as the diffusion classifier's engine expects them (paper sec. 3.4, App. D).
 
-The engine (diffusion/classify.py, diffusion/explain.py) asks for a continuous-time v-denoiser
+The engine (diffusion/engine.py, diffusion/explain.py) asks for a continuous-time v-denoiser
 `f(z, t, labels)`, a schedule with `alpha_sigma(t)` and an image transform with encode/decode.
 These adapters present a diffusers text-to-image model that way:
   PromptDenoiser   the text-conditioned UNet, one prompt embedding per class, eps or v output as v;

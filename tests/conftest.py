@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
+from tests.helpers.scheduling import group_of, start_order
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -19,39 +20,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 pytest_plugins = ["tests.helpers.stable_diffusion"]
 
 
-# Test files that share a session fixture too expensive to build twice run on one worker together.
-SHARED_WORKER = {
-    "test_diffusion_classifier": "learned_demo",
-    "test_out_of_distribution": "learned_demo",
-    "test_report": "learned_demo",
-    "test_stable_diffusion": "stable_diffusion",
-    "test_stable_diffusion_runs": "stable_diffusion",
-    "test_speed_switches": "test_configs",  # both resolve every experiment config (tests.helpers.configs caches)
-    "test_binding": "calibrated_tiny",  # the three share calibrated_tiny_run
-    "test_image_keys": "calibrated_tiny",
-    "test_export": "calibrated_tiny",
-}
-
-
-# Seconds each group takes in `make test` (measured and estimated, 2 workers on the 2-core machine): the longest start
-# first, so that no long group starts last and leaves one worker idle (the rest take about 5 s or less).
-GROUP_SECONDS = {"test_ddp": 181, "calibrated_tiny": 170, "learned_demo": 150, "test_configs": 104,
-                 "test_slurm_cluster": 96, "test_cli": 60, "test_images": 53, "test_faults": 38, "test_slurm": 35,
-                 "test_side_by_side": 32, "test_baselines": 29, "test_speed_switches": 18, "test_resume": 17,
-                 "stable_diffusion": 16, "test_results_table": 16, "test_set_shift": 12, "test_dit": 10}  # fmt: skip
-
-
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """`make test` runs pytest-xdist with --dist loadgroup over both cores: each test file goes to one
     worker whole (its module fixtures are built once), the files in SHARED_WORKER with their partners,
-    the longest groups first (GROUP_SECONDS)."""
+    the longest groups first (tests/helpers/scheduling.py)."""
     group = {}
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1]
-        group[item] = SHARED_WORKER.get(module, module)
+        group[item] = group_of(module)
         item.add_marker(pytest.mark.xdist_group(group[item]))
-    items.sort(key=lambda item: -GROUP_SECONDS.get(group[item], 0))  # stable: file order within a group
+    items.sort(key=lambda item: start_order(group[item]))  # stable: file order within a group
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ import pytest
 
 from datamodules import CSVDataModule, MedMNISTDataModule
 from datamodules.errors import DataError
-from datamodules.tables import SPLITS, assign_splits, balance_classes
+from datamodules.table_reading import SPLITS, assign_splits, balance_classes
 from tests.helpers.data import PNEUMONIAMNIST, needs_pneumoniamnist
 from tests.helpers.publishers import assert_no_patient_in_two_splits, options, write_csv, write_image
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion.classify import ClassifierSettings, classify_images, step_times
+from diffusion.engine import ClassifierSettings, classify_images, step_times
 from diffusion.schedule import ShiftedCosineSchedule
 from evaluation.ood_scores import TimeProfile, ood_score, step_profile
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from evaluation.calibration import conformal_thresholds
+from evaluation.referral_and_sets import conformal_thresholds
 from evaluation.refusal import (
     apply_refusal,
     calibrate_refusal,

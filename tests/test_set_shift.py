@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from evaluation.calibration import binomial_cdf
+from evaluation.referral_and_sets import binomial_cdf
 from evaluation.refusal import shift_test
 from evaluation.set_shift import hotelling_test, reference_outputs, set_shift, shift_message
 

@@ -15,7 +15,7 @@ from lightning import Trainer
 
 from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
-from diffusion.classify import ClassifierSettings, classify_images
+from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import DiscreteSchedule
 from lightning_modules import StableDiffusionClassifier
 from networks.stable_diffusion import PAPER_PROMPTS, MissingWeightsError, PromptDenoiser

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from diffusion.classify import ClassifierSettings, classify_images
+from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.voting import summarize
 from lightning_modules.user_errors import tool_main

@@ -33,10 +33,10 @@ from lightning import LightningDataModule
 
 from datamodules import MedMNISTDataModule, SyntheticDataModule
 from datamodules.corruptions import CORRUPTIONS, SEVERITIES, corrupt
-from diffusion.classify import segment_errors
+from diffusion.engine import segment_errors
 from diffusion.noise import image_keys
-from evaluation.calibration import binomial_cdf
 from evaluation.ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
+from evaluation.referral_and_sets import binomial_cdf
 from evaluation.refusal import calibrate_refusal, conformal_pvalues, detection_report
 from lightning_modules.user_errors import tool_main
 from tools.experiments import load_trained

@@ -50,7 +50,7 @@ COLUMNS = (
 INTERVALS = {"accuracy (%)": ("intervals.accuracy", 100.0, "{:.1f}"), "AUROC": ("intervals.auroc", 1.0, "{:.3f}")}
 CI = " 95 % CI"
 # Where a run was calibrated (`validate`): the referral rule's accuracy on the images it keeps and their
-# share, and the class-conditional conformal sets' coverage and mean size (evaluation/calibration.py).
+# share, and the class-conditional conformal sets' coverage and mean size (evaluation/referral_and_sets.py).
 CALIBRATED_COLUMNS = (
     ("referral accuracy (%)", "selective.test.accuracy", "{:.1f}"),
     ("kept", "selective.test.coverage", "{:.2f}"),

@@ -9,7 +9,8 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from evaluation.calibration import (
+from evaluation.figures import plot_risk_coverage
+from evaluation.referral_and_sets import (
     CONFORMAL_CORRECTION,
     apply_referral,
     clopper_pearson_upper,
@@ -19,7 +20,6 @@ from evaluation.calibration import (
     referral_threshold,
     selective_report,
 )
-from evaluation.figures import plot_risk_coverage
 
 
 def T(values, dtype=torch.float64):

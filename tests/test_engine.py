@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusion.classify import ClassifierSettings, NonFiniteOutputError, classify_images, reconstruction_error
+from diffusion.engine import ClassifierSettings, NonFiniteOutputError, classify_images, reconstruction_error
 from diffusion.noise import shared_noise
 from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like

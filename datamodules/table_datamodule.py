@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from datamodules.decoding import CachedImages, DecodedImages, ImageDataset, MaskFiles, warn_small_images
 from datamodules.errors import DataError
 from datamodules.loaders import SplitDataModule, check_root
-from datamodules.tables import (
+from datamodules.table_reading import (
     SPLITS,
     UNUSED,
     assign_splits,

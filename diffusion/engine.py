@@ -26,7 +26,7 @@ from .schedule import broadcast_like
 from .voting import VOTE_RULES, vote_counts
 
 ERROR_SPACES = ("eps", "x", "v")
-Denoiser = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat
+VPredictor = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat: a network (networks.Denoiser) in use
 
 
 class NonFiniteOutputError(FloatingPointError):
@@ -140,7 +140,7 @@ def step_times(ids: Tensor, settings: ClassifierSettings) -> Tensor:
 
 
 def segment_errors(
-    denoiser: Denoiser,
+    denoiser: VPredictor,
     x: Tensor,
     ids: Tensor,
     steps: Tensor,
@@ -190,7 +190,7 @@ def check_finite(errors: Tensor, ids: Tensor, classes: Tensor, steps: Tensor) ->
 
 @torch.no_grad()
 def classify_images(
-    denoiser: Denoiser, x: Tensor, ids: Tensor, num_classes: int, schedule, settings: ClassifierSettings
+    denoiser: VPredictor, x: Tensor, ids: Tensor, num_classes: int, schedule, settings: ClassifierSettings
 ) -> dict[str, Tensor]:
     """Run the diffusion classifier on a batch of model inputs x (already wavelet-transformed).
 
