@@ -153,6 +153,11 @@ def rules_off(calibration: dict | None, note: str | None = None) -> list[str]:
     return off_lines(rule_status(calibration, note))
 
 
+# what apply_calibration adds to each image's outputs
+DECISION_KEYS = ("refer", "prediction_set", "prediction_set_marginal", "ood_score", "ood_pvalue", "out_of_distribution",
+                 "ood_bands")  # fmt: skip
+
+
 def apply_calibration(calibration: dict, outputs: dict) -> dict[str, Tensor]:
     """Per-image decisions of a calibration on new outputs: `refer` (B,) and the prediction sets (B, C)
     of both kinds (`prediction_set`: class-conditional, `prediction_set_marginal`); with an

@@ -16,9 +16,10 @@ import heapq
 import itertools
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .records import from_every_rank, image_record
 
 GALLERY_SIZE = 8
 THUMBNAIL_SIDE = 128  # larger images are shrunk to this side; smaller ones kept as they are
@@ -36,24 +37,11 @@ def thumbnail(image: Tensor) -> np.ndarray:
     return ((image + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
-def _plain(value):
-    if isinstance(value, Tensor):
-        return value.tolist()
-    return value
-
-
-def image_record(outputs: dict, i: int) -> dict:
-    """What a gallery card shows of image i: its per-image outputs as plain values."""
-    keys = ("id", "path", "label", "prediction", "votes", "probs", "entropy", "ood_score", "ood_pvalue",
-            "out_of_distribution", "refer")  # fmt: skip
-    return {key: _plain(outputs[key][i]) for key in keys if key in outputs}
-
-
 class Gallery:
     """Bounded candidates per kind (see the module docstring); `add` per batch, `finish` once."""
 
-    def __init__(self, size: int = GALLERY_SIZE):
-        self.size = size
+    def __init__(self, class_names: list[str], size: int = GALLERY_SIZE):
+        self.class_names, self.size = class_names, size
         self.heaps: dict[str, list] = {kind: [] for kind in KINDS}
         self.counter = itertools.count()  # breaks exact ties in the heap without comparing payloads
 
@@ -67,23 +55,22 @@ class Gallery:
             found["refused"] = (float(outputs["ood_score"][i]), tie)
         return found
 
-    def add(self, images: Tensor, outputs: dict) -> None:
+    def add(self, images: Tensor, outputs: dict, rules: dict | None = None) -> None:
+        """A batch's candidates: each card is the image's record (records.image_record) and its thumbnail."""
         for i in range(len(images)):
             for kind, priority in self.priorities(outputs, i).items():
                 heap = self.heaps[kind]
                 if len(heap) == self.size and priority <= heap[0][0]:
                     continue
-                item = (priority, next(self.counter), image_record(outputs, i) | {"thumbnail": thumbnail(images[i])})
+                record = image_record(outputs, i, self.class_names, rules) | {"thumbnail": thumbnail(images[i])}
+                item = (priority, next(self.counter), record)
                 (heapq.heapreplace if len(heap) == self.size else heapq.heappush)(heap, item)
 
     def finish(self, trainer) -> dict[str, list[dict]]:
         """The gallery of all processes, each kind best first. Call on every rank (it gathers)."""
         mine = {kind: [(priority, record) for priority, _, record in heap] for kind, heap in self.heaps.items()}
         self.heaps = {kind: [] for kind in KINDS}
-        parts = [mine]
-        if trainer is not None and trainer.world_size > 1:
-            parts = [None] * trainer.world_size
-            torch.distributed.all_gather_object(parts, mine)
+        parts = from_every_rank(mine, trainer)
         merged = {}
         for kind in KINDS:
             candidates = [item for part in parts for item in part[kind]]

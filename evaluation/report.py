@@ -179,23 +179,24 @@ def gallery_sections(gallery: dict, class_names: list[str], directory: Path, has
 
 
 def gallery_item(record: dict, class_names: list[str], directory: Path) -> dict:
-    refused = bool(record.get("out_of_distribution"))
+    refused = record.get("out_of_distribution") == "true"
     tags = ["refused"] * refused
-    tags += ["wrong"] * ("label" in record and record["label"] != record["prediction"])
-    tags += ["referred"] * (bool(record.get("refer")) and not refused)
-    votes = record.get("votes") or [f"{p:.3f}" for p in record["probs"]]
+    tags += ["wrong"] * ("label" in record and not refused and record["label"] != record["prediction"])
+    tags += ["referred"] * (record.get("refer") == "true" and not refused)
+    has_votes = f"votes_{class_names[0]}" in record
+    votes = [record[f"votes_{name}"] if has_votes else f"{float(record[f'prob_{name}']):.3f}" for name in class_names]
     explanation = directory / EXPLANATIONS_DIR / f"image_{record['id']}.png"
     return {
         "id": record["id"],
         "uri": array_uri(record["thumbnail"]),
         "name": Path(record["path"]).name if record.get("path") else f"image id {record['id']}",
         "tags": tags,
-        "predicted": class_names[record["prediction"]],
+        "predicted": record["predicted_class"] or f"no answer (leading class {record['leading_class']})",
         "label": class_names[record["label"]] if "label" in record else None,
         "votes": [{"name": name, "value": value} for name, value in zip(class_names, votes)],
-        "votes_name": "votes" if record.get("votes") else "probabilities",
-        "uncertainty": f"entropy {record['entropy']:.3f}",
-        "ood": f"out-of-distribution p-value {record['ood_pvalue']:.3g}" if "ood_pvalue" in record else None,
+        "votes_name": "votes" if has_votes else "probabilities",
+        "uncertainty": f"entropy {float(record['entropy']):.3f}",
+        "ood": f"out-of-distribution p-value {float(record['ood_pvalue']):.3g}" if "ood_pvalue" in record else None,
         "explanation": data_uri(explanation.read_bytes()) if explanation.is_file() else None,
     }
 

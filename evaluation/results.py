@@ -19,6 +19,7 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from diffusion.voting import entropy
 
 from .decisions import (
+    DECISION_KEYS,
     OOD_BLOCK,
     RULES_BLOCK,
     SHIFT_BLOCK,
@@ -36,6 +37,7 @@ from .figures import (
     plot_uncertainty_boxes,
 )
 from .gallery import Gallery
+from .records import from_every_rank, image_record
 from .refusal import conformity_message
 from .report import write_report
 from .set_shift import shift_message
@@ -45,14 +47,6 @@ METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
 ERRORS_FILE = "errors.pt"
 DECISIONS_FILE = "decisions.json"  # test and predict: each rule on or OFF and why, refusals, whole-set tests
-OFF = "off"  # predictions.csv's value in the column of a rule that is OFF
-NO_ANSWER = -1  # predictions.csv's prediction of an image refused as out of distribution
-RULE_COLUMNS = {
-    "referral": "refer",
-    "prediction_sets": "prediction_set",
-    "prediction_sets_marginal": "prediction_set_marginal",
-    "refusal": "out_of_distribution",
-}
 
 
 def concat_outputs(batches: list[dict]) -> dict:
@@ -82,10 +76,7 @@ def gather_unique(outputs: dict, trainer) -> dict:
     same results), so keeping the first row of each id makes every metric count each image
     exactly once. Must be called on every rank (all_gather_object is a collective).
     """
-    if trainer is not None and trainer.world_size > 1:
-        parts = [None] * trainer.world_size
-        torch.distributed.all_gather_object(parts, outputs)
-        outputs = concat_outputs([part for part in parts if part])
+    outputs = concat_outputs([part for part in from_every_rank(outputs, trainer) if part])
     if not outputs:  # no images at all (e.g. limit_test_batches=0)
         return outputs
     ids = outputs["id"]
@@ -147,61 +138,16 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
 
 
 def write_predictions(path: str | Path, outputs: dict, class_names: list[str], rules: dict | None = None) -> Path:
-    """predictions.csv: one row per image, sorted by id (columns documented in the README).
-
-    Columns a model does not produce are left out: votes_*, error_* and forwards exist for
-    diffusion classifiers only, path and label only when the data has them. The column of a decision
-    rule that is OFF (`rules`, decisions.rule_status) says "off" on every row, not a decision. An image
-    refused as out of distribution has no answer: prediction -1 and an empty predicted_class; the
-    class the model's scores lead with stays in `leading_class`, for audit only.
-    """
-    off = {RULE_COLUMNS[rule] for rule, status in (rules or {}).items() if rule in RULE_COLUMNS and not status["on"]}
-    decision = lambda column, value: OFF if column in off else value  # noqa: E731
+    """predictions.csv: one row per image, sorted by id, the fields of records.image_record (documented there and
+    in the README). The column of a decision rule that is OFF (`rules`, decisions.rule_status) says "off"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    has = lambda key: key in outputs  # noqa: E731
-    refusing = has("out_of_distribution") and "out_of_distribution" not in off
-    header = ["id"] + [k for k in ("path", "label") if has(k)] + ["prediction", "predicted_class"]
-    header += ["leading_class"] * has("out_of_distribution")
-    header += [f"votes_{c}" for c in class_names if has("votes")] + [f"prob_{c}" for c in class_names]
-    header += ["entropy", "entropy_normalized"] + [f"error_{c}" for c in class_names if has("mean_error")]
-    header += ["score"] + ["forwards"] * has("forwards")
-    header += ["refer", "prediction_set", "prediction_set_marginal"] * has("refer")
-    header += ["ood_score", "ood_pvalue", "out_of_distribution"] * has("out_of_distribution")
+    rows = [image_record(outputs, i, class_names, rules) for i in range(len(outputs["id"]))]
     with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        for i in range(len(outputs["id"])):
-            row = [int(outputs["id"][i])] + [_plain(outputs[k][i]) for k in ("path", "label") if has(k)]
-            prediction = int(outputs["prediction"][i])
-            refused = refusing and bool(outputs["out_of_distribution"][i])
-            row += [NO_ANSWER, ""] if refused else [prediction, class_names[prediction]]
-            row += [class_names[prediction]] if has("out_of_distribution") else []
-            row += outputs["votes"][i].tolist() if has("votes") else []
-            row += [f"{p:.6g}" for p in outputs["probs"][i].tolist()]
-            row += [f"{float(outputs['entropy'][i]):.6g}", f"{float(outputs['entropy_normalized'][i]):.6g}"]
-            row += [f"{e:.6g}" for e in outputs["mean_error"][i].tolist()] if has("mean_error") else []
-            row += [f"{float(outputs['score'][i]):.6g}"] + ([int(outputs["forwards"][i])] if has("forwards") else [])
-            if has("refer"):
-                sets = [
-                    set_names(outputs[key][i], class_names) for key in ("prediction_set", "prediction_set_marginal")
-                ]
-                row += [decision("refer", str(bool(outputs["refer"][i])).lower())]
-                row += [decision(key, value) for key, value in zip(("prediction_set", "prediction_set_marginal"), sets)]
-            if has("out_of_distribution"):
-                row += [f"{float(outputs['ood_score'][i]):.6g}", f"{float(outputs['ood_pvalue'][i]):.6g}"]
-                row += [decision("out_of_distribution", str(bool(outputs["out_of_distribution"][i])).lower())]
-            writer.writerow(row)
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["id"])
+        writer.writeheader()
+        writer.writerows(rows)
     return path
-
-
-def set_names(members: Tensor, class_names: list[str]) -> str:
-    """A prediction set as its class names joined by "|" (empty when no class is in the set)."""
-    return "|".join(name for name, inside in zip(class_names, members.tolist()) if inside)
-
-
-def _plain(value):
-    return value.item() if isinstance(value, Tensor) else value
 
 
 def save_errors(path: str | Path, outputs: dict) -> Path:
@@ -225,15 +171,16 @@ class PerImageResults:
         self.class_names = class_names
         self.uncertainty_name = uncertainty_name
         self.batches: list[dict] = []
-        self.gallery = Gallery()
+        self.gallery = Gallery(class_names)
 
     def add(self, outputs: dict, images: Tensor | None = None, calibration: dict | None = None) -> None:
-        """Keeps a batch's outputs; with its images, also the candidates of the report's gallery (which
-        needs the calibration's decisions: who is refused)."""
+        """Keeps a batch's outputs with the calibration's decisions on each image (decided here, once: refer,
+        the prediction sets, the refusal); with its images, also the candidates of the report's gallery."""
         outputs = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        outputs |= apply_calibration(calibration, outputs) if calibration else {}
         self.batches.append(outputs)
         if images is not None:
-            self.gallery.add(images, outputs | (apply_calibration(calibration, outputs) if calibration else {}))
+            self.gallery.add(images, outputs, rule_status(calibration))
 
     def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None,
                description: str = "", calibration_note: str | None = None, model_card=None) -> dict:  # fmt: skip
@@ -245,8 +192,7 @@ class PerImageResults:
         `model_card`: the card of an export of these weights, which the report links."""
         outputs, self.batches = gather_unique(concat_outputs(self.batches), trainer), []
         gallery = self.gallery.finish(trainer)
-        decisions = apply_calibration(calibration, outputs) if calibration and outputs else {}
-        outputs |= decisions
+        decisions = {key: outputs[key] for key in DECISION_KEYS if key in outputs} if calibration else {}
         numbers = test_metrics(outputs, len(self.class_names), settings) | (info or {}) if metrics else {}
         if decisions:
             scored = outputs if metrics else {key: value for key, value in outputs.items() if key != "label"}

@@ -167,7 +167,7 @@ def summarize(study) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     result = {"study": study.name, "reference": study.reference, "runs": rows, "summary": summary, "paired": pairs}
-    (folder / "study.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
+    (folder / "study.json").write_text(json.dumps(result, indent=2, default=json_value) + "\n")
     markdown = table(study, summary, pairs, rows)
     (folder / "study.md").write_text(markdown)
     figure = plot_forest(pairs, summary, study.reference, folder / "forest.png") if pairs else None
@@ -176,7 +176,7 @@ def summarize(study) -> dict:
     return result
 
 
-def _plain(value):
+def json_value(value):
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, Path):

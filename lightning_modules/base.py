@@ -5,10 +5,10 @@
   validate:   (the subcommand, outside fit) the validation images are classified as test would
               classify them, and the run is calibrated on them: calibration.json in the run's folder
               holds a referral threshold and conformal-set thresholds (evaluation/referral_and_sets.py).
-  test:       per-image outputs -> evaluation.results.PerImageResults -> predictions.csv,
+  test:       per-image outputs (test_step) -> callbacks.ResultsWriter -> predictions.csv,
               metrics.json, figures, and `test/...` scalars in the logger; with the run's
               calibration, also who is referred, the prediction sets and how both did.
-  predict:    the same per-image outputs, written by the same PerImageResults (predictions.csv).
+  predict:    the same per-image outputs, written by the same ResultsWriter (predictions.csv).
 
 A subclass implements `classify_batch(batch) -> per-image outputs` (see evaluation.results for the
 keys) and its validation_step calls `record_validation`; it may add `results_info()`, extra
@@ -18,7 +18,6 @@ metrics.json entries, and `results_settings()`, the diffusion classifier's Class
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import lightning as L
@@ -31,15 +30,15 @@ from torchmetrics.functional.classification import multiclass_accuracy, multicla
 from evaluation.binding import binding_mismatch, short, weights_digest
 from evaluation.decisions import (
     OOD_BLOCK,
-    SHIFT_BLOCK,
     CalibrationSettings,
     calibrate,
     calibration_lines,
     rule_status,
     rules_off,
 )
-from evaluation.results import PerImageResults, concat_outputs, gather_unique
+from evaluation.results import concat_outputs, gather_unique
 
+from .callbacks.results_writer import ResultsWriter
 from .pretrained import CARD_FILE, EXPORT_DIR
 from .pretrained import CONFIG_FILE as EXPORTED_CONFIG
 
@@ -69,7 +68,7 @@ class ClassifierModule(L.LightningModule):
                 f"calibration.ood_score={calibration.ood_score!r} is not a score of {type(self).__name__}; "
                 f"choose one of {self.ood_scores}"
             )
-        self.results = PerImageResults(self.class_names, uncertainty_name)
+        self.uncertainty_name = uncertainty_name  # what `entropy` is, in the figures' labels
         self.calibration = calibration
         self.validation_rows: list[dict] = []
         self.calibration_rows: list[dict] = []
@@ -238,53 +237,21 @@ class ClassifierModule(L.LightningModule):
         """The out-of-distribution score validate calibrates: the configured one, or the model's default."""
         return self.calibration.ood_score or self.ood_scores[0]
 
-    # ---- test and predict -------------------------------------------------------------------
-    def on_test_epoch_start(self) -> None:
-        self.active_calibration = self.load_calibration()
+    # ---- test and predict: the module classifies, callbacks.ResultsWriter writes ----------------
+    def configure_callbacks(self) -> list:
+        return [ResultsWriter()]
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.results.add(self.classify_batch(batch), batch["image"], self.active_calibration)
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self.classify_batch(batch)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        return self.classify_batch(batch)
 
     def report_description(self) -> str:
         """The report's subtitle: the model, its weights and how it classifies."""
         settings = self.results_settings()
         how = f", N = {settings.num_steps} steps, {settings.rule} rule" if settings is not None else ""
         return f"{type(self).__name__}{how}; weights: {self.weights_origin() or 'untrained (debugging)'}"
-
-    def on_test_epoch_end(self) -> None:
-        # the weights tested: make results leaves out a test of untrained weights (--allow_untrained)
-        info = self.results_info() | {"checkpoint": self.weights_origin()}
-        metrics = self.results.finish(
-            self.trainer, metrics=True, settings=self.results_settings(), info=info,
-            calibration=self.active_calibration, description=self.report_description(),
-            calibration_note=self.calibration_note, model_card=self.model_card(),
-        )  # fmt: skip
-        scalars = {key: value for key, value in metrics.items() if isinstance(value, float)}
-        scalars |= {f"accuracy_filtered/{fraction}": value for fraction, value in metrics["accuracy_filtered"].items()}
-        shift = metrics.get(SHIFT_BLOCK, {})
-        achieved = {
-            "selective": metrics.get("selective", {}).get("test", {}),
-            "conformal": metrics.get("conformal", {}).get("class_conditional", {}).get("test", {}),
-            "ood": metrics.get(OOD_BLOCK, {}),
-            "set_shift": shift,
-            "set_shift_pvalue": {name: test["pvalue"] for name, test in shift.get("tests", {}).items()},
-        }
-        for block, numbers in achieved.items():
-            scalars |= {f"{block}/{key}": value for key, value in numbers.items() if isinstance(value, float)}
-        self.log_dict({f"test/{key}": value for key, value in scalars.items() if not math.isnan(value)})
-
-    def on_predict_epoch_start(self) -> None:
-        self.active_calibration = self.load_calibration()
-
-    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        outputs = self.classify_batch(batch)
-        self.results.add(outputs, batch["image"], self.active_calibration)
-        return outputs
-
-    def on_predict_epoch_end(self) -> None:
-        self.results.finish(self.trainer, metrics=False, calibration=self.active_calibration,
-                            description=self.report_description(), calibration_note=self.calibration_note,
-                            model_card=self.model_card())  # fmt: skip
 
 
 def calibrate_on_whole_split(trainer) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import WeightAveraging
 
+from evaluation.records import plain
 from networks.weights import load_weights_file
 
 # hyperparameter -> where it comes from in a config (for the message)
@@ -70,13 +71,13 @@ def _check_class(path, saved_class_path: str | None, model_class: type) -> None:
 
 def _check_hparams(path, saved: dict, current: dict, datamodule) -> None:
     for key, origin in CHECKED_HPARAMS.items():
-        if key in saved and key in current and _plain(saved[key]) != _plain(current[key]):
+        if key in saved and key in current and plain(saved[key]) != plain(current[key]):
             data = (
                 f", data {type(datamodule).__name__}" if datamodule is not None and origin.startswith("linked") else ""
             )
             raise IncompatibleCheckpoint(
-                f"checkpoint {path} was trained with {key}={_plain(saved[key])!r}, this config has "
-                f"{key}={_plain(current[key])!r} (model.init_args.{key}, {origin}{data}): "
+                f"checkpoint {path} was trained with {key}={plain(saved[key])!r}, this config has "
+                f"{key}={plain(current[key])!r} (model.init_args.{key}, {origin}{data}): "
                 "use the config the checkpoint was trained with, or a checkpoint of this one"
             )
 
@@ -106,13 +107,6 @@ def _import(class_path: str) -> type | None:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError):
         return None
-
-
-def _plain(value):
-    """Hyperparameters as saved (lists, tuples, containers from jsonargparse) in one comparable form."""
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def check_weight_averaging(path: str | Path, trainer) -> None:

@@ -15,7 +15,7 @@ from PIL import Image
 from datamodules import ImagesDataModule
 from datamodules.errors import DataError
 from datamodules.intake import take_in
-from evaluation import results
+from evaluation import records, results
 from lightning_modules.user_errors import guarded
 from tests.helpers.data import awkward_folder, write_dicom
 from tools import classify
@@ -91,7 +91,7 @@ def test_refused_images_have_no_answer_and_are_counted_as_refused(tmp_path):
     }  # fmt: skip
     on = {"refusal": {"on": True}}
     rows = read_rows(results.write_predictions(tmp_path / "on.csv", outputs, CLASSES, on))
-    assert [row["prediction"] for row in rows] == ["0", str(results.NO_ANSWER), str(results.NO_ANSWER), "1"]
+    assert [row["prediction"] for row in rows] == ["0", str(records.NO_ANSWER), str(records.NO_ANSWER), "1"]
     assert [row["predicted_class"] for row in rows] == ["no_finding", "", "", "pleural_effusion"]
     assert [row["leading_class"] for row in rows] == [CLASSES[i] for i in probs.argmax(1).tolist()]
     refusal_off = {"refusal": {"on": False, "why": "x"}}
