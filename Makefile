@@ -26,6 +26,10 @@ demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min)
 # two pytest-xdist workers, one per core; each test file runs whole on one worker (tests/conftest.py)
 PYTEST_WORKERS ?= -n 2 --dist loadgroup
 
+lint: install  ## ruff: lint and formatting (pyproject.toml), as make test runs them
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
 test: lint  ## ruff, then the test suite without tests marked slow (<9 min on 2 CPU cores)
 	$(PYTHON) -m pytest -m "not slow" -q $(PYTEST_WORKERS)
 

@@ -93,8 +93,12 @@ def test_the_predict_report_embeds_the_explanations(reports):
 
 
 def test_what_the_report_shows_is_escaped(tmp_path):
-    record = {"id": 3, "path": "/ward/<img src=x onerror=alert(1)>.png", "prediction": 0, "probs": [0.6, 0.4],
-              "entropy": 0.67, "thumbnail": np.zeros((4, 4, 3), dtype=np.uint8)}  # fmt: skip
+    from evaluation.records import image_record
+
+    outputs = {"id": torch.tensor([3]), "path": ["/ward/<img src=x onerror=alert(1)>.png"],
+               "prediction": torch.tensor([0]), "probs": torch.tensor([[0.6, 0.4]]), "entropy": torch.tensor([0.67]),
+               "entropy_normalized": torch.tensor([0.97]), "score": torch.tensor([0.4])}  # fmt: skip
+    record = image_record(outputs, 0, ["a<b", "c"]) | {"thumbnail": np.zeros((4, 4, 3), dtype=np.uint8)}
     import jinja2
 
     from evaluation.report import TEMPLATES
@@ -145,9 +149,10 @@ def test_gallery_keeps_the_best_candidates_whatever_the_batches():
     outputs = {"id": torch.arange(n), "entropy": torch.rand(n, generator=g), "prediction": torch.zeros(n).long(),
                "label": (torch.arange(n) % 3 == 0).long(), "probs": torch.rand(n, 2, generator=g).softmax(1),
                "out_of_distribution": torch.arange(n) % 5 == 0, "ood_score": torch.rand(n, generator=g)}  # fmt: skip
+    outputs |= {"entropy_normalized": outputs["entropy"], "score": outputs["probs"][:, 1], "ood_pvalue": torch.ones(n)}
     kept = []
     for batch in (40, 7):
-        gallery = Gallery(size=4)
+        gallery = Gallery(["a", "b"], size=4)
         for start in range(0, n, batch):
             part = {key: value[start : start + batch] for key, value in outputs.items()}
             gallery.add(images[start : start + batch], part)
