@@ -24,7 +24,7 @@ demo: install  ## the whole product on the embedded synthetic data (CPU, <6 min)
 	$(PYTHON) -m tools.summary runs/demo --seconds $$seconds
 
 # two pytest-xdist workers, one per core; each test file runs whole on one worker (tests/conftest.py)
-PYTEST_WORKERS ?= -n 2 --dist loadgroup
+PYTEST_WORKERS ?= -n 2 --dist loadgroup --no-loadscope-reorder
 
 lint: install  ## ruff: lint and formatting (pyproject.toml), as make test runs them
 	$(PYTHON) -m ruff check .

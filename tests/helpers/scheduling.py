@@ -18,11 +18,14 @@ SHARED_WORKER = {
     "test_export": "calibrated_tiny",
 }
 
-# the groups that take more than a few seconds, longest first; the others follow in file order
+# the groups that take more than a few seconds, longest first; the others follow in file order. pytest-xdist
+# keeps this order only with --no-loadscope-reorder (the Makefile passes it): by default it reorders the groups
+# by their number of tests, which starts a parametrized file of quick tests before a long fixture's group.
 LONGEST_FIRST = (
-    "test_ddp", "calibrated_tiny", "learned_demo", "test_configs", "test_slurm_cluster", "test_cli",
-    "test_tools_classify", "test_faults", "test_intake", "test_slurm", "test_side_by_side", "test_baselines",
-    "test_speed_switches", "test_resume", "stable_diffusion", "test_results_table", "test_set_shift", "test_dit",
+    "test_ddp", "learned_demo", "test_configs", "test_slurm_cluster", "test_cli", "test_tools_classify",
+    "calibrated_tiny", "test_slurm", "test_side_by_side", "test_baselines", "test_faults", "stable_diffusion",
+    "test_resume", "test_intake", "test_referral_and_sets", "test_docs_commands", "test_statistics", "test_dit",
+    "test_explain", "test_results_table", "test_set_shift",
 )  # fmt: skip
 
 
