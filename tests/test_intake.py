@@ -58,7 +58,7 @@ CSV_WRITINGS = {
 
 
 @pytest.mark.parametrize("writing", CSV_WRITINGS)
-def test_a_labelled_csv_is_labelled_however_it_is_written(writing, tmp_path):
+def test_a_labelled_csv_is_labelled_however_it_is_written_and_gives_metrics(writing, tiny_checkpoint, tmp_path):
     rows = [(f"image_{i}.png", CLASSES[i % 2]) for i in range(4)]
     for name, _ in rows:
         Image.fromarray(np.full((8, 8), 40 * int(name[6]), np.uint8)).save(tmp_path / name)
@@ -69,6 +69,9 @@ def test_a_labelled_csv_is_labelled_however_it_is_written(writing, tmp_path):
     assert [Path(path).name for path in intake.paths] == [name for name, _ in rows]
     data = ImagesDataModule(str(table), CLASSES, 16)
     assert data.labels.tolist() == [0, 1, 0, 1]
+    assert classify.main([str(tiny_checkpoint), str(table), "--output", str(tmp_path / "out")]) == 0
+    metrics = json.loads((version_of(tmp_path / "out") / "metrics.json").read_text())  # `test` ran: labelled
+    assert metrics["n_images"] == 4
 
 
 def test_a_file_listed_twice_is_counted_once_unless_asked(tmp_path):

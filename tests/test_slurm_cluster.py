@@ -338,6 +338,8 @@ def test_real_slurm_runs_the_rendered_job_with_two_ddp_ranks(straight_run):
     assert list((root / "tensorboard" / "version_0").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.slow  # 60 s; make test stays under 9 minutes (make test-all runs it; tests/test_resume.py checks the
+# requeue signal in one process in make test)
 def test_real_slurm_requeues_on_sigusr1_and_resumes_to_the_straight_runs_weights(slurm, straight_run):
     _, straight_root, _ = straight_run
     started = time.monotonic()
