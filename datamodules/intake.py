@@ -74,24 +74,36 @@ def take_in(source: str | Path | Sequence[str | Path], root: str | Path | None =
         found, labels, masks = csv_rows(sources[0], root)
     else:
         found = [entry for path in sources for entry in listed(path)]
+    ordered = sorted(enumerate(found), key=lambda item: (item[1][0], item[0]))
+    reasons = {i: reason or file_problem(path) for i, (path, reason) in ordered}
+    if not keep_duplicates:
+        reasons |= duplicates([(i, path) for i, (path, _) in ordered if reasons[i] is None])
     paths, kept_labels, kept_masks, skipped = [], [], [], []
-    first_of: dict[str, str] = {}
-    for i, (path, reason) in sorted(enumerate(found), key=lambda item: (item[1][0], item[0])):
-        reason = reason or file_problem(path)
-        if reason is None and not keep_duplicates:
-            for key, how in ((os.path.realpath(path), "same file"), (content_digest(path), "same bytes")):
-                if key in first_of:
-                    reason = f"duplicate of {first_of[key]} ({how})"
-                    break
-                first_of[key] = path
-        if reason:
-            skipped.append((path, reason))
+    for i, (path, _) in ordered:
+        if reasons[i]:
+            skipped.append((path, reasons[i]))
             continue
         paths.append(path)
         kept_labels.append(None if labels is None else labels[i])
         kept_masks.append(None if masks is None else masks[i])
     shown = ", ".join(map(str, sources[:3])) + (f" and {len(sources) - 3} more" if len(sources) > 3 else "")
     return Intake(shown, paths, None if labels is None else kept_labels, None if masks is None else kept_masks, skipped)
+
+
+def duplicates(readable: list[tuple[int, str]]) -> dict[int, str]:
+    """{index: "duplicate of <first> (same file | same bytes)"} over the readable files, in order. Bytes are
+    hashed only where another readable file has the same size: a file of a size of its own has no copy."""
+    sizes = Counter(os.path.getsize(path) for _, path in readable)
+    first_of, found = {}, {}
+    for i, path in readable:
+        keys = [(os.path.realpath(path), "same file")]
+        keys += [(content_digest(path), "same bytes")] if sizes[os.path.getsize(path)] > 1 else []
+        for key, how in keys:
+            if key in first_of:
+                found[i] = f"duplicate of {first_of[key]} ({how})"
+                break
+            first_of[key] = path
+    return found
 
 
 def looks_like_an_image(path: Path) -> bool:

@@ -90,7 +90,7 @@ def classify(args: argparse.Namespace, extra: list[str]) -> int:
     """The intake (every file a row or a reason; before the model loads), then the CLI's test or predict."""
     args.output = args.output or Path("runs/classified") / args.source[0].stem
     check_output_folder(args.output)
-    intake = take_in(args.source[0] if len(args.source) == 1 else args.source, None, args.keep_duplicates)
+    intake = take_in(args.source, None, args.keep_duplicates)
     check_intake(intake, args.strict)
     config, hyperparameters = model_config(args.checkpoint)
     args.output.mkdir(parents=True, exist_ok=True)
