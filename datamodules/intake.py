@@ -221,6 +221,9 @@ def check_intake(intake: Intake, strict: bool) -> None:
     if strict and intake.skipped:
         listing = "; ".join(f"{path}: {reason}" for path, reason in intake.skipped)
         raise DataError(f"{intake.source}: {len(intake.skipped)} files would be skipped (strict): {listing}")
-    if not intake.paths:
+    if not intake.paths:  # nothing is written: name the files here, not skipped.csv
         looked = f"looked for {', '.join(IMAGE_SUFFIXES)} and DICOM files"
-        raise DataError(f"no image files in {intake.source} ({looked}): {intake.summary()}")
+        listing = "; ".join(f"{path}: {reason}" for path, reason in intake.skipped[:5])
+        more = f" and {len(intake.skipped) - 5} more" if len(intake.skipped) > 5 else ""
+        found = f"{len(intake.skipped)} skipped ({listing}{more})" if intake.skipped else "no files at all"
+        raise DataError(f"no image files in {intake.source} ({looked}): {found}")
