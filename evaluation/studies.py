@@ -8,6 +8,11 @@ Two sources of variance, reported apart (shared/DESIGN.md, "Statistics for compa
                  paired differences against the reference model (its last column).
 An interval over seeds says nothing about the size of the test set, and a bootstrap of one run nothing about seed
 luck: the table gives both. evaluation/statistics.py holds the statistics.
+
+Refused images (out of distribution: `prediction` -1 in predictions.csv) count in every table with the class the
+model leads with (`leading_class`), so every model is scored on the same images and the paired tests stay paired;
+the share of images each run answered (its coverage) stands beside, in study.csv, study.json and study.md. A study
+compares what the models learned; what refusal costs or saves is reported apart (docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import numpy as np
 
 from .figures import plot_forest
 from .report import data_uri
+from .records import NO_ANSWER
 from .results import PREDICTIONS_FILE, newest_metrics
 from .statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
 
@@ -29,8 +35,15 @@ METRICS = ("accuracy", "macro_f1", "auroc", "ece")
 STUDY_FILES = ("study.csv", "study.json", "study.md", "report.html")
 
 
+def leading_prediction(row: dict, classes: list[str]) -> int:
+    """The row's class index: its answer, or for a refused image (prediction -1) the class the model leads with."""
+    prediction = int(row["prediction"])
+    return classes.index(row["leading_class"]) if prediction == NO_ANSWER else prediction
+
+
 def read_run(folder: Path) -> dict:
-    """The newest test of a run folder: labels, class scores, predictions and row ids from its predictions.csv."""
+    """The newest test of a run folder: labels, class scores, predictions (refused images: their leading class, see
+    the module docstring), which images were refused, and row ids, from its predictions.csv."""
     directory = newest_metrics(folder).parent
     with (directory / PREDICTIONS_FILE).open() as handle:
         rows = list(csv.DictReader(handle))
@@ -39,7 +52,8 @@ def read_run(folder: Path) -> dict:
         "directory": str(directory),
         "ids": np.array([int(row["id"]) for row in rows]),
         "labels": np.array([int(row["label"]) for row in rows]),
-        "predictions": np.array([int(row["prediction"]) for row in rows]),
+        "predictions": np.array([leading_prediction(row, classes) for row in rows]),
+        "refused": np.array([int(row["prediction"]) == NO_ANSWER for row in rows]),
         "probs": np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]),
     }
 
@@ -56,7 +70,8 @@ def run_rows(study) -> tuple[list[dict], dict]:
         data = read_run(run.folder)
         outputs[run.name] = data | {"run": run}
         intervals = bootstrap_intervals(data["labels"], data["probs"], data["predictions"])
-        row |= {"status": "done", "test": data["directory"], "n_images": len(data["labels"])}
+        row |= {"status": "done", "test": data["directory"], "n_images": len(data["labels"]),
+                "n_refused": int(data["refused"].sum()), "coverage": float(1 - data["refused"].mean())}  # fmt: skip
         for metric in METRICS:
             row |= {metric: intervals[metric]["estimate"], f"{metric}_low": intervals[metric]["low"],
                     f"{metric}_high": intervals[metric]["high"]}  # fmt: skip
@@ -89,7 +104,7 @@ def summaries(study, rows: list[dict], pairs: dict) -> dict:
     for experiment in study.experiments:
         done = [row for row in rows if row["experiment"] == experiment and row["status"] == "done"]
         found[experiment] = {"runs": len(done)} | {
-            metric: t_interval([row[metric] for row in done]) for metric in METRICS if done
+            metric: t_interval([row[metric] for row in done]) for metric in (*METRICS, "coverage") if done
         }
         if experiment in pairs:
             runs = pairs[experiment]
@@ -109,16 +124,19 @@ def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
         "F1 (macro)",
         "AUROC",
         "ECE",
+        "answered",
         f"accuracy - {study.reference} (pp)",
         "McNemar p / DeLong p per run",
     ]
     lines = [f"# Study {study.name}", "", f"Cells: mean ± sd [95 % t-interval] over {over}; accuracy and F1 in %; "
              f"differences paired by run. "
-             "Per-run bootstrap intervals (the test set's variance) are in study.csv.", "",
+             "Per-run bootstrap intervals (the test set's variance) are in study.csv. Images a model refused as out "
+             "of distribution count with the class it leads with; `answered` is the share it did not refuse.", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]  # fmt: skip
     for experiment, numbers in summary.items():
         cells = [experiment, str(numbers["runs"])]
         cells += [format_cell(numbers[metric], metric) if metric in numbers else "-" for metric in METRICS]
+        cells.append(f"{100 * numbers['coverage']['mean']:.1f} %" if "coverage" in numbers else "-")
         difference = numbers.get("accuracy_difference")
         cells.append(
             format_cell(difference, "accuracy_difference")

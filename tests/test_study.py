@@ -94,3 +94,54 @@ def test_the_slurm_array_has_one_task_a_run(tmp_path, capsys):
     assert len(runs) == 12 and runs[-1].name == "resnet/seed1/fold2"
     assert "--data.init_args.num_folds=3" in runs[-1].options() and "--data.init_args.fold=2" in runs[-1].options()
     assert study_tool.main([str(study_file), "--only", "12"]) == 2
+
+
+def write_finished_run(folder: Path, rows: list[dict]) -> None:
+    """A run folder as a finished study run leaves it: study_run.json, and a test's metrics.json + predictions.csv."""
+    test = folder / "tensorboard" / "version_0"
+    test.mkdir(parents=True)
+    (test / "metrics.json").write_text("{}\n")
+    with (test / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (folder / study_tool.DONE_FILE).write_text("{}\n")
+
+
+def prediction_rows(labels, leading, refused) -> list[dict]:
+    """predictions.csv rows as the results writer makes them: a refused image has prediction -1 and no class."""
+    names = ("normal", "pneumonia")
+    return [
+        {"id": i, "label": label, "prediction": -1 if no else lead, "predicted_class": "" if no else names[lead],
+         "leading_class": names[lead], "prob_normal": 0.3 if lead else 0.7, "prob_pneumonia": 0.7 if lead else 0.3,
+         "out_of_distribution": str(no).lower()}  # fmt: skip
+        for i, (label, lead, no) in enumerate(zip(labels, leading, refused))
+    ]
+
+
+def test_a_study_whose_runs_refuse_images_counts_them_with_their_leading_class(tmp_path, capsys):
+    """Issue 40, point 14: refused rows (prediction -1) crashed the summary in torchmetrics' F1. A refused image counts
+    with the class the model leads with, and the share answered stands beside."""
+    labels = [0, 0, 0, 1, 1, 1]
+    runs = {  # experiment -> seed -> (leading class per image, refused per image)
+        "resnet": {0: ([0, 0, 1, 1, 1, 0], [0, 0, 1, 0, 0, 1]), 1: ([0, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0])},
+        "unet": {0: ([0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 0, 0]), 1: ([0, 0, 0, 1, 1, 1], [0, 0, 0, 0, 0, 0])},
+    }
+    path = write_study(tmp_path, seeds=[0, 1])
+    for experiment, seeds in runs.items():
+        for seed, (leading, refused) in seeds.items():
+            folder = tmp_path / "runs" / "tiny" / experiment / f"seed{seed}"
+            write_finished_run(folder, prediction_rows(labels, leading, refused))
+    assert study_tool.main([str(path), "--summarize"]) == 0
+    result = json.loads((tmp_path / "runs" / "tiny" / "study.json").read_text())
+    by_run = {(row["experiment"], row["seed"]): row for row in result["runs"]}
+    # by hand: resnet leads right on 4 of 6 at both seeds (seed 0's refused images 2 and 5 lead wrongly, seed 1's
+    # refused image 0 rightly); the unet on 5 and 6 of 6
+    assert by_run["resnet", 0]["accuracy"] == pytest.approx(4 / 6)
+    assert by_run["resnet", 1]["accuracy"] == pytest.approx(4 / 6)
+    assert by_run["resnet", 0]["n_refused"] == 2 and by_run["resnet", 0]["coverage"] == pytest.approx(4 / 6)
+    assert by_run["unet", 1]["coverage"] == 1.0
+    differences = result["summary"]["unet"]["accuracy_difference"]["differences"]
+    assert differences == pytest.approx([5 / 6 - 4 / 6, 1 - 4 / 6])
+    table = (tmp_path / "runs" / "tiny" / "study.md").read_text()
+    assert "answered" in table and "75.0 %" in table  # resnet: 4/6 and 5/6 answered
