@@ -21,8 +21,10 @@ paper configs keep the paper's pipeline.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 
@@ -104,3 +106,76 @@ def _one_cpu_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+# ---- the diffusion classifiers' training augmentation ------------------------------------------------------
+@dataclass
+class DiffusionAugmentation:
+    """Label-preserving augmentation of a diffusion classifier's training images, drawn per image on the batch
+    (`model.init_args.augmentation.<name>`). All off by default: the paper trains on the images as they are.
+
+    A diffusion model learns the augmented images too, so its samples from noise may come out flipped (a
+    mirrored heart); a classification compares the classes on the same image and is not hurt by that. The
+    geometry is resampled with reflection at the border, not a fill, so the model never learns black corners.
+    """
+
+    hflip_p: float = 0.0
+    """Probability of a horizontal flip."""
+    degrees: float = 0.0
+    """Rotation drawn uniformly in [-degrees, degrees]."""
+    translate: float = 0.0
+    """Shift along each axis drawn uniformly in [-translate, translate] times the side."""
+    scale: float = 0.0
+    """Zoom drawn uniformly in [1 - scale, 1 + scale]."""
+
+    def __post_init__(self):
+        if not 0.0 <= self.hflip_p <= 1.0:
+            raise ValueError(f"augmentation.hflip_p={self.hflip_p} must lie in [0, 1]")
+        for name in ("degrees", "translate", "scale"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"augmentation.{name}={getattr(self, name)} must be >= 0")
+        if self.scale >= 1.0:
+            raise ValueError(f"augmentation.scale={self.scale} must be < 1 (zoom in [1 - scale, 1 + scale])")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.hflip_p or self.degrees or self.translate or self.scale)
+
+    @property
+    def geometric(self) -> bool:
+        return bool(self.degrees or self.translate or self.scale)
+
+    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """(B, C, H, W) images, each with its own draw."""
+        if not self.active:
+            return images
+        batch, device = images.shape[0], images.device
+        uniform = lambda *shape: 2 * torch.rand(*shape, generator=generator, device=device) - 1  # noqa: E731
+        if self.hflip_p:
+            flip = torch.rand(batch, generator=generator, device=device) < self.hflip_p
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        if self.geometric:
+            images = affine(
+                images,
+                self.degrees * uniform(batch),
+                1 + self.scale * uniform(batch),
+                self.translate * uniform(batch, 2),
+            )
+        return images
+
+
+def affine(images: Tensor, degrees: Tensor, zoom: Tensor, shift: Tensor) -> Tensor:
+    """Each image rotated by degrees[b] (counter-clockwise as displayed), zoomed by zoom[b] and shifted by
+    shift[b] = (right, down) in fractions of the side, about its centre; bilinear, reflected at the border."""
+    angle = torch.deg2rad(degrees.to(images.dtype))
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    # theta maps output coordinates to input ones (normalised to [-1, 1]): the inverse of the motion
+    theta = torch.stack(
+        [
+            torch.stack([cos, sin, -2 * shift[:, 0]], dim=1),
+            torch.stack([-sin, cos, -2 * shift[:, 1]], dim=1),
+        ],
+        dim=1,
+    ).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)

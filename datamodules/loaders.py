@@ -7,7 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.batch_plan import DEFAULT_BATCH_SIZE
 from datamodules.decoding import ImageDataset
@@ -29,10 +29,42 @@ def check_root(root) -> Path:
     return Path(root)
 
 
+VALIDATION_ORDER_SEED = 0
+
+
+def stratified_order(labels, seed: int = VALIDATION_ORDER_SEED) -> list[int]:
+    """The indices of a split in an order whose every prefix is a class-stratified sample: each class's images
+    shuffled (seeded), then interleaved by their rank within the class, (j + 1/2) / n_c. A prefix of any length holds
+    each class's share to within one image, so a validation cut short by `limit_val_batches` sees the classes in
+    their proportions (a table listed class by class would otherwise show it one class), the same images every time."""
+    labels = torch.as_tensor(labels).long()
+    generator = torch.Generator().manual_seed(seed)
+    keyed = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        keyed += [((j + 0.5) / len(members), c, int(i)) for j, i in enumerate(members)]
+    return [index for _, _, index in sorted(keyed)]
+
+
+class StratifiedOrder(Sampler):
+    """A sampler that yields stratified_order(labels): a fixed, seeded, class-stratified order of a labelled split."""
+
+    def __init__(self, labels, seed: int = VALIDATION_ORDER_SEED):
+        self.order = stratified_order(labels, seed)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
 class SplitLoaders:
     """What every datamodule of the suite shares: the four dataloader hooks over its
     `split_dataset(split)` (the training split shuffled, its last partial batch dropped; validation
-    and test in order; predict reads the test split) and the properties cli.py links into the model
+    in a fixed class-stratified order, stratified_order; test in order; predict reads the test split)
+    and the properties cli.py links into the model
     besides `class_names` and `image_size`. Needs `batch_size`, `num_workers` and `class_names`."""
 
     batch_size: int | None
@@ -45,12 +77,14 @@ class SplitLoaders:
     def split_dataset(self, split: str) -> Dataset:
         raise NotImplementedError
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False, stratified: bool = False) -> DataLoader:
         dataset, batch_size = self.split_dataset(split), self.batch_size or DEFAULT_BATCH_SIZE
+        labels = getattr(dataset, "labels", None)
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=StratifiedOrder(labels) if stratified and labels is not None else None,
             drop_last=shuffle and len(dataset) >= batch_size,
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
@@ -61,7 +95,9 @@ class SplitLoaders:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self):
-        return self._loader("val")
+        # stratified: fit's validation may stop after limit_val_batches (the CPU configs: 2); the whole split's
+        # metrics do not depend on the order
+        return self._loader("val", stratified=True)
 
     def test_dataloader(self):
         return self._loader("test")

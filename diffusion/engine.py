@@ -13,6 +13,7 @@ images of the batch, the data order or the number of processes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,14 @@ from .schedule import broadcast_like
 from .voting import VOTE_RULES, vote_counts
 
 ERROR_SPACES = ("eps", "x", "v")
+ERROR_NORMS = ("l2", "l1")
+HAAR_BANDS = ("LL", "LH", "HL", "HH")  # diffusion/wavelet.py's band-major channel order
+# Test-time views of the pixels (B, C, H, W), each classified with its own shared pairs (view_seed)
+VIEWS: dict[str, Callable[[Tensor], Tensor]] = {
+    "identity": lambda images: images,
+    "hflip": lambda images: images.flip(-1),
+}
+VIEW_SEED_STRIDE = 7919  # view j draws its (eps, t) pairs with seed + j * 7919: pairs of their own
 VPredictor = Callable[[Tensor, Tensor, Tensor], Tensor]  # (z, t, labels) -> v_hat: a network (networks.Denoiser) in use
 
 
@@ -33,11 +42,33 @@ class NonFiniteOutputError(FloatingPointError):
     """The denoiser returned NaN or inf; the message names the image id, the step and the class."""
 
 
+def channel_weights(band_weights, channels: int, device=None) -> Tensor | None:
+    """(channels,) weights of the wavelet input's channels from one weight per Haar band (LL, LH, HL, HH), each
+    band's C channels alike (band-major layout, diffusion/wavelet.py), scaled to mean 1 so that equal weights give
+    the plain mean; None for None."""
+    if band_weights is None:
+        return None
+    if channels % len(HAAR_BANDS):
+        raise ValueError(f"classification.band_weights needs Haar wavelet input (4C channels), got {channels} channels")
+    weights = torch.tensor(band_weights, dtype=torch.float32, device=device).repeat_interleave(channels // 4)
+    return weights / weights.mean()
+
+
 def reconstruction_error(
-    v_hat: Tensor, z: Tensor, x: Tensor, eps: Tensor, alpha: Tensor, sigma: Tensor, space: str
+    v_hat: Tensor,
+    z: Tensor,
+    x: Tensor,
+    eps: Tensor,
+    alpha: Tensor,
+    sigma: Tensor,
+    space: str,
+    norm: str = "l2",
+    weights: Tensor | None = None,
 ) -> Tensor:
-    """Mean squared error over each image's (C, H, W) in eps space (paper Appendix A), x space or v
-    space; leading dimensions broadcast, e.g. (P, K, ...) predictions against (P, 1, ...) targets."""
+    """Mean squared (norm "l2", paper Appendix A) or absolute ("l1", Li et al.'s choice on some small data sets)
+    error over each image's (C, H, W) in eps space (the paper's), x space or v space; `weights` (C,) weighs the
+    channels (channel_weights: per Haar band). Leading dimensions broadcast, e.g. (P, K, ...) predictions against
+    (P, 1, ...) targets."""
     if space == "eps":
         prediction, target = eps_from_v(z, v_hat, alpha, sigma), eps
     elif space == "x":
@@ -46,7 +77,11 @@ def reconstruction_error(
         prediction, target = v_hat, v_target(x, eps, alpha, sigma)
     else:
         raise ValueError(f"unknown error space {space!r}; choose one of {ERROR_SPACES}")
-    return (prediction.float() - target.float()).pow_(2).mean(dim=(-3, -2, -1))
+    difference = prediction.float() - target.float()
+    per_value = difference.pow_(2) if norm == "l2" else difference.abs_()
+    if weights is None:
+        return per_value.mean(dim=(-3, -2, -1))
+    return (per_value.mean(dim=(-2, -1)) * weights).mean(dim=-1)
 
 
 @dataclass
@@ -66,6 +101,11 @@ class ClassifierSettings:
     t_range: tuple[float, float] = (0.0, 1.0)
     """The interval t is drawn from (the paper: all of it); Li et al. and Clark & Jaini found the middle
     of the schedule the most informative for classification."""
+    error_norm: str = "l2"
+    """"l2", the squared error (paper), or "l1", the absolute error (Li et al. on some small data sets)."""
+    band_weights: tuple[float, float, float, float] | None = None
+    """Weights of the Haar bands (LL, LH, HL, HH) in the error (wavelet models only); null weighs every value alike
+    (paper). E.g. [1, 0.5, 0.5, 0.5] lets the low-frequency band count twice as much as each detail band."""
     early_exit: str = "none"
     """"none"; "exact" (stop once no class can overtake the leader: the full-N majority vote, fewer
     forwards); "sequential" (stop once a binomial test puts the leader ahead at level alpha)."""
@@ -81,6 +121,9 @@ class ClassifierSettings:
     this many steps (Li et al.'s adaptive evaluation); 0 never prunes. No exit before it."""
     prune_keep: int = 2
     """Classes kept by pruning."""
+    views: tuple[str, ...] = ("identity",)
+    """Test-time views (VIEWS: "identity", "hflip"), each with N pairs of its own; their errors are voted
+    together (V x N steps, V x N x C forwards). The paper: the image alone. Equal forwards: halve num_steps."""
     max_forward_batch: int = 256
     """Most inputs per denoiser forward (bounds memory); any value gives the same results."""
 
@@ -88,6 +131,7 @@ class ClassifierSettings:
         for name, value, allowed in (
             ("rule", self.rule, tuple(VOTE_RULES)),
             ("error_space", self.error_space, ERROR_SPACES),
+            ("error_norm", self.error_norm, ERROR_NORMS),
             ("early_exit", self.early_exit, EXIT_RULES),
         ):
             if value not in allowed:
@@ -100,8 +144,24 @@ class ClassifierSettings:
             raise ValueError(
                 f"classification.t_range={list(self.t_range)} must be [low, high] with 0 <= low < high <= 1"
             )
+        if self.band_weights is not None and (
+            len(self.band_weights) != len(HAAR_BANDS) or min(self.band_weights) < 0 or sum(self.band_weights) <= 0
+        ):
+            raise ValueError(
+                f"classification.band_weights={list(self.band_weights)} must be 4 weights >= 0 (LL, LH, HL, HH), "
+                "not all 0"
+            )
+        unknown = [view for view in self.views if view not in VIEWS]
+        if unknown or not self.views or len(set(self.views)) != len(self.views):
+            raise ValueError(f"classification.views={list(self.views)} must be distinct names of {tuple(VIEWS)}")
+        if len(self.views) > 1 and self.early_exit != "none":
+            raise ValueError("early exit decides one view's votes; with several views use early_exit: none")
         if self.early_exit != "none" and self.rule != "majority":
             raise ValueError(f"early_exit={self.early_exit!r} decides a majority vote; it needs rule='majority'")
+
+    def view_settings(self, index: int) -> ClassifierSettings:
+        """The settings view `index` is classified with: one view and its own seed (the first view keeps seed)."""
+        return dataclasses.replace(self, views=(self.views[index],), seed=self.seed + index * VIEW_SEED_STRIDE)
 
     def prune_step(self, num_classes: int) -> int:
         """The step count after which classes are pruned; 0 when they are not."""
@@ -157,6 +217,7 @@ def segment_errors(
     """
     batch, kept = classes.shape
     pairs_per_forward = max(1, settings.max_forward_batch // kept)
+    weights = channel_weights(settings.band_weights, x.shape[1], x.device)
     out = torch.empty(batch * len(steps), kept, device=x.device)
     for start in range(0, batch * len(steps), pairs_per_forward):
         pair = torch.arange(start, min(start + pairs_per_forward, batch * len(steps)), device=x.device)
@@ -171,7 +232,7 @@ def segment_errors(
         grouped = lambda value: value.unsqueeze(1)  # noqa: E731
         out[pair] = reconstruction_error(
             v_hat.view(len(pair), kept, *x.shape[1:]), grouped(z), grouped(x[image]), grouped(eps), grouped(alpha),
-            grouped(sigma), settings.error_space,
+            grouped(sigma), settings.error_space, settings.error_norm, weights,
         )  # fmt: skip
     return out.view(batch, len(steps), kept).transpose(1, 2)
 

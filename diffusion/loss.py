@@ -32,3 +32,21 @@ def drop_labels(labels: Tensor, null_label: int, p: float, generator: torch.Gene
         return labels
     drop = torch.rand(labels.shape, device=labels.device, generator=generator) < p
     return torch.where(drop, torch.full_like(labels, null_label), labels)
+
+
+def training_times(
+    n: int,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    share: float = 1.0,
+    device=None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """t of n training images: a `share` of them (each image with that probability) uniform on t_range, the band
+    the classification votes in; the others uniform on [0, 1] (the paper: all of them), so the model still
+    learns every t that sampling from noise and the explanations pass through."""
+    low, high = t_range
+    t = torch.rand(n, device=device, generator=generator)
+    if (low, high) == (0.0, 1.0) or share <= 0.0:
+        return t
+    in_band = torch.rand(n, device=device, generator=generator) < share
+    return torch.where(in_band, low + (high - low) * t, t)

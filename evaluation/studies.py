@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from .figures import plot_forest
-from .report import data_uri
 from .records import NO_ANSWER
+from .report import data_uri
 from .results import PREDICTIONS_FILE, newest_metrics
 from .statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
 
@@ -79,38 +79,49 @@ def run_rows(study) -> tuple[list[dict], dict]:
     return rows, outputs
 
 
-def paired_runs(study, outputs: dict) -> dict[str, list[dict]]:
-    """Per experiment other than the reference: its paired comparison with the reference run of the same seed and
-    fold, on the same test images (refused, in one line, where they differ)."""
+def paired_runs(study, outputs: dict, reference: str | None = None) -> dict[str, list[dict]]:
+    """Per experiment other than the reference (the study's, or the one named): its paired comparison with the
+    reference run of the same seed and fold, on the same test images (refused, in one line, where they differ)."""
+    reference_name = reference or study.reference
     pairs = {}
     for name, data in outputs.items():
         run = data["run"]
-        if run.experiment == study.reference:
+        if run.experiment == reference_name:
             continue
-        reference = outputs.get(name.replace(run.experiment, study.reference, 1))
-        if reference is None:
+        reference_run = outputs.get(name.replace(run.experiment, reference_name, 1))
+        if reference_run is None:
             continue
         comparison = paired_comparison(
-            reference["labels"], data["probs"], reference["probs"], data["predictions"], reference["predictions"],
-            ids_a=data["ids"], ids_b=reference["ids"],
+            reference_run["labels"], data["probs"], reference_run["probs"], data["predictions"],
+            reference_run["predictions"], ids_a=data["ids"], ids_b=reference_run["ids"],
         )  # fmt: skip
         pairs.setdefault(run.experiment, []).append(comparison | {"seed": run.seed, "fold": run.fold})
     return pairs
 
 
-def summaries(study, rows: list[dict], pairs: dict) -> dict:
-    """Per experiment: the t-interval of each metric over its finished runs, and of the differences to the reference."""
+def accuracy_differences(pairs: dict) -> dict[str, dict]:
+    """Per experiment: its paired accuracy differences to a reference over the runs, with their t-interval."""
+    return {
+        experiment: paired_differences([pair["accuracy_a"] for pair in runs], [pair["accuracy_b"] for pair in runs])
+        for experiment, runs in pairs.items()
+    }
+
+
+def summaries(study, rows: list[dict], pairs: dict, also: dict[str, dict] | None = None) -> dict:
+    """Per experiment: the t-interval of each metric over its finished runs, and of the differences to the reference
+    (and, under `accuracy_difference_against`, to each experiment of the study's `also_against`)."""
     found = {}
+    against = {name: accuracy_differences(other) for name, other in (also or {}).items()}
     for experiment in study.experiments:
         done = [row for row in rows if row["experiment"] == experiment and row["status"] == "done"]
         found[experiment] = {"runs": len(done)} | {
             metric: t_interval([row[metric] for row in done]) for metric in (*METRICS, "coverage") if done
         }
         if experiment in pairs:
-            runs = pairs[experiment]
-            found[experiment]["accuracy_difference"] = paired_differences(
-                [pair["accuracy_a"] for pair in runs], [pair["accuracy_b"] for pair in runs]
-            )
+            found[experiment]["accuracy_difference"] = accuracy_differences(pairs)[experiment]
+        found[experiment]["accuracy_difference_against"] = {
+            name: differences[experiment] for name, differences in against.items() if experiment in differences
+        }
     return found
 
 
@@ -126,6 +137,7 @@ def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
         "ECE",
         "answered",
         f"accuracy - {study.reference} (pp)",
+        *(f"accuracy - {name} (pp)" for name in study.also_against),
         "McNemar p / DeLong p per run",
     ]
     lines = [f"# Study {study.name}", "", f"Cells: mean ± sd [95 % t-interval] over {over}; accuracy and F1 in %; "
@@ -143,6 +155,9 @@ def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
             if difference
             else "reference" * (experiment == study.reference)
         )
+        for name in study.also_against:
+            other = numbers.get("accuracy_difference_against", {}).get(name)
+            cells.append(format_cell(other, "accuracy_difference") if other else "reference" * (experiment == name))
         tests = [f"{pair['mcnemar']['pvalue']:.2g} / " + (f"{pair['auroc']['pvalue']:.2g}" if pair["auroc"] else "-")
                  for pair in pairs.get(experiment, [])]  # fmt: skip
         cells.append(", ".join(tests))
@@ -178,13 +193,15 @@ def summarize(study) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     rows, outputs = run_rows(study)
     pairs = paired_runs(study, outputs)
-    summary = summaries(study, rows, pairs)
+    also = {name: paired_runs(study, outputs, name) for name in study.also_against}
+    summary = summaries(study, rows, pairs, also)
     columns = sorted({key for row in rows for key in row}, key=lambda key: (key not in rows[0], key))
     with (folder / "study.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    result = {"study": study.name, "reference": study.reference, "runs": rows, "summary": summary, "paired": pairs}
+    result = {"study": study.name, "reference": study.reference, "also_against": list(study.also_against),
+              "runs": rows, "summary": summary, "paired": pairs, "paired_against": also}  # fmt: skip
     (folder / "study.json").write_text(json.dumps(result, indent=2, default=json_value) + "\n")
     markdown = table(study, summary, pairs, rows)
     (folder / "study.md").write_text(markdown)

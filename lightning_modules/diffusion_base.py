@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import Tensor
 
-from diffusion.engine import ClassifierSettings, NonFiniteOutputError, classify_images, step_times
+from diffusion.engine import VIEWS, ClassifierSettings, NonFiniteOutputError, classify_images, step_times
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import VALIDATION_LOSS_SEED, image_keys, shared_noise
 from diffusion.voting import summarize
@@ -115,22 +116,31 @@ class DiffusionClassifierBase(ClassifierModule):
     # ---- classification -------------------------------------------------------------------
     def classify(self, batch: dict, settings: ClassifierSettings, x: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path.
-        The (eps, t) pairs are keyed by each image's content (diffusion.noise.image_keys), not its row id."""
-        x = self.encode(batch["image"]) if x is None else x
-        keys = image_keys(batch["image"]).to(x.device)
-        try:
-            run = classify_images(self.denoiser(), x, keys, self.hparams.num_classes, self.schedule, settings)
-        except NonFiniteOutputError as error:
-            raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
-        outputs = summarize(run["errors"], settings.rule, x[0].numel()) | {
-            "forwards": run["forwards"],
-            "errors": run["errors"],
+        The (eps, t) pairs are keyed by each image's content (diffusion.noise.image_keys), not its row id.
+        With several test-time views (settings.views), each view of the image is classified with pairs of its
+        own and the errors of all views are voted together, view after view along the steps."""
+        keys = image_keys(batch["image"])
+        runs, times = [], []
+        for index, view in enumerate(settings.views):
+            view_settings = settings.view_settings(index)
+            view_x = x if x is not None and view == "identity" else self.encode(VIEWS[view](batch["image"]))
+            try:
+                runs.append(
+                    classify_images(
+                        self.denoiser(), view_x, keys.to(view_x.device), self.hparams.num_classes, self.schedule,
+                        view_settings,
+                    )
+                )  # fmt: skip
+            except NonFiniteOutputError as error:
+                raise NonFiniteOutputError(f"{error}; weights: {self.weights_source()}") from None
+            times.append(step_times(keys.to(view_x.device), view_settings))
+        errors = torch.cat([run["errors"] for run in runs], dim=2)
+        outputs = summarize(errors, settings.rule, view_x[0].numel()) | {
+            "forwards": sum(run["forwards"] for run in runs),
+            "errors": errors,
         }
         # what the out-of-distribution scores read: the best class's error at each step, and the step's t
-        outputs |= {
-            "step_errors": step_profile(run["errors"]),
-            "step_times": step_times(keys, settings),
-        }
+        outputs |= {"step_errors": step_profile(errors), "step_times": torch.cat(times, dim=1)}
         return outputs | self.passed_through(batch)
 
     def weights_source(self) -> str:

@@ -3,7 +3,8 @@
 What this module adds to DiffusionClassifierBase (classification, validation, explanations) is how
 the UNet and DiT see an image and learn:
   encode:  the single-stage Haar wavelet (diffusion/wavelet.py), 3 x H x W -> 12 x H/2 x W/2
-  fit:     t ~ U(0,1) -> shifted-cosine logSNR -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight,
+  fit:     (optionally augmented) images, t ~ U(0,1) (or partly a band) -> shifted-cosine logSNR
+           -> z = alpha*x + sigma*eps -> v-loss * min-SNR weight,
            labels dropped to the null label for classifier-free guidance
   monitor: during fit, explanations of a few validation images and samples from noise in TensorBoard,
            and, when the data mark the finding (a `mask` per image), how well the maps point at it
@@ -19,8 +20,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from datamodules.augmentation import DiffusionAugmentation
 from diffusion.explain import samples_from_noise
-from diffusion.loss import drop_labels, weighted_v_loss
+from diffusion.loss import drop_labels, training_times, weighted_v_loss
 from diffusion.parameterization import diffuse, v_target
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from diffusion.wavelet import GreyscaleTransform, HaarWavelet, IdentityTransform
@@ -59,6 +61,11 @@ class DiffusionClassifier(DiffusionClassifierBase):
             classifier-free guidance (paper: 0.1).
         learning_rate: Adam learning rate (paper B.1: 1e-4).
         warmup_steps: steps of linear learning-rate warm-up (paper B.1: 250).
+        augmentation: label-preserving training augmentation (flips, small affine), drawn per image; off in the
+            paper; see datamodules.augmentation.DiffusionAugmentation.
+        train_t_range: the band of t that a share of each training batch is drawn from (the paper: [0, 1],
+            uniform); e.g. the band whose votes decide on validation (tools/vote_bands.py measures it).
+        train_t_share: the share of training images whose t comes from train_t_range; the others' from [0, 1].
         **kwargs: every diffusion classifier's options (classification, val_steps, save_errors,
             explain, explanation); see DiffusionClassifierBase.
     """
@@ -79,9 +86,21 @@ class DiffusionClassifier(DiffusionClassifierBase):
         label_dropout: float = 0.1,
         learning_rate: float = 1e-4,
         warmup_steps: int = 250,
+        augmentation: DiffusionAugmentation = DiffusionAugmentation(),
+        train_t_range: tuple[float, float] = (0.0, 1.0),
+        train_t_share: float = 1.0,
         **kwargs,
     ):
         super().__init__(num_classes, class_names, **kwargs)
+        low, high = train_t_range
+        if not 0.0 <= low < high <= 1.0 or not 0.0 <= train_t_share <= 1.0:
+            raise ValueError(
+                f"train_t_range={list(train_t_range)} must be [low, high] with 0 <= low < high <= 1, and "
+                f"train_t_share={train_t_share} in [0, 1]"
+            )
+        if self.classification.band_weights is not None and not wavelet:
+            raise ValueError("classification.band_weights weighs Haar bands: it needs wavelet: true")
+        self.augmentation = augmentation
         self.transform = HaarWavelet() if wavelet else IdentityTransform()
         if grayscale:
             self.transform = GreyscaleTransform(self.transform, image_channels)
@@ -112,8 +131,8 @@ class DiffusionClassifier(DiffusionClassifierBase):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        x = self.encode(batch["image"])
-        t = torch.rand(x.shape[0], device=self.device)
+        x = self.encode(self.augmentation(batch["image"]))
+        t = training_times(x.shape[0], self.hparams.train_t_range, self.hparams.train_t_share, self.device)
         loss = self.diffusion_loss(x, batch["label"], t, torch.randn_like(x), self.hparams.label_dropout)
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -103,6 +103,8 @@ class StableDiffusionClassifier(DiffusionClassifierBase):
         **kwargs,
     ):
         super().__init__(num_classes, class_names, val_steps=val_steps, **kwargs)
+        if self.classification.band_weights is not None:
+            raise ValueError("classification.band_weights weighs Haar bands; Stable Diffusion's VAE latents have none")
         root = check_weights_dir(weights_dir)  # before any heavy work
         self.pretrained = str(finetuned_checkpoint or root)  # a complete classifier without --ckpt_path
         if finetuned_checkpoint and not Path(finetuned_checkpoint).is_file():

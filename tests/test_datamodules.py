@@ -259,6 +259,30 @@ def test_cache_gives_the_same_tensors_as_direct_decoding(chexpert_root, tmp_path
 
 
 # ----------------------------------------------------------------------------------------------
+def test_a_validation_cut_short_sees_the_classes_in_their_proportions_the_same_every_time(tmp_path):
+    """Issue 40, point 13: fit validates on limit_val_batches; for a CSV listed class by class, the first batches
+    were one class. The validation loader serves a seeded, class-stratified order: every prefix within one image of
+    each class's share, the same at every validation, every image once."""
+    labels = ["benign"] * 30 + ["malignant"] * 10  # listed class by class, 3 : 1
+    make_csv_folder(tmp_path / "mine", n=40, split=lambda i: "val" if i < 40 else "train")
+    table = pd.read_csv(tmp_path / "mine/labels.csv")
+    splits = ["val"] * 20 + ["train"] * 6 + ["test"] * 2 + ["train"] * 4 + ["val"] * 4 + ["train"] * 2 + ["test"] * 2
+    table["label"], table["split"] = labels, splits  # a patient's two rows (2k, 2k + 1) stay together
+    table.to_csv(tmp_path / "mine/labels.csv", index=False)
+    dm = CSVDataModule(root=str(tmp_path / "mine"), csv="labels.csv", **options(tmp_path) | {"batch_size": 4})
+    dm.setup("fit")
+    val_labels = dm.datasets["val"].labels
+    assert val_labels.tolist() == sorted(val_labels.tolist())  # the split itself is class by class
+    order = [int(i) for batch in dm.val_dataloader() for i in batch["id"]]
+    again = [int(i) for batch in dm.val_dataloader() for i in batch["id"]]
+    assert order == again and sorted(order) == sorted(dm.datasets["val"].ids.tolist())
+    by_id = dict(zip(dm.datasets["val"].ids.tolist(), val_labels.tolist()))
+    share = (val_labels == 1).mean()
+    for k in range(1, len(order) + 1):
+        seen = sum(by_id[i] for i in order[:k])
+        assert abs(seen - share * k) <= 1, f"prefix {k}: {seen} of class 1, expected about {share * k:.1f}"
+
+
 # MedMNIST
 
 

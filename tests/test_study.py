@@ -112,9 +112,16 @@ def prediction_rows(labels, leading, refused) -> list[dict]:
     """predictions.csv rows as the results writer makes them: a refused image has prediction -1 and no class."""
     names = ("normal", "pneumonia")
     return [
-        {"id": i, "label": label, "prediction": -1 if no else lead, "predicted_class": "" if no else names[lead],
-         "leading_class": names[lead], "prob_normal": 0.3 if lead else 0.7, "prob_pneumonia": 0.7 if lead else 0.3,
-         "out_of_distribution": str(no).lower()}  # fmt: skip
+        {
+            "id": i,
+            "label": label,
+            "prediction": -1 if no else lead,
+            "predicted_class": "" if no else names[lead],
+            "leading_class": names[lead],
+            "prob_normal": 0.3 if lead else 0.7,
+            "prob_pneumonia": 0.7 if lead else 0.3,
+            "out_of_distribution": str(no).lower(),
+        }  # fmt: skip
         for i, (label, lead, no) in enumerate(zip(labels, leading, refused))
     ]
 

@@ -43,8 +43,8 @@ from lightning_modules.user_errors import tool_main
 from tools.side_by_side import kept_checkpoint
 from tools.slurm import REPO_ROOT
 
-STUDY_KEYS = ("name", "root", "reference", "seeds", "folds", "experiments")
-EXPERIMENT_KEYS = ("config", "overrides")
+STUDY_KEYS = ("name", "root", "reference", "also_against", "seeds", "folds", "experiments")
+EXPERIMENT_KEYS = ("config", "overrides", "weights_from")
 DONE_FILE = "study_run.json"
 LOG_FILE = "study.log"
 STAGES_FILE = "study_stages.txt"  # the stages a run finished, one a line: a rerun skips them
@@ -64,6 +64,11 @@ class Run:
     fold: int | None
     num_folds: int | None
     folder: Path
+    weights_from: Path | None = None  # a test-time arm: the run folder whose kept checkpoint it validates and tests
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[1:] if self.weights_from else STAGES
 
     @property
     def name(self) -> str:
@@ -86,6 +91,10 @@ class Study:
     seeds: list[int]
     folds: int | None
     experiments: dict[str, dict] = field(default_factory=dict)
+    also_against: tuple[str, ...] = ()
+
+    def folder(self, experiment: str, seed: int, fold: int | None) -> Path:
+        return self.root / self.name / experiment / f"seed{seed}" / ("" if fold is None else f"fold{fold}")
 
     def runs(self) -> list[Run]:
         folds = list(range(self.folds)) if self.folds else [None]
@@ -97,7 +106,8 @@ class Study:
                 seed,
                 fold,
                 self.folds,
-                self.root / self.name / name / f"seed{seed}" / ("" if fold is None else f"fold{fold}"),
+                self.folder(name, seed, fold),
+                self.folder(spec["weights_from"], seed, fold) if spec.get("weights_from") else None,
             )  # fmt: skip
             for name, spec in self.experiments.items()
             for seed in self.seeds
@@ -134,22 +144,47 @@ def load_study(path: str | Path) -> Study:
         config = experiment.get("config")
         if not config or not (REPO_ROOT / config).is_file() and not Path(config).is_file():
             raise StudyError(f"{path}: experiment {name!r}: config {config!r} does not exist")
+    check_weights_from(path, spec["experiments"])
     reference = spec.get("reference") or next(iter(spec["experiments"]))
-    if reference not in spec["experiments"]:
-        raise StudyError(f"{path}: reference {reference!r} is not one of the experiments {list(spec['experiments'])}")
+    also_against = spec.get("also_against") or []
+    for name in [reference, *also_against]:
+        if name not in spec["experiments"]:
+            raise StudyError(f"{path}: reference {name!r} is not one of the experiments {list(spec['experiments'])}")
     return Study(spec["name"], Path(spec.get("root", "runs")), reference, list(spec["seeds"]), folds,
-                 dict(spec["experiments"]))  # fmt: skip
+                 dict(spec["experiments"]), tuple(also_against))  # fmt: skip
+
+
+def check_weights_from(path: Path, experiments: dict) -> None:
+    """A test-time arm (`weights_from: <experiment>`) takes the weights of an experiment listed before it that
+    trains its own (runs go in the file's order)."""
+    names, key = list(experiments), "weights_from"
+    for position, (name, experiment) in enumerate(experiments.items()):
+        source = experiment.get("weights_from")
+        if source is None:
+            continue
+        if source not in names[:position] or experiments[source].get("weights_from"):
+            raise StudyError(
+                f"{path}: experiment {name!r}: weights_from {source!r} must name an experiment listed before it that "
+                f"trains its own weights (one of {[n for n in names[:position] if not experiments[n].get(key)]})"
+            )
 
 
 def run_one(run: Run, python: str = sys.executable) -> bool:
     """fit, validate, test, each skipped when an earlier attempt finished it; fit resumes from last.ckpt where a
-    killed attempt left one. True when all three succeeded."""
+    killed attempt left one. A test-time arm (weights_from) only validates and tests its source run's kept checkpoint
+    with its own options. True when every stage succeeded."""
     run.folder.mkdir(parents=True, exist_ok=True)
+    if run.weights_from and not (run.weights_from / DONE_FILE).is_file():
+        with (run.folder / LOG_FILE).open("a") as log:
+            log.write(f"\nthe run it takes its weights from, {run.weights_from}, is not finished\n")
+        return False
     finished = run.folder / STAGES_FILE
     done = set(finished.read_text().split()) if finished.is_file() else set()
     with (run.folder / LOG_FILE).open("a") as log:
-        for stage in (stage for stage in STAGES if stage not in done):
-            if stage == "fit":  # resumed where a killed attempt left a last.ckpt
+        for stage in (stage for stage in run.stages if stage not in done):
+            if run.weights_from:
+                weights = [f"--ckpt_path={kept_checkpoint(run.weights_from)}"]
+            elif stage == "fit":  # resumed where a killed attempt left a last.ckpt
                 weights = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
             else:  # the checkpoint the config keeps: the best on validation where it monitors a metric
                 weights = [f"--ckpt_path={kept_checkpoint(run.folder)}"]
