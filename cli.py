@@ -55,13 +55,21 @@ from lightning_modules.pretrained import is_pretrained_folder, load_exported
 from lightning_modules.run_folders import (
     CHECKPOINT_PARAMETER_COPIES,
     check_free_space,
+    check_same_data,
     check_writable,
     checkpoint_bytes,
+    data_identity,
     latest_version,
     run_root,
     tensorboard_logger,
 )
-from lightning_modules.user_errors import DEBUG_VARIABLE, guarded, unknown_option_message  # noqa: F401 (DEBUG_VARIABLE: for tests)
+from lightning_modules.user_errors import (  # noqa: F401 (DEBUG_VARIABLE: for tests)
+    DEBUG_VARIABLE,
+    broken_config_message,
+    config_file_holding,
+    guarded,
+    unknown_option_message,
+)
 from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
@@ -99,6 +107,15 @@ def class_option_names(class_path: str) -> list[str]:
     parser.add_class_arguments(getattr(importlib.import_module(module), name), "options", fail_untyped=False,
                                sub_configs=True)  # fmt: skip
     return [action.dest.removeprefix("options.") for action in parser._actions if action.dest.startswith("options.")]
+
+
+def section_classes(section: str) -> list[str]:
+    """The suite's classes a config section may hold: the candidates for a mistyped option below their first level."""
+    classes = {
+        "model": ["lightning_modules.DiffusionClassifier", "lightning_modules.BaselineClassifier"],
+        "data": [f"datamodules.{name}" for name in ("SyntheticDataModule", "MedMNISTDataModule", "CSVDataModule")],
+    }
+    return classes.get(section, [])
 
 
 class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
@@ -157,10 +174,12 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             subcommand = next((arg for arg in given if arg in parser._subcommands_action.choices), None)
             top = parser._subcommands_action.choices[subcommand] if subcommand else parser
             top_options = [name[2:] for action in top._actions for name in action.option_strings if name[:2] == "--"]
-            message = unknown_option_message(str(error), class_option_names, top_options)
+            message = unknown_option_message(str(error), class_option_names, top_options, section_classes)
+            if message is None:
+                message = broken_config_message(given)
             if message is None:
                 raise
-            raise argparse.ArgumentError(None, message) from error
+            raise argparse.ArgumentError(None, message + config_file_holding(message, given)) from error
 
     def before_instantiate_classes(self) -> None:
         # Pin the checkpoint folder to the run, not to the logger's version_N folder: otherwise a
@@ -197,6 +216,8 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
 
     # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
     def before_fit(self) -> None:
+        if self.trainer.is_global_zero:  # before anything is written into the folder (hparams, splits.csv)
+            check_same_data(self.trainer.default_root_dir, data_identity(self.datamodule))
         self.split_global_batch(accumulate=True)
         self.check_run_folders(min_free_bytes=self.min_free_bytes())
         checkpoint = self.check_checkpoint("fit")

@@ -165,7 +165,7 @@ class DiffusionAugmentation:
 
 
 def affine(images: Tensor, degrees: Tensor, zoom: Tensor, shift: Tensor) -> Tensor:
-    """Each image rotated by degrees[b] (counter-clockwise as displayed), zoomed by zoom[b] and shifted by
+    """Each image rotated by degrees[b] (clockwise as displayed, row 0 at the top), zoomed by zoom[b] and shifted by
     shift[b] = (right, down) in fractions of the side, about its centre; bilinear, reflected at the border."""
     angle = torch.deg2rad(degrees.to(images.dtype))
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom

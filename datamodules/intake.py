@@ -70,7 +70,13 @@ def take_in(source: str | Path | Sequence[str | Path], root: str | Path | None =
     start at `root`, default the CSV's folder), an image file, or a list of image files and folders."""
     sources = [Path(s) for s in ([source] if isinstance(source, (str, Path)) else source)]
     labels = masks = None
-    if len(sources) == 1 and sources[0].is_file() and not looks_like_an_image(sources[0]):
+    tables = [path for path in sources if is_image_list(path)]
+    if tables and len(sources) > 1:
+        raise DataError(
+            f"{tables[0]} is a CSV of images (and labels) among {len(sources)} sources: give a CSV alone, or list "
+            "its images in it together with the others"
+        )
+    if tables:
         found, labels, masks = csv_rows(sources[0], root)
     else:
         found = [entry for path in sources for entry in listed(path)]
@@ -104,6 +110,12 @@ def duplicates(readable: list[tuple[int, str]]) -> dict[int, str]:
                 break
             first_of[key] = path
     return found
+
+
+def is_image_list(path: Path) -> bool:
+    """A CSV file of images: by its suffix, so that an image of a type the suite does not read (.heic), a text file
+    or an image without a suffix is one skipped file with its reason, never read as a table."""
+    return path.suffix.lower() == ".csv" and not path.is_dir()
 
 
 def looks_like_an_image(path: Path) -> bool:
@@ -147,11 +159,26 @@ def csv_rows(file: Path, root: str | Path | None) -> tuple[list, list | None, li
     """A CSV's rows as (full path, None) entries with its label and mask columns (read by the same
     reader as every datamodule's tables: quoted headers, a byte-order mark and CRLF line ends are fine)."""
     table = read_csv(file, ["path"], "image list")
+    if "label" in table.columns:
+        check_one_label_per_path(table, file)
     base = Path(root) if root is not None else file.parent
     found = [(str(base / path), None if path else f"empty path (row {row + 2} of {file})")
              for row, path in enumerate(table["path"])]  # fmt: skip
     masks = [os.path.join(base, m) if m else "" for m in table["mask"]] if "mask" in table.columns else None
     return found, table["label"].tolist() if "label" in table.columns else None, masks
+
+
+def check_one_label_per_path(table: pd.DataFrame, file: Path) -> None:
+    """A path listed twice with two labels is refused naming both rows: which label is right is the user's call."""
+    first_row = {}
+    for row, (path, label) in enumerate(zip(table["path"], table["label"])):
+        if path in first_row and table["label"].iloc[first_row[path]] != label:
+            other = first_row[path]
+            raise DataError(
+                f"{file}: {path} is listed twice with different labels: row {other + 2} says "
+                f"{table['label'].iloc[other]!r}, row {row + 2} says {label!r}; keep one row per image"
+            )
+        first_row.setdefault(path, row)
 
 
 def file_problem(path: str) -> str | None:

@@ -133,6 +133,11 @@ def read_csv(file: Path, required: list[str], what: str = "") -> pd.DataFrame:
         raise DataError(
             f"{what or 'CSV'} file {file} is empty: expected a header with {required} and one row per image"
         ) from None
+    header = pd.read_csv(file, header=None, nrows=1, dtype=str, keep_default_na=False, skipinitialspace=True)
+    names = header.iloc[0].tolist() if len(header) else []
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:  # pandas would read the second as "label.1" and keep the first in silence
+        raise DataError(f"{file}: column(s) {repeated} appear more than once in the header {names}: keep one of each")
     missing = [c for c in required if c not in table.columns]
     if missing:
         raise DataError(f"{file} lacks column(s) {missing}; found: {list(table.columns)}")

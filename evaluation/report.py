@@ -72,11 +72,14 @@ def prediction_cards(outputs: dict, class_names: list[str]) -> list[dict]:
 
 def headline_cards(numbers: dict) -> list[dict]:
     cards = []
+    undefined = numbers.get("undefined") or {}
     for key, name, meaning in HEADLINES:
         value = numbers.get(key)
         if isinstance(value, (int, float)) and not (isinstance(value, float) and math.isnan(value)):
             cards.append({"name": name, "value": f"{value:.3f}" if isinstance(value, float) else str(value),
                           "meaning": meaning})  # fmt: skip
+        elif key in undefined:  # metrics.json's null, with why
+            cards.append({"name": name, "value": "undefined", "meaning": undefined[key]})
     return cards
 
 

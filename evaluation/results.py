@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def gather_unique(outputs: dict, trainer) -> dict:
 def write_metrics(directory: str | Path, metrics: dict) -> Path:
     path = Path(directory) / METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # NaN is no JSON: test_metrics nulls it
     return path
 
 
@@ -126,7 +127,8 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
         metrics[key.replace("_prediction", "_accuracy")] = accuracy(outputs[key])
     if "forwards" in outputs and settings is not None:
         metrics["mean_forwards"] = float(outputs["forwards"].float().mean())
-        metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps)
+        views = len(getattr(settings, "views", ())) or 1  # each test-time view has its own N steps
+        metrics["forward_fraction"] = metrics["mean_forwards"] / (num_classes * settings.num_steps * views)
     metrics["n_images"] = len(labels)
     if "out_of_distribution" in outputs:  # a refused image is counted as refused, not as right or wrong
         answered = ~outputs["out_of_distribution"].bool()
@@ -134,7 +136,32 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
         metrics["accuracy_answered"] = accuracy(predictions[answered], labels[answered]) if answered.any() else None
     if settings is not None:
         metrics |= {"n_steps": settings.num_steps, "rule": settings.rule, "early_exit": settings.early_exit}
-    return metrics
+        metrics |= {"views": list(settings.views)} if len(getattr(settings, "views", ())) > 1 else {}
+    return with_undefined_explained(metrics, labels)
+
+
+def with_undefined_explained(metrics: dict, labels: Tensor) -> dict:
+    """NaN metrics (at any depth) become null, so metrics.json stays JSON, each with its reason under `undefined`."""
+    one_class = labels.unique().numel() < 2
+    reason = (
+        f"the labels hold one class ({int(labels[0])}): a ranking metric needs both"
+        if one_class
+        else "not defined for these images"
+    )
+    undefined = {}
+
+    def nulled(value, name: str):
+        if isinstance(value, dict):
+            return {key: nulled(item, f"{name}.{key}" if name else key) for key, item in value.items()}
+        if isinstance(value, list):
+            return [nulled(item, name) for item in value]
+        if isinstance(value, float) and not math.isfinite(value):
+            undefined[name] = reason
+            return None
+        return value
+
+    metrics = nulled(metrics, "")
+    return metrics | ({"undefined": undefined} if undefined else {})
 
 
 def write_predictions(path: str | Path, outputs: dict, class_names: list[str], rules: dict | None = None) -> Path:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from networks.weights import load_weights_file
+
 from .figures import plot_forest
 from .records import NO_ANSWER
 from .report import data_uri
@@ -55,7 +57,27 @@ def read_run(folder: Path) -> dict:
         "predictions": np.array([leading_prediction(row, classes) for row in rows]),
         "refused": np.array([int(row["prediction"]) == NO_ANSWER for row in rows]),
         "probs": np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]),
+        "forwards": float(np.mean([float(row["forwards"]) for row in rows])) if "forwards" in rows[0] else None,
     }
+
+
+def validation_accuracy(folder: Path) -> float | None:
+    """The accuracy of the run's `validate` stage on the whole validation split (what a study chooses on, never the
+    test): the newest TensorBoard version of the run that logged val/accuracy; None when none did."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    versions = sorted(folder.glob("tensorboard/version_*"), key=lambda path: int(path.name.split("_")[-1]))
+    for version in reversed(versions):
+        events = EventAccumulator(str(version), size_guidance={"scalars": 0}).Reload()
+        if "val/accuracy" in events.Tags().get("scalars", []):
+            return float(events.Scalars("val/accuracy")[-1].value)
+    return None
+
+
+def training_steps(folder: Path) -> int | None:
+    """The optimizer steps the run's training reached (its last.ckpt; a test-time arm: the weights' run)."""
+    checkpoint = folder / "checkpoints" / "last.ckpt"
+    return int(load_weights_file(checkpoint)["global_step"]) if checkpoint.is_file() else None
 
 
 def run_rows(study) -> tuple[list[dict], dict]:
@@ -71,7 +93,9 @@ def run_rows(study) -> tuple[list[dict], dict]:
         outputs[run.name] = data | {"run": run}
         intervals = bootstrap_intervals(data["labels"], data["probs"], data["predictions"])
         row |= {"status": "done", "test": data["directory"], "n_images": len(data["labels"]),
-                "n_refused": int(data["refused"].sum()), "coverage": float(1 - data["refused"].mean())}  # fmt: skip
+                "n_refused": int(data["refused"].sum()), "coverage": float(1 - data["refused"].mean()),
+                "val_accuracy": validation_accuracy(run.folder), "forwards": data["forwards"],
+                "steps": training_steps(run.weights_from or run.folder)}  # fmt: skip
         for metric in METRICS:
             row |= {metric: intervals[metric]["estimate"], f"{metric}_low": intervals[metric]["low"],
                     f"{metric}_high": intervals[metric]["high"]}  # fmt: skip
@@ -117,6 +141,10 @@ def summaries(study, rows: list[dict], pairs: dict, also: dict[str, dict] | None
         found[experiment] = {"runs": len(done)} | {
             metric: t_interval([row[metric] for row in done]) for metric in (*METRICS, "coverage") if done
         }
+        for extra in ("val_accuracy", "steps", "forwards"):  # what the choice rests on, and what each run cost
+            values = [row[extra] for row in done if row.get(extra) is not None]
+            if values:
+                found[experiment][extra] = t_interval(values)
         if experiment in pairs:
             found[experiment]["accuracy_difference"] = accuracy_differences(pairs)[experiment]
         found[experiment]["accuracy_difference_against"] = {
@@ -131,6 +159,9 @@ def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
     header = [
         "model",
         "runs",
+        "validation accuracy",
+        "steps",
+        "forwards / image",
         "accuracy",
         "F1 (macro)",
         "AUROC",
@@ -141,12 +172,16 @@ def table(study, summary: dict, pairs: dict, rows: list[dict]) -> str:
         "McNemar p / DeLong p per run",
     ]
     lines = [f"# Study {study.name}", "", f"Cells: mean ± sd [95 % t-interval] over {over}; accuracy and F1 in %; "
+             "validation accuracy: the `validate` stage on the whole validation split (choose on it, never on test); "
+             "steps: the training's optimizer steps; forwards: denoiser inputs per test image; "
              f"differences paired by run. "
              "Per-run bootstrap intervals (the test set's variance) are in study.csv. Images a model refused as out "
              "of distribution count with the class it leads with; `answered` is the share it did not refuse.", "",
              "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]  # fmt: skip
     for experiment, numbers in summary.items():
         cells = [experiment, str(numbers["runs"])]
+        cells.append(format_cell(numbers["val_accuracy"], "accuracy") if "val_accuracy" in numbers else "-")
+        cells += [f"{numbers[key]['mean']:.0f}" if key in numbers else "-" for key in ("steps", "forwards")]
         cells += [format_cell(numbers[metric], metric) if metric in numbers else "-" for metric in METRICS]
         cells.append(f"{100 * numbers['coverage']['mean']:.1f} %" if "coverage" in numbers else "-")
         difference = numbers.get("accuracy_difference")
@@ -190,8 +225,11 @@ def write_report(folder: Path, study, markdown: str, figure: Path | None) -> Pat
 def summarize(study) -> dict:
     """Writes study.csv, study.json, study.md and report.html under runs/<study>/ and prints the table."""
     folder = study.root / study.name
-    folder.mkdir(parents=True, exist_ok=True)
     rows, outputs = run_rows(study)
+    if not outputs:
+        logs = ", ".join(row["log"] for row in rows if "log" in row)
+        raise ValueError(f"no run of study {study.name} has finished, so no study page was written; see {logs}")
+    folder.mkdir(parents=True, exist_ok=True)
     pairs = paired_runs(study, outputs)
     also = {name: paired_runs(study, outputs, name) for name in study.also_against}
     summary = summaries(study, rows, pairs, also)

@@ -117,13 +117,13 @@ class DiffusionClassifierBase(ClassifierModule):
     def classify(self, batch: dict, settings: ClassifierSettings, x: Tensor | None = None) -> dict[str, Tensor]:
         """Per-image outputs for a batch (see voting.summarize), plus forwards, errors, id, label, path.
         The (eps, t) pairs are keyed by each image's content (diffusion.noise.image_keys), not its row id.
-        With several test-time views (settings.views), each view of the image is classified with pairs of its
-        own and the errors of all views are voted together, view after view along the steps."""
-        keys = image_keys(batch["image"])
+        With several test-time views (settings.views), each view of the image is classified as an image of its own
+        (its pixels' keys, the view's seed) and the errors of all views are voted together, view after view."""
         runs, times = [], []
         for index, view in enumerate(settings.views):
-            view_settings = settings.view_settings(index)
-            view_x = x if x is not None and view == "identity" else self.encode(VIEWS[view](batch["image"]))
+            view_settings, images = settings.view_settings(index), VIEWS[view](batch["image"])
+            keys = image_keys(images)  # a view's pairs: keyed by its own pixels and drawn with its own seed
+            view_x = x if x is not None and view == "identity" else self.encode(images)
             try:
                 runs.append(
                     classify_images(

@@ -76,7 +76,14 @@ def read_config(folder: Path) -> dict:
             f"{folder} is not a complete exported model: {', '.join(missing)} missing (export it again with "
             "python -m tools.export RUN_OR_CKPT OUT/)"
         )
-    config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    try:
+        config = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise PretrainedFolderError(
+            f"{folder / CONFIG_FILE} is not valid YAML{where}: export the model again"
+        ) from None
     if not isinstance(config, dict) or "model" not in config or "weights" not in config:
         raise PretrainedFolderError(f"{folder / CONFIG_FILE} has no `model` and `weights` entries: not an export")
     card = card_header(folder / CARD_FILE)

@@ -3,6 +3,7 @@ version a resumed run continues), and whether the folders can be written and hol
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -70,3 +71,39 @@ def checkpoint_bytes(model, saves_checkpoints: bool) -> int:
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return CHECKPOINT_PARAMETER_COPIES * trained + CHECKPOINT_FROZEN_COPIES * frozen if saves_checkpoints else 0
+
+
+DATA_FILE = "data.json"  # the data a run folder's training run learned from
+DATA_IDENTITY_OPTIONS = ("root", "csv", "flag", "kind")  # what names a data set (not how it is loaded)
+
+
+def data_identity(datamodule) -> dict:
+    """What a training run learned from: the datamodule's class, its classes, and the options that name the data
+    (folder, table, MedMNIST flag, synthetic kind); loader settings (batch size, workers) are left out."""
+    identity = {"datamodule": type(datamodule).__name__, "class_names": list(datamodule.class_names)}
+    for name in DATA_IDENTITY_OPTIONS:
+        value = getattr(datamodule, name, None)
+        if value is not None:
+            is_path = name in ("root", "csv") and Path(str(value)).exists()
+            identity[name] = str(Path(value).resolve()) if is_path else str(value)
+    return identity
+
+
+def check_same_data(default_root_dir: str | None, identity: dict) -> None:
+    """A fit into a run folder that already holds a run of other data is refused (its checkpoints, --ckpt_path last
+    and its test results would mix two data sets); otherwise the folder records this run's data in data.json."""
+    folder = Path(run_root(default_root_dir))
+    recorded_file = folder / DATA_FILE
+    if recorded_file.is_file():
+        recorded = json.loads(recorded_file.read_text())
+        if recorded != identity:
+            differ = [key for key in sorted({*recorded, *identity}) if recorded.get(key) != identity.get(key)]
+            changes = "; ".join(f"{key}: {recorded.get(key)!r} there, {identity.get(key)!r} now" for key in differ)
+            example = identity.get("kind") or Path(identity.get("root") or "my_data").name
+            raise RunFolderError(
+                f"the run folder {folder} holds a run of other data ({changes}): give this run a folder of its own "
+                f"with --trainer.default_root_dir, e.g. runs/{example}"
+            )
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded_file.write_text(json.dumps(identity, indent=2) + "\n")

@@ -15,6 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import yaml
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEBUG_VARIABLE = "DIFFCLS_DEBUG"
 # The kinds of exception the suite's own checks raise for a person's mistake; raised elsewhere they are bugs.
@@ -26,6 +28,9 @@ def guarded(work, command: str = "python cli.py ...") -> int:
     its traceback. The suite's tools run their work through it too."""
     try:
         return work()
+    except KeyboardInterrupt:  # Ctrl-C: stopped on request, not a bug
+        print("interrupted (Ctrl-C): stopped; files written so far are kept", file=sys.stderr)
+        return 130
     except Exception as error:
         message = user_facing_message(error)
         if message is None or os.environ.get(DEBUG_VARIABLE):
@@ -77,9 +82,34 @@ UNKNOWN_UNDER_CLASS = re.compile(
 )
 UNKNOWN_AT_TOP = re.compile(r"nrecognized arguments: --(?P<option>[\w.]+)")
 SECTION = re.compile(r'Parser key "(?P<section>[\w.]+)"')
+# ... and deeper: a nested key on the command line, or a group of a config file that does not take an option
+NESTED_ARGUMENT = re.compile(r"NestedArg\(key='(?P<key>[\w.]+)'")
+GROUP_OPTION = re.compile(r"Group '(?P<group>[\w.]+)' does not accept option '(?P<option>\w+)'")
+INNER_CLASS = re.compile(r"class_path='(?P<class_path>[\w.]+)'")
 
 
-def unknown_option_message(message: str, class_options, top_options: list[str]) -> str | None:
+def nested_option_message(message: str, class_options, section_classes) -> str | None:
+    """The message for a mistyped option below a class's first level (`model.init_args.classification.num_step`,
+    `model.init_args.network.init_args.layers_per_blok`), on the command line or in a config file; None otherwise.
+    section_classes(section): the class paths that section may hold, for the candidates when jsonargparse does not
+    name the class."""
+    section, nested, group = SECTION.search(message), NESTED_ARGUMENT.search(message), GROUP_OPTION.search(message)
+    if not section or not (nested or group):
+        return None
+    bad = nested["key"] if nested else f"{group['group']}.{group['option']}"
+    head, _, _ = bad.rpartition(".init_args.")
+    inner = INNER_CLASS.search(message)
+    if head and inner:  # an option of a class inside the class (the model's network)
+        candidates = [f"{head}.init_args.{name}" for name in class_options(inner["class_path"])]
+    else:
+        candidates = [name for class_path in section_classes(section["section"]) for name in class_options(class_path)]
+    close = difflib.get_close_matches(bad, list(dict.fromkeys(candidates)), n=3, cutoff=0.6)
+    prefix = f"--{section['section']}.init_args."
+    hint = f"; did you mean {' or '.join(prefix + name for name in close)}?" if close else ""
+    return f"unknown option {prefix}{bad}{hint} (--help lists them all)"
+
+
+def unknown_option_message(message: str, class_options, top_options: list[str], section_classes=None) -> str | None:
     """ "unknown option --data.init_args.bach_size; did you mean --data.init_args.batch_size?" for jsonargparse's
     message of a mistyped option, or None for any other message. class_options(class_path): the option names of
     that class (nested settings as `classification.num_steps`); top_options: the subcommand's own option names."""
@@ -89,6 +119,8 @@ def unknown_option_message(message: str, class_options, top_options: list[str]) 
         prefix = f"{section['section']}.init_args." if section else ""
         bad = under["option"] or under["argument"] or under["key"]
         where, candidates = f" (options of {under['class_path']})", class_options(under["class_path"])
+    elif section_classes is not None and (nested := nested_option_message(message, class_options, section_classes)):
+        return nested
     elif top := UNKNOWN_AT_TOP.search(message):
         prefix, bad, where, candidates = "", top["option"], "", top_options
     else:
@@ -97,3 +129,34 @@ def unknown_option_message(message: str, class_options, top_options: list[str]) 
     close = close or [name for name in candidates if name.startswith(bad.split(".")[0] + ".")][:3]
     hint = f"; did you mean {' or '.join('--' + prefix + name for name in close)}?" if close else ""
     return f"unknown option --{prefix}{bad}{where}{hint} (--help lists them all)"
+
+
+def given_config_files(given: list[str]) -> list[Path]:
+    """The files of --config options on the command line, in their order."""
+    files = [value.split("=", 1)[1] for value in given if value.startswith("--config=")]
+    files += [given[i + 1] for i, value in enumerate(given[:-1]) if value == "--config"]
+    return [Path(file) for file in files if Path(file).is_file()]
+
+
+def config_file_holding(message: str, given: list[str]) -> str:
+    """ " (in FILE)" when the mistyped option of `message` was written in a config file, not on the command line."""
+    option = re.search(r"unknown option --(?P<option>[\w.]+)", message)
+    if option is None or any(value.startswith(f"--{option['option']}") for value in given):
+        return ""
+    leaf = option["option"].rsplit(".", 1)[-1]
+    files = [
+        file for file in given_config_files(given) if re.search(rf"^\s*{re.escape(leaf)}\s*:", file.read_text(), re.M)
+    ]
+    return f" (in {files[-1]})" if files else ""
+
+
+def broken_config_message(given: list[str]) -> str | None:
+    """A config file that is not YAML, named with the line and column; None when every one parses."""
+    for file in given_config_files(given):
+        try:
+            yaml.safe_load(file.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+            return f"config file {file}:{where} not valid YAML ({getattr(error, 'problem', None) or error})"
+    return None

@@ -24,6 +24,15 @@ def load_weights_file(path: str | Path, mmap: bool = True) -> dict:
     """torch.load(weights_only=True) of a checkpoint or weights file, refusing unsafe or foreign files by name.
     mmap: map the tensors instead of reading them (the metadata of a 12 GB checkpoint costs nothing)."""
     path = Path(path)
+    if path.is_dir():
+        hint = (
+            "it holds no config.yaml, so it is no export either (tools.export writes one)"
+            if not (path / "config.yaml").is_file()
+            else "an exported model is read from its folder by cli.py and tools.classify"
+        )
+        checkpoints = sorted(path.glob("checkpoints/*.ckpt")) or sorted(path.glob("*.ckpt"))
+        found = f"; it holds {checkpoints[-1]}" if checkpoints else ""
+        raise UnreadableWeightsError(f"{path} is a folder, not a checkpoint file: {hint}{found}")
     if not path.is_file():
         raise UnreadableWeightsError(f"checkpoint {path} does not exist")
     try:

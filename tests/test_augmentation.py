@@ -1,5 +1,6 @@
 """The baselines' training augmentations (paper Appendix B.2): parameters, shapes, identity at
-evaluation, per-image randomness, and each augmentation applied at its probability."""
+evaluation, per-image randomness, and each augmentation applied at its probability; the diffusion
+classifiers' own (flips and a small affine motion, off by default) against torch's flips, rolls and rot90."""
 
 import math
 
@@ -7,7 +8,13 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
-from datamodules.augmentation import BatchAugmentation, evaluation_augmentation, training_augmentation
+from datamodules.augmentation import (
+    BatchAugmentation,
+    DiffusionAugmentation,
+    affine,
+    evaluation_augmentation,
+    training_augmentation,
+)
 
 DRAWS = 2000
 
@@ -134,3 +141,50 @@ def test_intensity_jitter_is_off_by_default_and_scales_brightness_and_contrast_w
     # brightness factor b in [0.7, 1.3] on 0.5 (contrast keeps a flat image flat): 0.35..0.65 in [0, 1]
     assert means.min() >= 2 * 0.35 - 1 - 1e-5 and means.max() <= 2 * 0.65 - 1 + 1e-5
     assert means.std() > 0.05  # it does change the brightness
+
+
+# ---- the diffusion classifiers' augmentation (DiffusionAugmentation, affine) ------------------------------------
+
+
+def test_diffusion_augmentation_is_off_by_default_and_flips_each_image_on_its_own_draw():
+    images = torch.stack([marker_image() + 0.01 * i for i in range(DRAWS)])
+    assert DiffusionAugmentation()(images) is images  # the paper's recipe: the images as they are
+    out = DiffusionAugmentation(hflip_p=0.5)(images)
+    flipped = (out == images.flip(-1)).flatten(1).all(dim=1)
+    kept = (out == images).flatten(1).all(dim=1)
+    assert bool((flipped ^ kept).all())  # each image exactly itself or its mirror image
+    assert within_binomial_bounds(int(flipped.sum()), DRAWS, 0.5)
+    assert torch.equal(DiffusionAugmentation(hflip_p=1.0)(images), images.flip(-1))
+
+
+def test_affine_turns_a_quarter_turn_into_rot90_and_a_one_pixel_shift_into_a_roll():
+    images = torch.randn(2, 3, 8, 8)
+    quarter = affine(images, torch.tensor([90.0, 90.0]), torch.ones(2), torch.zeros(2, 2))
+    torch.testing.assert_close(quarter, torch.rot90(images, k=-1, dims=(-2, -1)), atol=1e-5, rtol=0)
+    right = affine(images, torch.zeros(2), torch.ones(2), torch.tensor([[1 / 8, 0.0], [0.0, 1 / 8]]))
+    torch.testing.assert_close(right[0, :, :, 1:], images[0, :, :, :-1], atol=1e-5, rtol=0)  # one pixel right
+    torch.testing.assert_close(right[1, :, 1:, :], images[1, :, :-1, :], atol=1e-5, rtol=0)  # one pixel down
+    torch.testing.assert_close(right[0, :, :, 0], images[0, :, :, 0], atol=1e-5, rtol=0)  # reflected, no black fill
+    still = affine(images, torch.zeros(2), torch.ones(2), torch.zeros(2, 2))
+    torch.testing.assert_close(still, images, atol=1e-5, rtol=0)
+
+
+def test_diffusion_augmentation_draws_each_images_motion_within_its_bounds(monkeypatch):
+    seen = {}
+
+    def recording_affine(images, degrees, zoom, shift):
+        seen.update(degrees=degrees, zoom=zoom, shift=shift)
+        return images
+
+    monkeypatch.setattr("datamodules.augmentation.affine", recording_affine)
+    DiffusionAugmentation(degrees=10, translate=0.05, scale=0.1)(torch.zeros(DRAWS, 1, 4, 4))
+    assert seen["degrees"].abs().max() <= 10 and seen["degrees"].abs().max() > 9.9
+    assert (seen["zoom"] - 1).abs().max() <= 0.1 and seen["shift"].abs().max() <= 0.05
+    assert len(seen["degrees"].unique()) == DRAWS  # each image its own draw
+    assert abs(float(seen["degrees"].mean())) < 0.5  # centred: sd 10 / sqrt(3) / sqrt(2000) = 0.13
+
+
+@pytest.mark.parametrize("bad", [{"hflip_p": 1.5}, {"degrees": -1}, {"scale": 1.0}])
+def test_diffusion_augmentation_refuses_impossible_settings(bad):
+    with pytest.raises(ValueError, match=f"augmentation.{next(iter(bad))}"):
+        DiffusionAugmentation(**bad)

@@ -1,6 +1,7 @@
 """The DiffusionClassifier through the real CLI: fit, test, resume, EMA, links from the data."""
 
 import csv
+import dataclasses
 import functools
 import json
 
@@ -149,3 +150,42 @@ def test_a_tiny_model_learns_the_synthetic_task(calibrated_test):
     for the refusal tests: that changes no metric checked here.)"""
     metrics = json.loads((calibrated_test / "metrics.json").read_text())
     assert metrics["n_images"] == 100 and metrics["accuracy"] >= 0.8 and metrics["auroc"] >= 0.85
+
+
+class TrainingRecorder(DiffusionClassifier):
+    """Records each training batch as the data gave it, and the model inputs and times its loss was given."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.seen = getattr(self, "seen", []) + [{"image": batch["image"].clone()}]
+
+    def diffusion_loss(self, x, labels, t, eps, dropout):
+        self.seen[-1] |= {"x": x.detach().clone(), "t": t.detach().clone()}
+        return super().diffusion_loss(x, labels, t, eps, dropout)
+
+
+def test_training_applies_the_augmentation_and_draws_t_from_the_training_band(tmp_path):
+    recorder = tmp_path / "recorder.yaml"
+    recorder.write_text("model:\n  class_path: tests.test_diffusion_classifier.TrainingRecorder\n")
+    options = ["--model.init_args.augmentation.hflip_p=1.0", "--model.init_args.train_t_range=[0.3, 0.4]"]
+    cli = main(["fit", *tiny_args(tmp_path, f"--config={recorder}", "--trainer.max_steps=2", *options)])
+    seen = cli.model.seen
+    assert len(seen) == 2
+    for step in seen:  # every image mirrored (p = 1) before the wavelet; every t in the band (share 1)
+        torch.testing.assert_close(step["x"], cli.model.encode(step["image"].flip(-1)))
+        assert bool(((step["t"] >= 0.3) & (step["t"] <= 0.4)).all())
+
+
+def test_test_time_views_vote_the_flipped_images_own_pairs_after_the_images(tmp_path):
+    cli = main(["fit", *tiny_args(tmp_path, "--trainer.max_steps=1")])
+    model = cli.model.eval()
+    batch = next(iter(cli.datamodule.test_dataloader()))
+    both = dataclasses.replace(model.classification, views=("identity", "hflip"))
+    with torch.no_grad():
+        together = model.classify(batch, both)
+        alone = model.classify(batch, both.view_settings(0))
+        # the second view: the mirrored images classified as images of their own, with the second view's seed
+        as_images = dataclasses.replace(both.view_settings(1), views=("identity",))
+        mirrored = model.classify(batch | {"image": batch["image"].flip(-1)}, as_images)
+    torch.testing.assert_close(together["errors"], torch.cat([alone["errors"], mirrored["errors"]], dim=2))
+    assert torch.equal(together["forwards"], 2 * alone["forwards"])
+    assert torch.equal(together["votes"], alone["votes"] + mirrored["votes"])

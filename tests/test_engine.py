@@ -260,3 +260,59 @@ def test_t_range_maps_each_pairs_own_time_onto_the_range():
     assert restricted.min() >= 0.25 and restricted.max() < 0.75
     with pytest.raises(ValueError, match=r"t_range=\[0.5, 0.5\]"):
         ClassifierSettings(t_range=(0.5, 0.5))
+
+
+def hand_errors(denoiser, x, ids, num_classes, num_steps, per_value):
+    """Second code path for the vote's error options: the loops of reference_errors with the eps-space error
+    written out, eps_hat = sigma * z + alpha * v_hat, reduced by `per_value` (eps_hat - eps) -> one number."""
+    out = torch.empty(len(x), num_classes, num_steps)
+    for i in range(len(x)):
+        t, eps = shared_noise(ids[i : i + 1], range(num_steps), tuple(x.shape[1:]), seed=0)
+        for k in range(num_steps):
+            alpha, sigma = (s.view(1, 1, 1, 1) for s in SCHEDULE.alpha_sigma(t[0, k : k + 1]))
+            z = alpha * x[i : i + 1] + sigma * eps[0, k : k + 1]
+            for c in range(num_classes):
+                v_hat = denoiser(z, t[0, k : k + 1], torch.tensor([c]))
+                out[i, c, k] = per_value((sigma * z + alpha * v_hat - eps[0, k : k + 1])[0])
+    return out
+
+
+@pytest.mark.parametrize(
+    "options, per_value",
+    [
+        ({"error_norm": "l1"}, lambda d: d.abs().mean()),
+        ({"band_weights": (1.0, 0.0, 0.0, 0.0)}, lambda d: d[0].pow(2).mean()),  # the LL band alone
+        # LL three times each detail band: (3 m_LL + m_LH + m_HL + m_HH) / 6, m the band's mean squared error
+        (
+            {"band_weights": (3.0, 1.0, 1.0, 1.0)},
+            lambda d: (3 * d[0].pow(2).mean() + d[1:].pow(2).mean((1, 2)).sum()) / 6,
+        ),
+        ({"band_weights": (2.0, 2.0, 2.0, 2.0)}, lambda d: d.pow(2).mean()),  # equal weights: the paper's error
+    ],
+)
+def test_the_votes_error_options_match_the_error_written_out(options, per_value):
+    denoiser = ToyDenoiser(num_classes=2, channels=4)  # one image channel's four Haar bands (LL, LH, HL, HH)
+    x, ids = torch.randn(2, 4, 8, 8), torch.tensor([3, 4])
+    with torch.no_grad():
+        expected = hand_errors(denoiser, x, ids, 2, 4, per_value)
+    settings = ClassifierSettings(num_steps=4, max_forward_batch=6, **options)
+    got = classify_images(denoiser, x, ids, 2, SCHEDULE, settings)["errors"]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_band_weights_need_four_bands_of_wavelet_channels():
+    with pytest.raises(ValueError, match="band_weights"):
+        ClassifierSettings(band_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="needs Haar wavelet input"):
+        settings = ClassifierSettings(num_steps=2, band_weights=(1.0, 1.0, 1.0, 1.0))
+        classify_images(ToyDenoiser(2, 3), torch.randn(1, 3, 8, 8), torch.tensor([0]), 2, SCHEDULE, settings)
+
+
+def test_each_view_has_pairs_of_its_own_and_several_views_refuse_early_exit():
+    settings = ClassifierSettings(num_steps=5, views=("identity", "hflip"))
+    first, second = settings.view_settings(0), settings.view_settings(1)
+    assert first.views == ("identity",) and second.views == ("hflip",) and first.seed != second.seed
+    with pytest.raises(ValueError, match="views"):
+        ClassifierSettings(views=("identity", "rot180"))
+    with pytest.raises(ValueError, match="early_exit: none"):
+        ClassifierSettings(views=("identity", "hflip"), early_exit="exact")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.loss import drop_labels, min_snr_weight, weighted_v_loss
+from diffusion.loss import drop_labels, min_snr_weight, training_times, weighted_v_loss
 from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 
@@ -62,3 +62,17 @@ def test_label_dropout_rate_and_null_label():
     kept = dropped != 3
     assert torch.equal(dropped[kept], labels[kept])
     assert drop_labels(labels, null_label=3, p=0.0) is labels
+
+
+def test_training_times_draw_a_share_of_the_batch_from_the_band_and_the_rest_from_all_of_t():
+    generator = torch.Generator().manual_seed(0)
+    n = 20000
+    everywhere = training_times(n, generator=generator)  # the paper's: uniform on [0, 1]
+    assert 0.49 < float((everywhere < 0.5).float().mean()) < 0.51
+    banded = training_times(n, (0.2, 0.6), share=1.0, generator=generator)
+    assert banded.min() >= 0.2 and banded.max() <= 0.6
+    assert abs(float(banded.mean()) - 0.4) < 0.005  # uniform inside the band
+    mixed = training_times(n, (0.2, 0.6), share=0.5, generator=generator)
+    outside = float(((mixed < 0.2) | (mixed > 0.6)).float().mean())
+    # half from the band, half uniform on [0, 1] of which 60 % falls outside the band: 0.5 * 0.6 = 0.3 outside
+    assert abs(outside - 0.3) < 0.015

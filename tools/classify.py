@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
 def classify(args: argparse.Namespace, extra: list[str]) -> int:
     """The intake (every file a row or a reason; before the model loads), then the CLI's test or predict."""
     args.output = args.output or Path("runs/classified") / args.source[0].stem
-    check_output_folder(args.output)
+    check_output_folder(args.output, args.source)
+    check_pass_through(extra)
     intake = take_in(args.source, None, args.keep_duplicates)
     check_intake(intake, args.strict)
     config, hyperparameters = model_config(args.checkpoint)
@@ -103,12 +104,41 @@ def classify(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def check_output_folder(output: Path) -> None:
-    """--output must be a folder or not exist yet, and no file may stand where one of its parents would be."""
+TRAINING_RUN_MARKS = ("checkpoints", "data.json")  # what `cli.py fit` leaves in a run folder
+DROPPING_OPTIONS = ("--trainer.limit_predict_batches", "--trainer.limit_test_batches")
+
+
+def check_output_folder(output: Path, sources: list[Path]) -> None:
+    """--output must be a folder or not exist yet, no file may stand where one of its parents would be, it may not
+    be a training run's folder (its summary and tables would then read this classification as the run's test), and
+    it may not lie in a source folder (a second run would classify the first one's outputs as images)."""
     for path in (output, *output.parents):
         if path.exists() and not path.is_dir():
             what = "is a file" if path == output else f"lies below the file {path}"
             raise DataError(f"--output {output} {what}: give a folder for the results")
+    marks = [mark for mark in TRAINING_RUN_MARKS if (output / mark).exists()]
+    if marks:
+        raise DataError(
+            f"--output {output} holds a training run ({output / marks[0]}): classifications are written beside runs, "
+            f"never into one; give another folder, e.g. --output runs/classified/{sources[0].stem or 'images'}"
+        )
+    resolved = output.resolve()
+    for source in sources:
+        if source.is_dir() and (resolved == source.resolve() or source.resolve() in resolved.parents):
+            raise DataError(
+                f"--output {output} lies in the source folder {source}: its files would be read as images next time; "
+                "give a folder outside the images"
+            )
+
+
+def check_pass_through(extra: list[str]) -> None:
+    """Options after `--` may not drop images: every file is a row of predictions.csv or of skipped.csv."""
+    for option in extra:
+        if option.split("=", 1)[0] in DROPPING_OPTIONS:
+            raise DataError(
+                f"{option.split('=', 1)[0]} after -- would leave images unclassified and unlisted: tools.classify "
+                "classifies every image it takes in (give fewer images instead)"
+            )
 
 
 def model_config(source: Path) -> tuple[str, dict]:

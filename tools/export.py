@@ -91,7 +91,24 @@ def run_metrics(checkpoint_path: Path) -> tuple[dict | None, str | None]:
     return None, None
 
 
-def export(run_or_checkpoint, output) -> Path:
+def check_export_folder(output: Path, overwrite: bool) -> None:
+    """The export goes to a new or empty folder, or replaces an earlier export (its model.safetensors); a folder of
+    other files (a user's README.md, config.yaml) is refused unless --overwrite says to replace them."""
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{output} is a file: give a folder for the export")
+    if overwrite or not output.is_dir() or (output / WEIGHTS_FILE).is_file():
+        return
+    present = sorted(path.name for path in output.iterdir())
+    if present:
+        shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
+        raise ValueError(
+            f"{output} holds files that are not an export ({shown}): export into a new folder, or pass --overwrite "
+            "to replace them"
+        )
+
+
+def export(run_or_checkpoint, output, overwrite: bool = False) -> Path:
+    check_export_folder(Path(output), overwrite)
     checkpoint_path = checkpoint_of(Path(run_or_checkpoint))
     checkpoint = load_weights_file(checkpoint_path)
     if not checkpoint.get("hyper_parameters"):
@@ -124,12 +141,15 @@ def main(argv: list[str] | None = None) -> int:
         "output",
         nargs="?",
         default=None,
-        help=f"the folder to write (created; files in it are replaced); default <run>/{EXPORT_DIR}",
+        help=f"the folder to write (created; an earlier export in it is replaced); default <run>/{EXPORT_DIR}",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="write into a folder that holds other files, replacing same names"
     )
     args = parser.parse_args(argv)
     try:
         output = args.output or checkpoint_of(Path(args.run_or_checkpoint)).resolve().parent.parent / EXPORT_DIR
-        export(args.run_or_checkpoint, output)
+        export(args.run_or_checkpoint, output, args.overwrite)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -28,7 +28,9 @@ reference) and report.html (a forest plot of the differences).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import io
 import json
 import shlex
 import subprocess
@@ -38,8 +40,10 @@ from pathlib import Path
 
 import yaml
 
+from cli import main as cli_main
+from cli import quiet_library_noise
 from evaluation.studies import summarize
-from lightning_modules.user_errors import tool_main
+from lightning_modules.user_errors import tool_main, user_facing_message
 from tools.side_by_side import kept_checkpoint
 from tools.slurm import REPO_ROOT
 
@@ -123,27 +127,61 @@ def unknown_keys(found, allowed, where: str) -> None:
             raise StudyError(f"{where}: unknown key {key!r}{hint}; the keys are {', '.join(allowed)}")
 
 
+def read_study_file(path: Path) -> dict:
+    """The study file's YAML as a mapping; a syntax error names the file and the line."""
+    if not path.is_file():
+        raise StudyError(f"study file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise StudyError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', None) or error})") from None
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise StudyError(f"{path}: a study file is a mapping of {', '.join(STUDY_KEYS)}; got a {type(spec).__name__}")
+    return spec
+
+
 def load_study(path: str | Path) -> Study:
     """The study file, checked before anything runs: keys (with the nearest valid one for a typo), config files,
-    seeds, folds, the reference."""
+    the name (a folder under root), distinct seeds, folds, the experiments and their overrides, the reference."""
     path = Path(path)
-    if not path.is_file():
-        raise StudyError(f"study file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_study_file(path)
     unknown_keys(spec, STUDY_KEYS, str(path))
     for key in ("name", "seeds", "experiments"):
         if not spec.get(key):
             raise StudyError(f"{path}: `{key}` is missing or empty")
-    if not all(isinstance(seed, int) for seed in spec["seeds"]):
-        raise StudyError(f"{path}: seeds must be a list of integers, got {spec['seeds']!r}")
+    name = spec["name"]
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise StudyError(
+            f"{path}: name {name!r} must be a plain folder name (no '/', no '..'): runs go to <root>/<name>"
+        )
+    seeds = spec["seeds"]
+    if not isinstance(seeds, list) or not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise StudyError(f"{path}: seeds must be a list of integers, got {seeds!r}")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise StudyError(f"{path}: seeds {repeated} are listed twice: two runs would share one folder")
     folds = spec.get("folds")
     if folds is not None and (not isinstance(folds, int) or folds < 2):
         raise StudyError(f"{path}: folds must be an integer >= 2 (or left out for the data's own split), got {folds!r}")
+    if not isinstance(spec["experiments"], dict):
+        raise StudyError(f"{path}: experiments must be a mapping of names to {{config, overrides}}, "
+                         f"got a {type(spec['experiments']).__name__}")  # fmt: skip
     for name, experiment in spec["experiments"].items():
+        if not isinstance(experiment, dict):
+            raise StudyError(f"{path}: experiment {name!r} must be a mapping with `config` (and `overrides`), "
+                             f"got {experiment!r}")  # fmt: skip
         unknown_keys(experiment, EXPERIMENT_KEYS, f"{path}: experiment {name!r}")
         config = experiment.get("config")
-        if not config or not (REPO_ROOT / config).is_file() and not Path(config).is_file():
+        if not isinstance(config, str) or not (REPO_ROOT / config).is_file() and not Path(config).is_file():
             raise StudyError(f"{path}: experiment {name!r}: config {config!r} does not exist")
+        overrides = experiment.get("overrides") or []
+        if not isinstance(overrides, list) or not all(isinstance(option, str) for option in overrides):
+            raise StudyError(f"{path}: experiment {name!r}: overrides must be a list of options such as "
+                             f"[--trainer.max_steps=100], got {overrides!r}")  # fmt: skip
     check_weights_from(path, spec["experiments"])
     reference = spec.get("reference") or next(iter(spec["experiments"]))
     also_against = spec.get("also_against") or []
@@ -167,6 +205,37 @@ def check_weights_from(path: Path, experiments: dict) -> None:
                 f"{path}: experiment {name!r}: weights_from {source!r} must name an experiment listed before it that "
                 f"trains its own weights (one of {[n for n in names[:position] if not experiments[n].get(key)]})"
             )
+
+
+def check_commands(path: Path, study: Study) -> None:
+    """Every experiment's command line, parsed by the real parser (cli.py's) before anything starts: a mistyped
+    option is named with the nearest valid one; and its data folder must exist (a study of absent data would start
+    every run and fail in every log)."""
+    firsts = {}
+    for run in study.runs():
+        firsts.setdefault(run.experiment, run)
+    for run in firsts.values():
+        config = parsed_config(path, run)
+        root = ((config.get("data") or {}).get("init_args") or {}).get("root")
+        if root is not None and not (REPO_ROOT / root).is_dir():
+            raise StudyError(f"{path}: experiment {run.experiment!r}: data root {root!r} is not a folder "
+                             f"(from {run.config} and its overrides)")  # fmt: skip
+
+
+def parsed_config(path: Path, run: Run) -> dict:
+    """The run's first stage command as cli.py parses it (`--print_config`: nothing is built or run)."""
+    printed = io.StringIO()
+    try:
+        quiet_library_noise()
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+            cli_main([run.stages[0], *run.options(), "--print_config"], exit_on_error=False)
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise StudyError(f"{path}: experiment {run.experiment!r}: its command line does not parse") from None
+    except Exception as error:  # noqa: BLE001  (a person's mistake in the options: one line)
+        message = user_facing_message(error) or f"{type(error).__name__}: {error}"
+        raise StudyError(f"{path}: experiment {run.experiment!r}: {message}") from None
+    return yaml.safe_load(printed.getvalue()) or {}
 
 
 def run_one(run: Run, python: str = sys.executable) -> bool:
@@ -249,10 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         study = load_study(args.study)
+        if not args.summarize:
+            check_commands(args.study, study)
         if args.slurm:
             print(slurm_array(args.study, study, args.time, args.partition, args.cpus, args.gpus), end="")
             return 0
         failed = [] if args.summarize else run_study(study, args.only)
+        if not args.no_summary and not any(run.done() for run in study.runs()):
+            logs = ", ".join(str(run.folder / LOG_FILE) for run in study.runs() if (run.folder / LOG_FILE).is_file())
+            raise StudyError(f"no run of study {study.name} has finished, so no study page was written"
+                             + (f"; see {logs}" if logs else ": run it without --summarize first"))  # fmt: skip
         if not args.no_summary:
             summarize(study)
     except StudyError as error:
