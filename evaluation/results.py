@@ -90,7 +90,8 @@ def gather_unique(outputs: dict, trainer) -> dict:
 def write_metrics(directory: str | Path, metrics: dict) -> Path:
     path = Path(directory) / METRICS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")  # NaN is no JSON: test_metrics nulls it
+    metrics = with_undefined_explained(metrics)  # NaN and infinity are no JSON: null, each with its reason
+    path.write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -140,15 +141,19 @@ def test_metrics(outputs: dict, num_classes: int, settings=None) -> dict:
     return with_undefined_explained(metrics, labels)
 
 
-def with_undefined_explained(metrics: dict, labels: Tensor) -> dict:
-    """NaN metrics (at any depth) become null, so metrics.json stays JSON, each with its reason under `undefined`."""
-    one_class = labels.unique().numel() < 2
-    reason = (
-        f"the labels hold one class ({int(labels[0])}): a ranking metric needs both"
-        if one_class
-        else "not defined for these images"
-    )
-    undefined = {}
+def with_undefined_explained(metrics: dict, labels: Tensor | None = None) -> dict:
+    """Non-finite numbers (at any depth) become null, so metrics.json stays JSON, each with its reason under
+    `undefined` (kept where an earlier call gave one): NaN of a ranking metric on labels of one class, or the
+    infinity a calibrated threshold takes when its rule passes every image or none."""
+    one_class = labels is not None and labels.unique().numel() < 2
+    undefined = dict(metrics.get("undefined") or {})
+
+    def reason(value: float) -> str:
+        if math.isnan(value):
+            if one_class:
+                return f"the labels hold one class ({int(labels[0])}): a ranking metric needs both"
+            return "not defined for these images"
+        return f"{'+' if value > 0 else '-'}infinity (a threshold that no score passes, or every one)"
 
     def nulled(value, name: str):
         if isinstance(value, dict):
@@ -156,11 +161,11 @@ def with_undefined_explained(metrics: dict, labels: Tensor) -> dict:
         if isinstance(value, list):
             return [nulled(item, name) for item in value]
         if isinstance(value, float) and not math.isfinite(value):
-            undefined[name] = reason
+            undefined.setdefault(name, reason(value))
             return None
         return value
 
-    metrics = nulled(metrics, "")
+    metrics = nulled({key: value for key, value in metrics.items() if key != "undefined"}, "")
     return metrics | ({"undefined": undefined} if undefined else {})
 
 

@@ -127,3 +127,18 @@ def test_images_far_smaller_than_the_input_are_counted_and_warned_about(tmp_path
     data = ImagesDataModule(str(tmp_path / "images"), CLASSES, 32)
     with pytest.warns(UserWarning, match=r"1 image\(s\) are far smaller than image_size=32 .*dot.png \(1x1\)"):
         data.setup("predict")
+
+
+def test_a_labelled_set_of_one_class_writes_json_with_the_reason_for_an_undefined_auroc(checkpoints, tmp_path):
+    """Issue 40, point 12: AUROC of one class used to be a bare NaN in metrics.json and a silently dropped row in
+    the report. It is null, with its reason under `undefined`, and the report shows the reason."""
+    files = image_folder(tmp_path / "images")
+    table = tmp_path / "list.csv"
+    table.write_text("path,label\n" + "".join(f"{f},{CLASSES[0]}\n" for f in files))
+    assert classify.main([str(checkpoints["unet"]), str(table), "--output", str(tmp_path / "out")]) == 0
+    (version,) = (tmp_path / "out" / "tensorboard").glob("version_*")
+    text = (version / "metrics.json").read_text()
+    metrics = json.loads(text, parse_constant=lambda name: pytest.fail(f"metrics.json holds {name}"))
+    assert metrics["auroc"] is None and "one class" in metrics["undefined"]["auroc"]
+    report = (version / "report.html").read_text()
+    assert "undefined" in report and "one class" in report
