@@ -159,3 +159,26 @@ def test_pneumoniamnist_config_trains_on_the_real_file(tmp_path):
     assert cli.trainer.global_step == 1
     assert (cli.model.hparams.image_size, cli.model.hparams.class_names) == (32, ["normal", "pneumonia"])
     assert (cli.model.network.in_channels, cli.model.network.sample_size) == (12, 16)
+
+
+# ---- the recipe study's defaults and the paper's recipe one config away (issue 38) ---------------------------
+PAPER_RECIPE = "configs/base/paper_recipe.yaml"
+
+
+@pytest.mark.parametrize("config", ["demo", "unet_pneumoniamnist", "unet_chexpert", "dit_isic"])
+def test_the_papers_recipe_is_one_config_away(config):
+    """configs/base/paper_recipe.yaml after any diffusion config gives back the paper's recipe for every lever of the
+    recipe study: no augmentation, t uniform on [0, 1] in training and in the vote, one view, L2 on every band."""
+    from dataclasses import asdict
+
+    from datamodules.augmentation import DiffusionAugmentation
+    from diffusion.engine import ClassifierSettings
+    from tools.experiments import resolved_config
+
+    back = resolved_config(ROOT / "configs" / f"{config}.yaml", f"--config={ROOT / PAPER_RECIPE}")["model"]["init_args"]
+    assert back["augmentation"] == asdict(DiffusionAugmentation())
+    assert back["train_t_range"] == [0.0, 1.0] and back["train_t_share"] == 1.0
+    paper = ClassifierSettings()
+    classification = back["classification"]
+    assert classification["t_range"] == list(paper.t_range) and classification["views"] == list(paper.views)
+    assert classification["error_norm"] == paper.error_norm and classification["band_weights"] is None
