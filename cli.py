@@ -216,10 +216,10 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
 
     # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
     def before_fit(self) -> None:
+        self.check_run_folders(min_free_bytes=self.min_free_bytes())
         if self.trainer.is_global_zero:  # before anything is written into the folder (hparams, splits.csv)
             check_same_data(self.trainer.default_root_dir, data_identity(self.datamodule))
         self.split_global_batch(accumulate=True)
-        self.check_run_folders(min_free_bytes=self.min_free_bytes())
         checkpoint = self.check_checkpoint("fit")
         if checkpoint and self.uses_default_logger and not self.subcommand_option("new_log_version"):
             self.continue_logging_of(checkpoint)
