@@ -185,3 +185,31 @@ def test_the_other_tools_say_a_wrong_path_in_one_line(tool, tmp_path, capsys, mo
     assert guarded(lambda: module.main([wrong]), f"python -m tools.{tool} ...") == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[0].startswith("error: ") and wrong in error[0] and not any("Traceback" in line for line in error)
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [
+        ("scan.gif", lambda path: Image.new("L", (16, 16), 128).save(path, format="GIF")),
+        ("images.zip", lambda path: path.write_bytes(b"PK\x03\x04" + bytes(60))),
+        ("scan_without_suffix", lambda path: Image.new("L", (16, 16), 128).save(path, format="PNG")),
+        ("notes.txt", lambda path: path.write_text("path\na.png\n")),
+    ],
+)
+def test_one_file_that_is_no_csv_is_never_read_as_a_table(tmp_path, name, write):
+    """Issue 40, points 10 and 11: a GIF, a ZIP, a PNG without a suffix or a text file as the only source used to be
+    read as a CSV (a UnicodeDecodeError, or a table of nonsense). Only a .csv is a table; any other file is one image
+    to classify or one skipped file with its reason."""
+    path = tmp_path / name
+    write(path)
+    intake = take_in(path)
+    assert not intake.labelled
+    accounted = intake.paths + [skipped for skipped, _ in intake.skipped]
+    assert accounted == [str(path)]
+
+
+def test_a_csv_beside_other_sources_is_refused_in_one_line(tmp_path):
+    (tmp_path / "list.csv").write_text("path\na.png\n")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DataError, match="list.csv is a CSV of images .* among 2 sources"):
+        take_in([tmp_path / "list.csv", tmp_path / "images"])

@@ -142,3 +142,16 @@ def test_a_labelled_set_of_one_class_writes_json_with_the_reason_for_an_undefine
     assert metrics["auroc"] is None and "one class" in metrics["undefined"]["auroc"]
     report = (version / "report.html").read_text()
     assert "undefined" in report and "one class" in report
+
+
+def test_ctrl_c_in_the_first_seconds_of_a_classify_is_one_line(checkpoints, tmp_path, monkeypatch, capsys):
+    """Issue 40, point 11: Ctrl-C while the intake reads the files used to end in a traceback."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(classify, "take_in", interrupted)
+    image_folder(tmp_path / "images")
+    assert classify.main([str(checkpoints["unet"]), str(tmp_path / "images"), "--output", str(tmp_path / "o")]) == 130
+    error = capsys.readouterr().err
+    assert error.startswith("interrupted (Ctrl-C)") and "Traceback" not in error
