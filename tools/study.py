@@ -9,20 +9,24 @@ number of folds, and the reference model the others are compared with:
 
     name: pneumonia                  # runs/<name>/<experiment>/seed<k>[/fold<j>]
     reference: resnet18
+    also_against: [unet]             # optional: more columns of paired differences, against these experiments
     seeds: [0, 1, 2]
     folds: 5                         # optional: patient-level k-fold (data.init_args.num_folds / fold)
     experiments:
       unet:     {config: configs/unet_pneumoniamnist.yaml, overrides: [--trainer.max_time=00:00:04:00]}
       resnet18: {config: configs/resnet18_pneumoniamnist.yaml}
+      unet_l1:  {config: configs/unet_pneumoniamnist.yaml, weights_from: unet,   # a test-time arm: no training
+                 overrides: [--model.init_args.classification.error_norm=l1]}
 
 Every run is an ordinary run folder (TensorBoard, `make results` and `tools.classify` work on it): `fit`, then
 `validate` (the calibration), then `test` (both with the checkpoint the config keeps: the best on validation where
 it monitors a metric, as tools/side_by_side.py), each as `python cli.py ...` with its output in the run's `study.log`.
-A finished run (its `study_run.json`) is skipped; a killed one resumes from its `last.ckpt`; a failed one is listed
-as failed with its log, never left as a hole. The runs go one after another here, or as a SLURM job array
-(`--slurm`: one task a run, `--only` picks it; the cluster does the parallel part). evaluation/studies.py turns the
-finished runs into study.csv, study.json, study.md (Table 1 with mean +- sd [95 % CI] and differences against the
-reference) and report.html (a forest plot of the differences).
+Before anything runs, every experiment's command line goes through cli.py's own parser (a mistyped option is named
+with the nearest valid one) and its data folder must exist. A finished run (its `study_run.json`) is skipped; a
+killed one resumes from its `last.ckpt`; a failed one is listed as failed with its log, never left as a hole. The
+runs go one after another here, or as a SLURM job array (`--slurm`: one task a run, `--only` picks it; the cluster
+does the parallel part). evaluation/studies.py turns the finished runs into study.csv, study.json, study.md (Table 1
+with mean +- sd [95 % CI] and differences against the reference) and report.html (a forest plot of the differences).
 """
 
 from __future__ import annotations
