@@ -136,6 +136,7 @@ def summaries(study, rows: list[dict], pairs: dict, also: dict[str, dict] | None
     (and, under `accuracy_difference_against`, to each experiment of the study's `also_against`)."""
     found = {}
     against = {name: accuracy_differences(other) for name, other in (also or {}).items()}
+    to_reference = accuracy_differences(pairs)
     for experiment in study.experiments:
         done = [row for row in rows if row["experiment"] == experiment and row["status"] == "done"]
         found[experiment] = {"runs": len(done)} | {
@@ -146,7 +147,7 @@ def summaries(study, rows: list[dict], pairs: dict, also: dict[str, dict] | None
             if values:
                 found[experiment][extra] = t_interval(values)
         if experiment in pairs:
-            found[experiment]["accuracy_difference"] = accuracy_differences(pairs)[experiment]
+            found[experiment]["accuracy_difference"] = to_reference[experiment]
         found[experiment]["accuracy_difference_against"] = {
             name: differences[experiment] for name, differences in against.items() if experiment in differences
         }

@@ -27,6 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from evaluation.binding import short, weights_digest
+from lightning_modules.user_errors import yaml_error_place
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
@@ -79,8 +80,7 @@ def read_config(folder: Path) -> dict:
     try:
         config = yaml.safe_load((folder / CONFIG_FILE).read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        where = f" ({yaml_error_place(error)})" if yaml_error_place(error) else ""
         raise PretrainedFolderError(
             f"{folder / CONFIG_FILE} is not valid YAML{where}: export the model again"
         ) from None

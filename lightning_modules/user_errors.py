@@ -150,13 +150,18 @@ def config_file_holding(message: str, given: list[str]) -> str:
     return f" (in {files[-1]})" if files else ""
 
 
+def yaml_error_place(error: Exception) -> str:
+    """ "line 3, column 1" of a YAML parse error, or "" where the parser gives no position."""
+    mark = getattr(error, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+
 def broken_config_message(given: list[str]) -> str | None:
     """A config file that is not YAML, named with the line and column; None when every one parses."""
     for file in given_config_files(given):
         try:
             yaml.safe_load(file.read_text())
         except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
-            where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+            where = f" {yaml_error_place(error)}:" if yaml_error_place(error) else ""
             return f"config file {file}:{where} not valid YAML ({getattr(error, 'problem', None) or error})"
     return None

@@ -47,7 +47,7 @@ import yaml
 from cli import main as cli_main
 from cli import quiet_library_noise
 from evaluation.studies import summarize
-from lightning_modules.user_errors import tool_main, user_facing_message
+from lightning_modules.user_errors import tool_main, user_facing_message, yaml_error_place
 from tools.side_by_side import kept_checkpoint
 from tools.slurm import REPO_ROOT
 
@@ -138,8 +138,7 @@ def read_study_file(path: Path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        where = f"{yaml_error_place(error)}: " if yaml_error_place(error) else ""
         raise StudyError(f"{path}: {where}not valid YAML ({getattr(error, 'problem', None) or error})") from None
     if spec is None:
         return {}
