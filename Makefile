@@ -3,7 +3,7 @@ PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: help install lint demo test test-all bench bench-data ood-bench shift-bench results tensorboard clean
+.PHONY: help install lint demo test test-all bench gpu-check bench-data ood-bench shift-bench results tensorboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,9 +36,13 @@ test: lint  ## ruff, then the test suite without tests marked slow (<9 min on 2 
 test-all: lint  ## ruff, then every test, the slow ones too
 	$(PYTHON) -m pytest -q $(PYTEST_WORKERS)
 
-bench: install  ## classification speed and early-exit numbers on the demo model (needs make demo; ~10 min on CPU)
+bench: install  ## classification speed, and forwards against agreement with N = 501 for the demo (and PneumoniaMNIST) model (~20 min on CPU)
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
 	$(PYTHON) -m tools.benchmark
+	$(PYTHON) -m tools.exit_curve runs/demo/checkpoints/last.ckpt --output-dir runs/demo/exit_curve
+	@if test -f runs/unet_pneumoniamnist/checkpoints/last.ckpt; then \
+		$(PYTHON) -m tools.exit_curve runs/unet_pneumoniamnist/checkpoints/last.ckpt --output-dir runs/unet_pneumoniamnist/exit_curve; \
+	else echo "no PneumoniaMNIST model: python cli.py fit --config configs/unet_pneumoniamnist.yaml, then make bench, to measure it too"; fi
 
 ood-bench: install  ## out-of-distribution refusal of the demo UNet and a ResNet-18 on shifted sets (~15 min on CPU)
 	@test -f runs/demo/checkpoints/last.ckpt || $(MAKE) demo
@@ -52,6 +56,9 @@ shift-bench: install  ## does refusal see a second hospital? site shifts of Pneu
 	$(PYTHON) -m tools.shift_benchmark runs/unet_pneumoniamnist/checkpoints/last.ckpt \
 		--baseline runs/resnet18_pneumoniamnist/checkpoints/last.ckpt --markdown shift_benchmark.md --cache runs/shift_benchmark_cache
 
+gpu-check: install  ## on a GPU: paper UNet and DiT-B/4, bf16, N = 501, exit off/on: s/image, memory, FLOPs -> gpu_check.json
+	$(PYTHON) -m tools.gpu_check $(GPU_CHECK_ARGS)
+
 bench-data: install  ## images/s from the uint8 memmap cache vs JPEG decoding at 256x256
 	$(PYTHON) -m tools.bench_data
 
@@ -62,7 +69,7 @@ tensorboard:  ## watch the runs under runs/
 	$(PYTHON) -m tensorboard.main --logdir runs
 
 clean:  ## remove runs and caches
-	rm -rf runs .pytest_cache bench.json ood_benchmark.json ood_benchmark.md shift_benchmark.json shift_benchmark.md
+	rm -rf runs .pytest_cache bench.json gpu_check.json ood_benchmark.json ood_benchmark.md shift_benchmark.json shift_benchmark.md
 
 # make slurm-job CONFIG=configs/unet_chexpert.yaml NODES=2 GPUS=4 [TIME= PARTITION= ACCOUNT= CPUS= MEM= EXTRA="..."] > job.sbatch
 NODES ?= 1

@@ -50,3 +50,12 @@ def training_times(
         return t
     in_band = torch.rand(n, device=device, generator=generator) < share
     return torch.where(in_band, low + (high - low) * t, t)
+
+
+def discriminative_loss(errors: Tensor, labels: Tensor, tau: float) -> Tensor:
+    """Cross-entropy of softmax(-e / tau) across classes (Li, Kumar & Pathak 2025's discriminative fine-tune),
+    with e each class's reconstruction error relative to the image's mean over classes (detached): errors (B, C)
+    of one shared (eps, t) per image, so tau is a share of the error (0.02: a 2 % gap is one logit) whatever the
+    error's scale at that t."""
+    relative = errors / errors.mean(dim=1, keepdim=True).detach()
+    return torch.nn.functional.cross_entropy(-relative / tau, labels)

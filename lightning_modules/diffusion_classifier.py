@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from datamodules.augmentation import DiffusionAugmentation
+from diffusion.engine import channel_weights, reconstruction_error
 from diffusion.explain import samples_from_noise
-from diffusion.loss import drop_labels, training_times, weighted_v_loss
+from diffusion.loss import discriminative_loss, drop_labels, training_times, weighted_v_loss
 from diffusion.parameterization import diffuse, v_target
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from diffusion.wavelet import GreyscaleTransform, HaarWavelet, IdentityTransform
@@ -66,6 +67,15 @@ class DiffusionClassifier(DiffusionClassifierBase):
         train_t_range: the band of t that a share of each training batch is drawn from (the paper: [0, 1],
             uniform); e.g. the band whose votes decide on validation (tools/vote_bands.py measures it).
         train_t_share: the share of training images whose t comes from train_t_range; the others' from [0, 1].
+        discriminative_weight: opt-in discriminative fine-tune (0: off, the paper): from step discriminative_after
+            on, add this weight times the cross-entropy of softmax(-errors / tau) across classes
+            (diffusion.loss.discriminative_loss), the errors of discriminative_images images of the batch under
+            every class with one shared (eps, t) each, t from classification.t_range, in the vote's error space and
+            norm. It trains what the vote reads; it may also bring back the shortcuts that generative training
+            avoids (Li, Kumar & Pathak 2025): measure it on shifted sets too (make shift-bench).
+        discriminative_tau: temperature on the relative error (0.02: a 2 % gap between classes is one logit).
+        discriminative_after: generative training steps before the fine-tune's loss is added.
+        discriminative_images: images of each batch whose class errors enter it (C forwards each, with gradients).
         **kwargs: every diffusion classifier's options (classification, val_steps, save_errors,
             explain, explanation); see DiffusionClassifierBase.
     """
@@ -89,6 +99,10 @@ class DiffusionClassifier(DiffusionClassifierBase):
         augmentation: DiffusionAugmentation = DiffusionAugmentation(),
         train_t_range: tuple[float, float] = (0.0, 1.0),
         train_t_share: float = 1.0,
+        discriminative_weight: float = 0.0,
+        discriminative_tau: float = 0.02,
+        discriminative_after: int = 0,
+        discriminative_images: int = 16,
         **kwargs,
     ):
         super().__init__(num_classes, class_names, **kwargs)
@@ -97,6 +111,12 @@ class DiffusionClassifier(DiffusionClassifierBase):
             raise ValueError(
                 f"train_t_range={list(train_t_range)} must be [low, high] with 0 <= low < high <= 1, and "
                 f"train_t_share={train_t_share} in [0, 1]"
+            )
+        if min(discriminative_weight, discriminative_after) < 0 or discriminative_tau <= 0 or discriminative_images < 1:
+            raise ValueError(
+                f"discriminative_weight={discriminative_weight} must be >= 0, discriminative_tau={discriminative_tau} "
+                f"> 0, discriminative_after={discriminative_after} >= 0 and discriminative_images="
+                f"{discriminative_images} >= 1"
             )
         if self.classification.band_weights is not None and not wavelet:
             raise ValueError("classification.band_weights weighs Haar bands: it needs wavelet: true")
@@ -135,7 +155,31 @@ class DiffusionClassifier(DiffusionClassifierBase):
         t = training_times(x.shape[0], self.hparams.train_t_range, self.hparams.train_t_share, self.device)
         loss = self.diffusion_loss(x, batch["label"], t, torch.randn_like(x), self.hparams.label_dropout)
         self.log("train/loss", loss, prog_bar=True)
+        if self.hparams.discriminative_weight > 0 and self.global_step >= self.hparams.discriminative_after:
+            few = slice(0, self.hparams.discriminative_images)
+            errors = self.class_errors(x[few])
+            fine_tune = discriminative_loss(errors, batch["label"][few], self.hparams.discriminative_tau)
+            self.log("train/discriminative_loss", fine_tune)
+            loss = loss + self.hparams.discriminative_weight * fine_tune
         return loss
+
+    def class_errors(self, x: Tensor) -> Tensor:
+        """(B, C) errors of model inputs x under every class, one shared (eps, t) per image, t uniform on
+        classification.t_range, in the vote's error space and norm (with gradients: the fine-tune's input)."""
+        settings, classes = self.classification, self.hparams.num_classes
+        low, high = settings.t_range
+        t = low + (high - low) * torch.rand(len(x), device=x.device)
+        eps = torch.randn_like(x)
+        alpha, sigma = (broadcast_like(value, x) for value in self.schedule.alpha_sigma(t))
+        z = diffuse(x, eps, alpha, sigma)
+        labels = torch.arange(classes, device=x.device).repeat(len(x))
+        v_hat = self.network(z.repeat_interleave(classes, dim=0), t.repeat_interleave(classes), labels)
+        grouped = lambda value: value.unsqueeze(1)  # noqa: E731
+        return reconstruction_error(
+            v_hat.view(len(x), classes, *x.shape[1:]), grouped(z), grouped(x), grouped(eps), grouped(alpha),
+            grouped(sigma), settings.error_space, settings.error_norm,
+            channel_weights(settings.band_weights, x.shape[1], x.device),
+        )  # fmt: skip
 
     # ---- monitoring during fit -------------------------------------------------------------
     def validation_step(self, batch: dict, batch_idx: int) -> None:

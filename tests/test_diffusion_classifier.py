@@ -189,3 +189,26 @@ def test_test_time_views_vote_the_flipped_images_own_pairs_after_the_images(tmp_
     torch.testing.assert_close(together["errors"], torch.cat([alone["errors"], mirrored["errors"]], dim=2))
     assert torch.equal(together["forwards"], 2 * alone["forwards"])
     assert torch.equal(together["votes"], alone["votes"] + mirrored["votes"])
+
+
+def test_the_discriminative_fine_tune_starts_at_its_step_and_reads_the_errors_the_vote_reads(tmp_path):
+    cli = main(["fit", *runs.tiny_args(tmp_path / "off", "--trainer.max_steps=2")])
+    assert "train/discriminative_loss" not in cli.trainer.callback_metrics  # off by default: the paper
+    on = ["--model.init_args.discriminative_weight=1.0", "--model.init_args.discriminative_after=1",
+          "--model.init_args.discriminative_images=4"]  # fmt: skip
+    cli = main(["fit", *runs.tiny_args(tmp_path / "on", "--trainer.max_steps=2", *on)])
+    assert float(cli.trainer.callback_metrics["train/discriminative_loss"]) > 0
+    model = cli.model.eval()
+    x = model.encode(next(iter(cli.datamodule.test_dataloader()))["image"][:3])
+    torch.manual_seed(5)
+    errors = model.class_errors(x)
+    torch.manual_seed(5)  # the same (t, eps) drawn again, the errors written out: eps_hat = sigma z + alpha v_hat
+    low, high = model.classification.t_range
+    t = low + (high - low) * torch.rand(3)
+    eps = torch.randn_like(x)
+    alpha, sigma = (value.view(-1, 1, 1, 1) for value in model.schedule.alpha_sigma(t))
+    z = alpha * x + sigma * eps
+    for label in range(2):
+        v_hat = model.network(z, t, torch.full((3,), label))
+        by_hand = (sigma * z + alpha * v_hat - eps).pow(2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(errors[:, label], by_hand, rtol=1e-4, atol=1e-6)

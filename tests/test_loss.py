@@ -1,8 +1,10 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from diffusion.loss import drop_labels, min_snr_weight, training_times, weighted_v_loss
+from diffusion.loss import discriminative_loss, drop_labels, min_snr_weight, training_times, weighted_v_loss
 from diffusion.parameterization import diffuse, eps_from_v, v_target, x_from_v
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 
@@ -76,3 +78,17 @@ def test_training_times_draw_a_share_of_the_batch_from_the_band_and_the_rest_fro
     outside = float(((mixed < 0.2) | (mixed > 0.6)).float().mean())
     # half from the band, half uniform on [0, 1] of which 60 % falls outside the band: 0.5 * 0.6 = 0.3 outside
     assert abs(outside - 0.3) < 0.015
+
+
+def test_the_discriminative_loss_is_the_cross_entropy_of_the_relative_errors_by_hand():
+    errors, tau = torch.tensor([[0.10, 0.12], [0.30, 0.27]], dtype=torch.float64), 0.02
+    labels = torch.tensor([0, 0])
+    expected = []
+    for right, wrong in errors.tolist():  # label 0 each: logits -e / mean(e) / tau
+        mean = (right + wrong) / 2
+        logits = (-right / mean / tau, -wrong / mean / tau)
+        expected.append(-logits[0] + math.log(math.exp(logits[0]) + math.exp(logits[1])))
+    loss = discriminative_loss(errors, labels, tau)
+    assert float(loss) == pytest.approx(sum(expected) / 2, rel=1e-12)
+    # relative errors: the error's scale at a given t does not change it
+    assert float(discriminative_loss(10 * errors, labels, tau)) == pytest.approx(float(loss), rel=1e-12)

@@ -56,18 +56,8 @@ def band_table(errors: torch.Tensor, times: torch.Tensor, labels: torch.Tensor, 
     return rows
 
 
-def measure(checkpoint: str, steps: int, bands: int, batch_size: int, overrides: list[str]) -> dict:
-    """The validation split classified with N stratified pairs, every step kept: the overall accuracy and band_table."""
-    cli = load_trained(
-        checkpoint,
-        [f"--model.init_args.classification.num_steps={steps}", "--model.init_args.classification.stratified=true",
-         "--model.init_args.classification.early_exit=none", *overrides],
-    )  # fmt: skip
-    model, data = cli.model.eval(), cli.datamodule
-    if not hasattr(model, "classify"):
-        raise ValueError(f"{checkpoint} is not a diffusion classifier: it has no votes to measure")
-    data.setup("validate")
-    dataset = data.split_dataset("val")
+def split_errors(model, dataset, settings, batch_size: int) -> dict[str, torch.Tensor]:
+    """Every step's errors (B, C, N), t (B, N) and the labels (B,) of a split classified with `settings`."""
     parts = []
     with torch.no_grad():
         for start in range(0, len(dataset), batch_size):
@@ -75,9 +65,30 @@ def measure(checkpoint: str, steps: int, bands: int, batch_size: int, overrides:
             batch = {
                 key: torch.stack([torch.as_tensor(item[key]) for item in items]) for key in ("image", "id", "label")
             }
-            outputs = model.classify(batch, model.classification)
+            outputs = model.classify(batch, settings)
             parts.append({"errors": outputs["errors"], "times": outputs["step_times"], "labels": batch["label"]})
-    errors, times, labels = (torch.cat([part[key] for part in parts]) for key in ("errors", "times", "labels"))
+    return {key: torch.cat([part[key] for part in parts]) for key in ("errors", "times", "labels")}
+
+
+def load_diffusion_classifier(checkpoint: str, overrides: list[str]):
+    """(model, datamodule) of a diffusion classifier's checkpoint with classification `overrides`; a checkpoint
+    of another kind is refused with its path."""
+    cli = load_trained(checkpoint, overrides)
+    if not hasattr(cli.model, "classify"):
+        raise ValueError(f"{checkpoint} is not a diffusion classifier: it has no votes to measure")
+    return cli.model.eval(), cli.datamodule
+
+
+def measure(checkpoint: str, steps: int, bands: int, batch_size: int, overrides: list[str]) -> dict:
+    """The validation split classified with N stratified pairs, every step kept: the overall accuracy and band_table."""
+    model, data = load_diffusion_classifier(
+        checkpoint,
+        [f"--model.init_args.classification.num_steps={steps}", "--model.init_args.classification.stratified=true",
+         "--model.init_args.classification.early_exit=none", *overrides],
+    )  # fmt: skip
+    data.setup("validate")
+    found = split_errors(model, data.split_dataset("val"), model.classification, batch_size)
+    errors, times, labels = found["errors"], found["times"], found["labels"]
     overall = float((first_argmax(vote_counts(errors)) == labels).float().mean())
     return {
         "checkpoint": checkpoint,
