@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import functools
+import inspect
 import json
 
 import pytest
@@ -192,11 +193,10 @@ def test_test_time_views_vote_the_flipped_images_own_pairs_after_the_images(tmp_
 
 
 def test_the_discriminative_fine_tune_starts_at_its_step_and_reads_the_errors_the_vote_reads(tmp_path):
-    cli = main(["fit", *runs.tiny_args(tmp_path / "off", "--trainer.max_steps=2")])
-    assert "train/discriminative_loss" not in cli.trainer.callback_metrics  # off by default: the paper
+    assert inspect.signature(DiffusionClassifier).parameters["discriminative_weight"].default == 0  # off: the paper
     on = ["--model.init_args.discriminative_weight=1.0", "--model.init_args.discriminative_after=1",
           "--model.init_args.discriminative_images=4"]  # fmt: skip
-    cli = main(["fit", *runs.tiny_args(tmp_path / "on", "--trainer.max_steps=2", *on)])
+    cli = main(["fit", *runs.tiny_args(tmp_path, "--trainer.max_steps=2", *on)])
     assert float(cli.trainer.callback_metrics["train/discriminative_loss"]) > 0
     model = cli.model.eval()
     x = model.encode(next(iter(cli.datamodule.test_dataloader()))["image"][:3])

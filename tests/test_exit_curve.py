@@ -60,11 +60,13 @@ def test_the_goal_point_is_the_fewest_forwards_that_keep_agreement_and_accuracy(
 
 
 def test_the_tool_writes_the_curve_for_both_orders_on_both_splits(tiny_checkpoint, tmp_path, one_thread):
-    result = exit_curve.main([str(tiny_checkpoint), "--steps", "20", "--bands", "2", "--output-dir", str(tmp_path)])
+    options = ["--steps", "20", "--bands", "2", "--images", "6", "--output-dir", str(tmp_path)]
+    result = exit_curve.main([str(tiny_checkpoint), *options])
     written = json.loads((tmp_path / "exit_curve.json").read_text())
     assert written == json.loads(json.dumps(result))
     assert (tmp_path / "exit_curve.png").stat().st_size > 0 and "plan" in (tmp_path / "exit_curve.md").read_text()
     for part in written["splits"].values():
+        assert part["images"] == 6  # of the tiny demo's 8 per split, drawn
         for name in exit_curve.ORDERS:
             rows = part["curves"][name]
             assert [row["alpha"] for row in rows] == list(exit_curve.ALPHAS)
