@@ -146,6 +146,7 @@ def test_main_prints_the_script_and_creates_the_run_root(tmp_path, capsys):
     assert (tmp_path / "run").is_dir()  # SLURM opens --output there and does not create folders
 
 
+@pytest.mark.slow  # 27 s: make test-all; test_slurm_cluster runs a rendered job for real
 def test_make_target_and_cli_accept_the_rendered_job(tmp_path):
     config = resolved("baseline_demo")  # no callbacks of its own
     config["trainer"]["default_root_dir"] = str(tmp_path / "run")

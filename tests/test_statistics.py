@@ -97,6 +97,7 @@ def test_stratified_resamples_keep_class_counts_and_seed():
     assert (stratified_indices(labels, 500, seed=8) != indices).any()
 
 
+@pytest.mark.slow  # 12 s of resampling: make test-all
 def test_bootstrap_interval_coverage_of_a_known_accuracy():
     # The true accuracy is p exactly: each image is right with probability p, the class counts fixed.
     rng, p = np.random.default_rng(2024), 0.777
