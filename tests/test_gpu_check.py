@@ -9,22 +9,11 @@ from torch import nn
 
 from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import ShiftedCosineSchedule
-from networks import DiT
 from tools import gpu_check
 
 
 def step_winners(errors: torch.Tensor) -> torch.Tensor:
     return errors.argmin(dim=1)  # (B, N): the class each step votes for
-
-
-def tiny_dit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    network = DiT(2, 12, 16, patch_size=4, hidden_size=64, depth=2, num_heads=2)
-    with torch.no_grad():
-        for parameter in network.parameters():  # the zero-initialised adaLN layers drawn: classes must differ
-            if parameter.ndim > 1 and not parameter.any():
-                parameter.normal_(0.0, 0.02)
-    return network.eval()
 
 
 def compiled_errors(network, x, schedule, backend: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -49,7 +38,10 @@ def networks_under_test():
     unet = gpu_check.build("UNet", gpu_check.DRY_INPUT, gpu_check.DRY_OPTIONS["UNet"])
     x = torch.randn(4, *gpu_check.DRY_INPUT, generator=torch.Generator().manual_seed(0))
     schedule = ShiftedCosineSchedule(gpu_check.DRY_INPUT[-1])
-    return {"UNet": (unet, x, schedule), "DiT": (tiny_dit(), x, schedule)}
+    return {
+        "UNet": (unet, x, schedule),
+        "DiT": (gpu_check.build("DiT-B/4", gpu_check.DRY_INPUT, gpu_check.DRY_OPTIONS["DiT-B/4"]), x, schedule),
+    }
 
 
 @pytest.mark.parametrize("name", ["UNet", "DiT"])
