@@ -1,6 +1,7 @@
 """Shared by every test file: where tests run, how `make test` spreads them over the cores, and the
 expensive trained models and data trees, built once per session (or per pytest-xdist worker)."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,15 +45,25 @@ def repo_root() -> Path:
     return ROOT
 
 
-@pytest.fixture
-def one_thread():
-    """Torch on one thread for the test: tiny models and per-image ops gain nothing from a second one (on
-    a shared 2-core machine OpenMP's waiting threads made a 0.1 s forward take 10 s), and a run in this
-    process then matches the DDP ranks, which get one thread each. The setting is restored afterwards."""
+@contextlib.contextmanager
+def single_thread():
+    """Torch on one thread, restored afterwards: tiny models and per-image ops gain nothing from a second one (on
+    a shared 2-core machine OpenMP's waiting threads made a 0.1 s forward take 10 s), a run in this process then
+    matches the DDP ranks, which get one thread each, and its numbers are the same bits on every worker (a sum
+    split over two threads is added in another order)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """The test on one thread (single_thread)."""
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +81,8 @@ def learned_demo(tmp_path_factory) -> tuple[Path, list[str]]:
         "--data.init_args.num_test=100", "--model.init_args.warmup_steps=20",
         "--model.init_args.explanation.every_n_epochs=0",
     ]  # fmt: skip
-    main(["fit", *args])
+    with single_thread():  # the same weights, bit for bit, whichever worker trains them (test_outputs_unchanged)
+        main(["fit", *args])
     return root, args
 
 
@@ -82,7 +94,9 @@ def calibrated(learned_demo) -> tuple[Path, list[str]]:
     from cli import main
 
     root, args = learned_demo
-    main(["validate", *[arg for arg in args if not arg.startswith("--trainer.limit_val_batches")], "--ckpt_path=last"])
+    with single_thread():
+        main(["validate", *[arg for arg in args if not arg.startswith("--trainer.limit_val_batches")],
+              "--ckpt_path=last"])  # fmt: skip
     return root, args
 
 
@@ -146,4 +160,5 @@ def calibrated_test(calibrated) -> Path:
     from cli import main
 
     root, args = calibrated
-    return Path(main(["test", *args, "--ckpt_path=last"]).trainer.log_dir)
+    with single_thread():
+        return Path(main(["test", *args, "--ckpt_path=last"]).trainer.log_dir)

@@ -11,6 +11,7 @@ SHARED_WORKER = {
     "test_out_of_distribution": "learned_demo",
     "test_report": "learned_demo",
     "test_gpu_path": "learned_demo",
+    "test_outputs_unchanged": "learned_demo",
     "test_stable_diffusion": "stable_diffusion",
     "test_stable_diffusion_runs": "stable_diffusion",
     "test_speed_switches": "test_configs",  # both resolve every experiment config (tests.helpers.configs caches)
