@@ -41,6 +41,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.batch_plan import DEFAULT_BATCH_SIZE, BatchPlan, batch_plan
+from evaluation.binding import state_digest, weights_digest
 from lightning_modules.base import calibrate_on_whole_split
 from lightning_modules.callbacks import (
     LOGGER_VERSION_KEY,
@@ -49,6 +50,7 @@ from lightning_modules.callbacks import (
     RunCheckpoint,
     SlurmRequeue,
 )
+from lightning_modules.callbacks.results_writer import ResultsWriter
 from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
 from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
 from lightning_modules.pretrained import is_pretrained_folder, load_exported
@@ -191,28 +193,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = cli_section(self, self.config_init, "trainer", default={})
         self.uses_default_logger = trainer_config.get("logger") in (None, True)
-        if self.uses_default_logger:
-            kwargs["logger"] = tensorboard_logger(trainer_config.get("default_root_dir"))
-        callbacks = list(trainer_config.get("callbacks") or [])
-        wants_bar = trainer_config.get("enable_progress_bar") is not False
-        if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
-            # Lightning >= 2.6 defaults to the Rich bar, whose redraws flood SLURM log files.
-            callbacks.append(TQDMProgressBar(refresh_rate=10))
-        if not any(isinstance(callback, NonFiniteLoss) for callback in callbacks):
-            callbacks.append(NonFiniteLoss(action="stop"))
-        plugins = list(always_a_list(trainer_config.get("plugins")))
-        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
-            plugins.append(AtomicCheckpointIO())  # a checkpoint killed mid-write leaves the previous one
-        if SLURMEnvironment.detect():
-            # our SlurmRequeue saves and requeues at a batch end; Lightning's handler saves inside the
-            # signal handler, which can hang DDP (Lightning-AI/pytorch-lightning#21406)
-            plugins = [p for p in plugins if not isinstance(p, SLURMEnvironment)] + [
-                SLURMEnvironment(auto_requeue=False)
-            ]
-            if not any(isinstance(callback, SlurmRequeue) for callback in callbacks):
-                callbacks.append(SlurmRequeue())
-        kwargs["callbacks"], kwargs["plugins"] = callbacks, plugins
-        return super().instantiate_trainer(**kwargs)
+        return super().instantiate_trainer(**kwargs | suite_trainer_options(trainer_config))
 
     # ---- checks before each subcommand (LightningCLI calls before_<subcommand>) -------------
     def before_fit(self) -> None:
@@ -236,7 +217,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
     def before_test(self) -> None:
         self.split_global_batch()
         self.check_run_folders()
-        self.check_checkpoint("test")
+        self.add_results_writer(self.check_checkpoint("test"))
         if self.note_under_ddp(TEST_UNDER_DDP):
             # Lightning's advice (test on 1 device) is for metrics that count the padding; ours do not.
             warnings.filterwarnings("ignore", message=LIGHTNING_TEST_SAMPLER_WARNING)
@@ -244,7 +225,22 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
     def before_predict(self) -> None:
         self.split_global_batch()
         self.check_run_folders()
-        self.check_checkpoint("predict")
+        self.add_results_writer(self.check_checkpoint("predict"))
+
+    def add_results_writer(self, checkpoint: str | None) -> None:
+        """test and predict's files: a ResultsWriter told where the weights come from and their digest, so it
+        applies the calibration bound to them (Lightning loads the checkpoint's state_dict into the model next;
+        the digest is of the model's state as it will be then)."""
+        if checkpoint:
+            state = self.model.state_dict()
+            saved = self.checked_checkpoint.get("state_dict") or {}
+            digest = state_digest({name: saved.get(name, tensor) for name, tensor in state.items()})
+        else:  # an exported folder (loaded already), a pretrained Stable Diffusion, or --allow_untrained
+            digest = weights_digest(self.model)
+        exported = self.model.pretrained_folder
+        weights = checkpoint or (str(exported) if exported else getattr(self.model, "pretrained", None))
+        writer = ResultsWriter.for_model(self.model, weights, digest, self.trainer.default_root_dir)
+        self.trainer.callbacks.append(writer)
 
     def subcommand_option(self, key: str):
         return (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(key)
@@ -295,7 +291,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
             return None
         path = resolve_checkpoint_path(self.trainer, stage, given)
         if path:
-            check_checkpoint(path, self.model, self.datamodule)
+            self.checked_checkpoint = check_checkpoint(path, self.model, self.datamodule)
             if stage == "fit":
                 check_weight_averaging(path, self.trainer)
         elif stage != "fit" and not self.subcommand_option("allow_untrained") and not self.model_is_pretrained():
@@ -324,6 +320,32 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         if world_size > 1:
             rank_zero_info(note.format(extra=world_size - 1))
         return world_size > 1
+
+
+def suite_trainer_options(trainer_config: dict) -> dict:
+    """What every run's Trainer gets beside its config's options (instantiated): the TensorBoard logger in
+    `<root>/tensorboard/version_N` unless the config names a logger, a progress bar, NonFiniteLoss,
+    AtomicCheckpointIO, and SlurmRequeue under SLURM. cli.py's runs and tools.classify both build theirs so."""
+    options = {}
+    if trainer_config.get("logger") in (None, True):
+        options["logger"] = tensorboard_logger(trainer_config.get("default_root_dir"))
+    callbacks = list(trainer_config.get("callbacks") or [])
+    wants_bar = trainer_config.get("enable_progress_bar") is not False
+    if wants_bar and not any(isinstance(callback, ProgressBar) for callback in callbacks):
+        # Lightning >= 2.6 defaults to the Rich bar, whose redraws flood SLURM log files.
+        callbacks.append(TQDMProgressBar(refresh_rate=10))
+    if not any(isinstance(callback, NonFiniteLoss) for callback in callbacks):
+        callbacks.append(NonFiniteLoss(action="stop"))
+    plugins = list(always_a_list(trainer_config.get("plugins")))
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())  # a checkpoint killed mid-write leaves the previous one
+    if SLURMEnvironment.detect():
+        # our SlurmRequeue saves and requeues at a batch end; Lightning's handler saves inside the
+        # signal handler, which can hang DDP (Lightning-AI/pytorch-lightning#21406)
+        plugins = [p for p in plugins if not isinstance(p, SLURMEnvironment)] + [SLURMEnvironment(auto_requeue=False)]
+        if not any(isinstance(callback, SlurmRequeue) for callback in callbacks):
+            callbacks.append(SlurmRequeue())
+    return options | {"callbacks": callbacks, "plugins": plugins}
 
 
 class UntrainedModelError(RuntimeError):

@@ -1,5 +1,5 @@
-"""Data: each publisher's table read into images, labels and patient-level splits (table.py, tables.py),
-image files decoded (decoding.py, dicom.py), the loaders every datamodule shares (loaders.py) and its
+"""Data: each publisher's table read into images, labels and patient-level splits (table_datamodule.py,
+table_reading.py), image files decoded (decoding.py, dicom.py), the loaders every datamodule shares (loaders.py) and its
 global batch (batch_plan.py), new images to classify (images.py), the embedded synthetic data, the
 baselines' training augmentations and the corruptions of the out-of-distribution benchmark."""
 

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 
 from datamodules.decoding import DecodedImages, ImageDataset, MaskFiles, warn_small_images
 from datamodules.errors import DataError
-from datamodules.intake import check_intake, take_in
+from datamodules.intake import Intake, check_intake, take_in
 from datamodules.loaders import SplitLoaders, check_image_size
 from datamodules.table_reading import check_mask_files, label_indices
 
@@ -37,7 +37,8 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
 
     Args:
         source: a folder of images, an image file, a list of image files and folders, or a CSV file with a
-            `path` column (and optionally `label` and `mask`).
+            `path` column (and optionally `label` and `mask`); from Python also the `Intake` of one
+            (datamodules.intake.take_in: tools.classify takes the files in once, before the model loads).
         class_names: the trained model's classes, in its order (tools/classify.py takes them from the
             checkpoint); labels of a CSV must be among them.
         image_size: the trained model's input side (from the checkpoint too); every image is resized to it.
@@ -63,9 +64,11 @@ class ImagesDataModule(SplitLoaders, L.LightningDataModule):
             raise DataError(f"data.init_args.class_names={self.class_names}: a classifier has at least two classes")
         if isinstance(source, str) and not Path(source).exists():
             raise DataError(f"data.init_args.source: {source} is neither a folder, an image nor a CSV file")
-        # checked now, before any model loads: every file a row or a reason
-        self.intake = take_in(source, root, keep_duplicates)
-        check_intake(self.intake, strict)
+        if isinstance(source, Intake):
+            self.intake = source  # taken in and checked by the caller
+        else:  # checked now, before any model loads: every file a row or a reason
+            self.intake = take_in(source, root, keep_duplicates)
+            check_intake(self.intake, strict)
         self.paths = np.array(self.intake.paths, dtype=str)
         self.masks = None if self.intake.masks is None else np.array(self.intake.masks, dtype=str)
         check_mask_files(self.masks, self.intake.source)

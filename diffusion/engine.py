@@ -199,6 +199,13 @@ def step_times(ids: Tensor, settings: ClassifierSettings) -> Tensor:
     )
 
 
+def step_profile(errors: Tensor) -> Tensor:
+    """(B, C, N) error matrix -> (B, N): the lowest class's error at each step (a pruned class, +inf,
+    never is; a step early exit skipped stays NaN)."""
+    skipped = errors.isnan().all(dim=1)
+    return errors.nan_to_num(nan=float("inf")).min(dim=1).values.masked_fill(skipped, float("nan"))
+
+
 def segment_errors(
     denoiser: VPredictor,
     x: Tensor,

@@ -26,8 +26,13 @@ DIGEST_PREFIX = "sha256:"
 
 def weights_digest(module: torch.nn.Module) -> str:
     """SHA-256 of every tensor of the module's state_dict, in name order, with its name, dtype and shape."""
+    return state_digest(module.state_dict())
+
+
+def state_digest(state: dict) -> str:
+    """weights_digest of a state_dict (e.g. a module's after a checkpoint's state_dict is loaded into it)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         if not isinstance(tensor, torch.Tensor):
             continue
         tensor = tensor.detach().cpu().contiguous()

@@ -19,7 +19,7 @@ import numpy as np
 import torch.nn.functional as F
 from torch import Tensor
 
-from .records import from_every_rank, image_record
+from .records import from_every_rank
 
 GALLERY_SIZE = 8
 THUMBNAIL_SIDE = 128  # larger images are shrunk to this side; smaller ones kept as they are
@@ -55,19 +55,20 @@ class Gallery:
             found["refused"] = (float(outputs["ood_score"][i]), tie)
         return found
 
-    def add(self, images: Tensor, outputs: dict, rules: dict | None = None) -> None:
-        """A batch's candidates: each card is the image's record (records.image_record) and its thumbnail."""
+    def add(self, images: Tensor, outputs: dict) -> None:
+        """A batch's candidates: each its image id and thumbnail (the card reads the image's record at the end)."""
         for i in range(len(images)):
             for kind, priority in self.priorities(outputs, i).items():
                 heap = self.heaps[kind]
                 if len(heap) == self.size and priority <= heap[0][0]:
                     continue
-                record = image_record(outputs, i, self.class_names, rules) | {"thumbnail": thumbnail(images[i])}
+                record = {"id": int(outputs["id"][i]), "thumbnail": thumbnail(images[i])}
                 item = (priority, next(self.counter), record)
                 (heapq.heapreplace if len(heap) == self.size else heapq.heappush)(heap, item)
 
     def finish(self, trainer) -> dict[str, list[dict]]:
-        """The gallery of all processes, each kind best first. Call on every rank (it gathers)."""
+        """The gallery of all processes, each kind best first ({"id", "thumbnail"} each). Call on every rank (it
+        gathers)."""
         mine = {kind: [(priority, record) for priority, _, record in heap] for kind, heap in self.heaps.items()}
         self.heaps = {kind: [] for kind in KINDS}
         parts = from_every_rank(mine, trainer)

@@ -155,10 +155,3 @@ def ood_score(name: str, outputs: dict, profile: TimeProfile | None = None) -> T
     if name in NEEDS_PROFILE and profile is None:
         raise ValueError(f"the {name} score needs a time profile fitted on reference images")
     return SCORES[name](outputs, profile)
-
-
-def step_profile(errors: Tensor) -> Tensor:
-    """(B, C, N) error matrix -> (B, N): the lowest class's error at each step (a pruned class, +inf,
-    never is; a step early exit skipped stays NaN)."""
-    skipped = errors.isnan().all(dim=1)
-    return errors.nan_to_num(nan=float("inf")).min(dim=1).values.masked_fill(skipped, float("nan"))

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
+from .records import ImageRecord
 from .refusal import conformity_message
 from .set_shift import describe_test, shift_message
 
@@ -167,45 +168,49 @@ def figures(directory: Path) -> list[dict]:
             for file, caption in FIGURES if (directory / file).is_file()]  # fmt: skip
 
 
-def gallery_sections(gallery: dict, class_names: list[str], directory: Path, has_labels: bool) -> list[dict]:
+def gallery_sections(gallery: dict, records: dict[int, ImageRecord], class_names: list[str], directory: Path,
+                     has_labels: bool) -> list[dict]:  # fmt: skip
     titles = {"refused": ("Refused: unlike the training data", "No image was refused."),
               "wrong": ("Wrong, most confident first", "No image was wrong."),
               "uncertain": ("Most uncertain", "No images.")}  # fmt: skip
     sections = []
-    for kind, records in gallery.items():
+    for kind, candidates in gallery.items():
         if kind == "wrong" and not has_labels:
             continue
         title, empty = titles[kind]
-        sections.append({"title": title, "empty": empty,
-                         "cards": [gallery_item(r, class_names, directory) for r in records]})  # fmt: skip
+        cards = [gallery_item(records[item["id"]], item["thumbnail"], class_names, directory) for item in candidates]
+        sections.append({"title": title, "empty": empty, "cards": cards})
     return sections
 
 
-def gallery_item(record: dict, class_names: list[str], directory: Path) -> dict:
-    refused = record.get("out_of_distribution") == "true"
-    tags = ["refused"] * refused
-    tags += ["wrong"] * ("label" in record and not refused and record["label"] != record["prediction"])
-    tags += ["referred"] * (record.get("refer") == "true" and not refused)
-    has_votes = f"votes_{class_names[0]}" in record
-    votes = [record[f"votes_{name}"] if has_votes else f"{float(record[f'prob_{name}']):.3f}" for name in class_names]
-    explanation = directory / EXPLANATIONS_DIR / f"image_{record['id']}.png"
+def gallery_item(record: ImageRecord, thumbnail: np.ndarray, class_names: list[str], directory: Path) -> dict:
+    """An image's card: its thumbnail and the fields of its record, with its explanation where predict wrote one."""
+    tags = ["refused"] * record.refused
+    tags += ["wrong"] * (record.label is not None and not record.refused and record.label != record.prediction)
+    tags += ["referred"] * (record.referred and not record.refused)
+    has_votes = record.votes is not None
+    votes = [str(value) for value in record.votes] if has_votes else [f"{value:.3f}" for value in record.probs]
+    explanation = directory / EXPLANATIONS_DIR / f"image_{record.id}.png"
     return {
-        "id": record["id"],
-        "uri": array_uri(record["thumbnail"]),
-        "name": Path(record["path"]).name if record.get("path") else f"image id {record['id']}",
+        "id": record.id,
+        "uri": array_uri(thumbnail),
+        "name": Path(record.path).name if record.path else f"image id {record.id}",
         "tags": tags,
-        "predicted": record["predicted_class"] or f"no answer (leading class {record['leading_class']})",
-        "label": class_names[record["label"]] if "label" in record else None,
+        "predicted": f"no answer (leading class {class_names[record.leading]})"
+        if record.refused
+        else class_names[record.leading],
+        "label": class_names[record.label] if record.label is not None else None,
         "votes": [{"name": name, "value": value} for name, value in zip(class_names, votes)],
         "votes_name": "votes" if has_votes else "probabilities",
-        "uncertainty": f"entropy {float(record['entropy']):.3f}",
-        "ood": f"out-of-distribution p-value {float(record['ood_pvalue']):.3g}" if "ood_pvalue" in record else None,
+        "uncertainty": f"entropy {record.entropy:.3f}",
+        "ood": f"out-of-distribution p-value {record.ood_pvalue:.3g}" if record.ood_pvalue is not None else None,
         "explanation": data_uri(explanation.read_bytes()) if explanation.is_file() else None,
     }
 
 
-def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gallery: dict, *, class_names: list[str],
-                 calibration: dict | None, description: str, model_card: Path | None = None) -> Path:  # fmt: skip
+def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gallery: dict,
+                 records: dict[int, ImageRecord], *, class_names: list[str], calibration: dict | None,
+                 description: str, model_card: Path | None = None) -> Path:  # fmt: skip
     """Renders report.html into `directory` and returns its path; `model_card`: the card of an export of these
     weights, linked under the title."""
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
@@ -216,7 +221,7 @@ def write_report(directory: Path, stage: str, numbers: dict, outputs: dict, gall
         headlines=headline_cards(numbers) if stage == "test" else prediction_cards(outputs, class_names),
         rules=decision_rules(numbers, outputs, calibration),
         figures=figures(Path(directory)),
-        gallery=gallery_sections(gallery, class_names, directory, "label" in outputs),
+        gallery=gallery_sections(gallery, records, class_names, directory, "label" in outputs),
         has_metrics=stage == "test",
         directory=str(directory),
         model_card={"path": str(model_card), "uri": model_card.resolve().as_uri()} if model_card else None,

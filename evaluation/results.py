@@ -38,7 +38,7 @@ from .figures import (
     plot_uncertainty_boxes,
 )
 from .gallery import Gallery
-from .records import from_every_rank, image_record
+from .records import ImageRecord, from_every_rank, image_records
 from .refusal import conformity_message
 from .report import write_report
 from .set_shift import shift_message
@@ -169,12 +169,12 @@ def with_undefined_explained(metrics: dict, labels: Tensor | None = None) -> dic
     return metrics | ({"undefined": undefined} if undefined else {})
 
 
-def write_predictions(path: str | Path, outputs: dict, class_names: list[str], rules: dict | None = None) -> Path:
-    """predictions.csv: one row per image, sorted by id, the fields of records.image_record (documented there and
-    in the README). The column of a decision rule that is OFF (`rules`, decisions.rule_status) says "off"."""
+def write_predictions(path: str | Path, records: list[ImageRecord], class_names: list[str]) -> Path:
+    """predictions.csv: one row per image, sorted by id, the fields of records.ImageRecord (documented there and
+    in the README). The column of a decision rule that is OFF says "off"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [image_record(outputs, i, class_names, rules) for i in range(len(outputs["id"]))]
+    rows = [record.row(class_names) for record in records]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["id"])
         writer.writeheader()
@@ -212,11 +212,13 @@ class PerImageResults:
         outputs |= apply_calibration(calibration, outputs) if calibration else {}
         self.batches.append(outputs)
         if images is not None:
-            self.gallery.add(images, outputs, rule_status(calibration))
+            self.gallery.add(images, outputs)
 
-    def finish(self, trainer, metrics: bool, settings=None, info: dict | None = None, calibration=None,
-               description: str = "", calibration_note: str | None = None, model_card=None) -> dict:  # fmt: skip
-        """Writes the files; returns metrics.json's content (for predict: the decision blocks only).
+    def finish(self, trainer, directory: Path, metrics: bool, settings=None, info: dict | None = None,
+               calibration=None, description: str = "", calibration_note: str | None = None,
+               model_card=None) -> tuple[dict, list[ImageRecord]]:  # fmt: skip
+        """Writes the files into `directory` (rank 0); returns metrics.json's content (for predict: the decision
+        blocks only) and the images' records (rank 0; empty on the others).
         `settings`: a diffusion classifier's ClassifierSettings; `info`: extra metrics.json entries;
         `calibration`: the run's calibration.json, applied: predictions.csv gets `refer`, the prediction
         sets and the out-of-distribution columns, metrics.json their blocks; `calibration_note`: why there
@@ -230,16 +232,11 @@ class PerImageResults:
             scored = outputs if metrics else {key: value for key, value in outputs.items() if key != "label"}
             numbers |= calibration_metrics(calibration, decisions, scored, self.class_names)
         numbers[RULES_BLOCK] = rule_status(calibration, calibration_note)
-        # trainer.log_dir is a collective (broadcast): asked on rank 0 alone, the ranks fall out of
-        # step (seen: gloo "Connection closed by peer" in the DDP test; NCCL may hang)
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
         if not trainer.is_global_zero or not outputs:
-            return numbers
-        path = write_predictions(directory / PREDICTIONS_FILE, outputs, self.class_names, numbers[RULES_BLOCK])
+            return numbers, []
+        records = image_records(outputs, numbers[RULES_BLOCK])
+        path = write_predictions(directory / PREDICTIONS_FILE, records, self.class_names)
         write_decisions(directory, numbers)
-        intake = getattr(trainer.datamodule, "intake", None)  # new images: the files left out, and why
-        if intake is not None:
-            intake.write_skipped(directory)
         if "errors" in outputs:
             save_errors(directory / ERRORS_FILE, outputs)
         if metrics:
@@ -253,7 +250,7 @@ class PerImageResults:
             plot_ood_scores(block["calibration_scores"], outputs["ood_score"], block["threshold"], block["score"],
                             directory / "ood_scores.png")  # fmt: skip
         report = write_report(
-            directory, "test" if metrics else "predict", numbers, outputs, gallery,
+            directory, "test" if metrics else "predict", numbers, outputs, gallery, {r.id: r for r in records},
             class_names=self.class_names, calibration=calibration, description=description, model_card=model_card,
         )  # fmt: skip
         experiment = getattr(trainer.logger, "experiment", None)
@@ -261,7 +258,7 @@ class PerImageResults:
             experiment.add_text("report", f"open {report.resolve()} in a browser", global_step=trainer.global_step)
         print(f"report: {report}")
         report_decisions(numbers, self.class_names)  # the run's last lines: what was decided, what was OFF
-        return numbers
+        return numbers, records
 
     def write_figures(self, trainer, directory: Path, outputs: dict, numbers: dict) -> None:
         """The test figures as PNG files beside metrics.json (report.html embeds them) and in TensorBoard."""

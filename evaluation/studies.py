@@ -28,7 +28,7 @@ import numpy as np
 from networks.weights import load_weights_file
 
 from .figures import plot_forest
-from .records import NO_ANSWER
+from .records import read_predictions
 from .report import data_uri
 from .results import PREDICTIONS_FILE, newest_metrics
 from .statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
@@ -37,27 +37,19 @@ METRICS = ("accuracy", "macro_f1", "auroc", "ece")
 STUDY_FILES = ("study.csv", "study.json", "study.md", "report.html")
 
 
-def leading_prediction(row: dict, classes: list[str]) -> int:
-    """The row's class index: its answer, or for a refused image (prediction -1) the class the model leads with."""
-    prediction = int(row["prediction"])
-    return classes.index(row["leading_class"]) if prediction == NO_ANSWER else prediction
-
-
 def read_run(folder: Path) -> dict:
     """The newest test of a run folder: labels, class scores, predictions (refused images: their leading class, see
     the module docstring), which images were refused, and row ids, from its predictions.csv."""
     directory = newest_metrics(folder).parent
-    with (directory / PREDICTIONS_FILE).open() as handle:
-        rows = list(csv.DictReader(handle))
-    classes = [key.removeprefix("prob_") for key in rows[0] if key.startswith("prob_")]
+    records, _ = read_predictions(directory / PREDICTIONS_FILE)
     return {
         "directory": str(directory),
-        "ids": np.array([int(row["id"]) for row in rows]),
-        "labels": np.array([int(row["label"]) for row in rows]),
-        "predictions": np.array([leading_prediction(row, classes) for row in rows]),
-        "refused": np.array([int(row["prediction"]) == NO_ANSWER for row in rows]),
-        "probs": np.array([[float(row[f"prob_{c}"]) for c in classes] for row in rows]),
-        "forwards": float(np.mean([float(row["forwards"]) for row in rows])) if "forwards" in rows[0] else None,
+        "ids": np.array([record.id for record in records]),
+        "labels": np.array([record.label for record in records]),
+        "predictions": np.array([record.leading for record in records]),
+        "refused": np.array([record.refused for record in records]),
+        "probs": np.array([record.probs for record in records]),
+        "forwards": None if records[0].forwards is None else float(np.mean([record.forwards for record in records])),
     }
 
 

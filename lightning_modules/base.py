@@ -21,15 +21,13 @@ import json
 from pathlib import Path
 
 import lightning as L
-import yaml
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from evaluation.binding import binding_mismatch, short, weights_digest
+from evaluation.binding import short, weights_digest
 from evaluation.decisions import (
-    OOD_BLOCK,
     CalibrationSettings,
     calibrate,
     calibration_lines,
@@ -38,12 +36,9 @@ from evaluation.decisions import (
 )
 from evaluation.results import concat_outputs, gather_unique
 
-from .callbacks.results_writer import ResultsWriter
-from .pretrained import CARD_FILE, EXPORT_DIR
-from .pretrained import CONFIG_FILE as EXPORTED_CONFIG
+from .run_folders import calibration_file
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
-CALIBRATION_FILE = "calibration.json"
 
 
 class ClassifierModule(L.LightningModule):
@@ -72,7 +67,7 @@ class ClassifierModule(L.LightningModule):
         self.calibration = calibration
         self.validation_rows: list[dict] = []
         self.calibration_rows: list[dict] = []
-        self.calibration_note: str | None = None  # why test / predict run without a calibration
+        self.pretrained_folder: Path | None = None  # an exported folder the weights were loaded from
 
     # ---- what a subclass provides ----------------------------------------------------------
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
@@ -84,9 +79,8 @@ class ClassifierModule(L.LightningModule):
         return {}
 
     def weights_origin(self) -> str | None:
-        """Where the classifying weights come from (metrics.json's `checkpoint`); None: untrained."""
-        folder = getattr(self, "pretrained_folder", None)
-        return self.trainer.ckpt_path or (str(folder) if folder else None)
+        """Where the classifying weights come from (calibration.json's `checkpoint`); None: untrained."""
+        return self.trainer.ckpt_path or (str(self.pretrained_folder) if self.pretrained_folder else None)
 
     @classmethod
     def from_pretrained(cls, folder):
@@ -141,24 +135,6 @@ class ClassifierModule(L.LightningModule):
         self.calibration_rows = []
 
     # ---- calibration ------------------------------------------------------------------------
-    def calibration_file(self) -> Path:
-        """calibration.json of the run whose checkpoint classifies: beside its checkpoints/ folder (so
-        tools/classify.py finds it for new images), whether the checkpoint is named by a relative or absolute
-        path or through a symlink to it; or in default_root_dir."""
-        folder = getattr(self, "pretrained_folder", None)
-        if folder:  # an exported model (lightning_modules/pretrained.py)
-            return Path(folder) / CALIBRATION_FILE
-        checkpoint = self.trainer.ckpt_path
-        if checkpoint:
-            named, resolved = Path(checkpoint), Path(checkpoint).resolve()
-            runs = [path.parent.parent for path in (named, resolved) if path.parent.name == "checkpoints"]
-            for run in runs:
-                if (run / CALIBRATION_FILE).is_file():
-                    return run / CALIBRATION_FILE
-            if runs:
-                return runs[0] / CALIBRATION_FILE
-        return Path(self.trainer.default_root_dir) / CALIBRATION_FILE
-
     def write_calibration(self, outputs: dict) -> None:
         if not outputs:
             return
@@ -171,7 +147,7 @@ class ClassifierModule(L.LightningModule):
         calibration |= {"weights": weights_digest(self), "classification": self.decision_settings(),
                         "checkpoint": self.weights_origin()}  # fmt: skip
         if self.trainer.is_global_zero:
-            file = self.calibration_file()
+            file = calibration_file(self.weights_origin(), bool(self.pretrained_folder), self.trainer.default_root_dir)
             file.parent.mkdir(parents=True, exist_ok=True)
             file.write_text(json.dumps(calibration, indent=2) + "\n")
             rank_zero_info(f"calibrated on {calibration['n_calibration']} validation images (weights "
@@ -197,61 +173,17 @@ class ClassifierModule(L.LightningModule):
                 "validation split; run validate with --trainer.limit_val_batches 1.0"
             )
 
-    def load_calibration(self) -> dict | None:
-        """The run's calibration, if `validate` wrote one for these weights and settings; otherwise None, and a
-        line saying why (also kept in `calibration_note` for metrics.json and the report)."""
-        self.calibration_note = None
-        file = self.calibration_file()
-        if not file.is_file():
-            self.calibration_note = (f"no calibration ({file} does not exist): run `python cli.py validate "
-                                     "... --ckpt_path <the same>` to calibrate them")  # fmt: skip
-            rank_zero_info(self.calibration_note)
-            return None
-        try:
-            calibration = json.loads(file.read_text())
-            mismatch = binding_mismatch(calibration, weights_digest(self), self.decision_settings())
-        except (ValueError, AttributeError) as error:
-            mismatch = f"it cannot be read ({type(error).__name__}: {error})"
-        if mismatch:
-            self.calibration_note = (f"{file} not applied: {mismatch}; run `validate` with these weights and "
-                                     "settings to calibrate them")  # fmt: skip
-            rank_zero_warn(self.calibration_note)
-            return None
-        if OOD_BLOCK not in calibration:
-            rank_zero_warn(f"{file} has no out-of-distribution block (written before refusals existed): referral "
-                           "and prediction sets are applied, but no image is checked for being unlike the "
-                           "training data; run `validate` again to calibrate refusals")  # fmt: skip
-        return calibration
-
-    def model_card(self) -> Path | None:
-        """The model card of an export of exactly these weights: the folder they were loaded from, or the run's
-        `export/` (tools/export.py's default); None when there is none."""
-        folder = getattr(self, "pretrained_folder", None) or self.calibration_file().parent / EXPORT_DIR
-        card, config = Path(folder) / CARD_FILE, Path(folder) / EXPORTED_CONFIG
-        if not (card.is_file() and config.is_file()):
-            return None
-        exported = yaml.safe_load(config.read_text()) or {}
-        return card if exported.get("weights") == weights_digest(self) else None
-
     def ood_score_name(self) -> str:
         """The out-of-distribution score validate calibrates: the configured one, or the model's default."""
         return self.calibration.ood_score or self.ood_scores[0]
 
-    # ---- test and predict: the module classifies, callbacks.ResultsWriter writes ----------------
-    def configure_callbacks(self) -> list:
-        return [ResultsWriter()]
-
+    # ---- test and predict: the module classifies, callbacks.ResultsWriter (configured by cli.py or tools.classify)
+    #      writes ------------------------------------------------------------------------------------------------
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return self.classify_batch(batch)
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         return self.classify_batch(batch)
-
-    def report_description(self) -> str:
-        """The report's subtitle: the model, its weights and how it classifies."""
-        settings = self.results_settings()
-        how = f", N = {settings.num_steps} steps, {settings.rule} rule" if settings is not None else ""
-        return f"{type(self).__name__}{how}; weights: {self.weights_origin() or 'untrained (debugging)'}"
 
 
 def calibrate_on_whole_split(trainer) -> None:

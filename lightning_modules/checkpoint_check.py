@@ -43,13 +43,15 @@ class IncompatibleCheckpoint(ValueError):
     """The checkpoint was trained for another model, task or input; the message says which option differs."""
 
 
-def check_checkpoint(path: str | Path, model, datamodule=None) -> None:
-    """Raise IncompatibleCheckpoint when the checkpoint at `path` does not fit `model`."""
-    checkpoint = load_weights_file(path)
+def check_checkpoint(path: str | Path, model, datamodule=None, checkpoint: dict | None = None) -> dict:
+    """Raise IncompatibleCheckpoint when the checkpoint at `path` does not fit `model`; returns the checkpoint
+    (read here, memory-mapped, unless the caller has read it already: `checkpoint`)."""
+    checkpoint = load_weights_file(path) if checkpoint is None else checkpoint
     saved = checkpoint.get("hyper_parameters") or {}
     _check_class(path, saved.get("_class_path"), type(model))
     _check_hparams(path, saved, dict(model.hparams), datamodule)
     _check_shapes(path, checkpoint.get("state_dict") or {}, model)
+    return checkpoint
 
 
 def _check_class(path, saved_class_path: str | None, model_class: type) -> None:

@@ -23,13 +23,12 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from diffusion.engine import VIEWS, ClassifierSettings, NonFiniteOutputError, classify_images, step_times
+from diffusion.engine import VIEWS, ClassifierSettings, NonFiniteOutputError, classify_images, step_profile, step_times
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import VALIDATION_LOSS_SEED, image_keys, shared_noise
 from diffusion.voting import summarize
 from evaluation.decisions import CalibrationSettings
-from evaluation.explanations import ExplanationOutputs
-from evaluation.ood_scores import DIFFUSION_SCORES, step_profile
+from evaluation.ood_scores import DIFFUSION_SCORES
 
 from .base import ClassifierModule
 
@@ -80,7 +79,6 @@ class DiffusionClassifierBase(ClassifierModule):
             classification, num_steps=max(val_steps, 1), early_exit="none", prune_after=0
         )
         self.explanation = explanation
-        self.explanation_outputs = ExplanationOutputs(self.class_names, explanation)
 
     # ---- what a subclass provides ----------------------------------------------------------
     def encode(self, images: Tensor) -> Tensor:
@@ -171,22 +169,11 @@ class DiffusionClassifierBase(ClassifierModule):
 
     # ---- explanation ----------------------------------------------------------------------
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        """The batch's outputs, with its explanation under `explanation` when `explain` (ResultsWriter writes it)."""
         outputs = super().predict_step(batch, batch_idx)
         if self.hparams.explain:
-            record = self.explain(batch, outputs["prediction"], self.explanation)
-            self.explanation_outputs.add(record, self.output_dir, batch.get("label"))
+            outputs["explanation"] = self.explain(batch, outputs["prediction"], self.explanation)
         return outputs
-
-    def on_predict_epoch_start(self) -> None:
-        super().on_predict_epoch_start()
-        # trainer.log_dir is a collective under DDP (a broadcast from rank 0): ask once, on every
-        # rank, here; ranks can hold different numbers of predict batches
-        self.output_dir = self.trainer.log_dir or self.trainer.default_root_dir
-
-    def on_predict_epoch_end(self) -> None:
-        super().on_predict_epoch_end()
-        if self.hparams.explain:
-            self.explanation_outputs.finish(self.trainer, self.output_dir)
 
     def explain(self, batch: dict, predictions: Tensor, settings: ExplainSettings) -> dict[str, Tensor]:
         """Factual and counterfactual reconstructions of a batch, difference maps, faithfulness numbers;

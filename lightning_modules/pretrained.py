@@ -31,9 +31,7 @@ from lightning_modules.user_errors import yaml_error_place
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
-CALIBRATION_FILE = "calibration.json"
 CARD_FILE = "README.md"
-EXPORT_DIR = "export"  # tools/export.py's default folder inside a run
 REQUIRED = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE)
 FORMAT = 1  # config.yaml's `format`: raised when the folder's layout changes
 

@@ -7,11 +7,15 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.loggers import TensorBoardLogger
 
 LOGGER_NAME = "tensorboard"
+CHECKPOINTS_DIR = "checkpoints"
+CALIBRATION_FILE = "calibration.json"  # validate's decision rules (evaluation/decisions.py)
+EXPORT_DIR = "export"  # tools/export.py's default folder inside a run
 # A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
 # moments) and one of the frozen ones (e.g. Stable Diffusion's VAE and text encoder), and
 # ModelCheckpoint writes the new file before it deletes the old one: room for two.
@@ -107,3 +111,58 @@ def check_same_data(default_root_dir: str | None, identity: dict) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     recorded_file.write_text(json.dumps(identity, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run's folder and the places of what the suite writes in it, named here once:
+
+    <root>/checkpoints/       last.ckpt and the best ones (RunCheckpoint)
+    <root>/calibration.json   what `validate` fitted (decision rules), beside checkpoints/
+    <root>/data.json          the data a training run learned from
+    <root>/export/            tools.export's default folder (model.safetensors, config.yaml, card)
+    <root>/tensorboard/version_N/   a stage's logs and files: predictions.csv, metrics.json, report.html
+    """
+
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS_DIR
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION_FILE
+
+    @property
+    def export(self) -> Path:
+        return self.root / EXPORT_DIR
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / LOGGER_NAME
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA_FILE
+
+    def version(self, number: int | str) -> Path:
+        return self.tensorboard / f"version_{number}"
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint: str | Path) -> RunFolder | None:
+        """The run whose checkpoints/ folder holds `checkpoint`, named by a relative or absolute path or through a
+        symlink to it: the named run when its calibration.json is there, else the resolved one's, else the named
+        one; None for a checkpoint outside any run's checkpoints/ folder."""
+        named, resolved = Path(checkpoint), Path(checkpoint).resolve()
+        runs = [cls(path.parent.parent) for path in (named, resolved) if path.parent.name == CHECKPOINTS_DIR]
+        return next((run for run in runs if run.calibration.is_file()), runs[0] if runs else None)
+
+
+def calibration_file(weights: str | Path | None, exported: bool, default_root_dir: str | None) -> Path:
+    """calibration.json of the weights that classify: in an exported folder, beside the run's checkpoints/ folder
+    (so tools.classify finds it for new images), or in default_root_dir."""
+    if weights and exported:
+        return Path(weights) / CALIBRATION_FILE
+    run = RunFolder.of_checkpoint(weights) if weights else None
+    return (run or RunFolder(Path(run_root(default_root_dir)))).calibration

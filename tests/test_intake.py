@@ -93,12 +93,14 @@ def test_refused_images_have_no_answer_and_are_counted_as_refused(tmp_path):
         "ood_score": torch.zeros(4), "ood_pvalue": torch.ones(4),
     }  # fmt: skip
     on = {"refusal": {"on": True}}
-    rows = read_rows(results.write_predictions(tmp_path / "on.csv", outputs, CLASSES, on))
+    rows = read_rows(results.write_predictions(tmp_path / "on.csv", records.image_records(outputs, on), CLASSES))
     assert [row["prediction"] for row in rows] == ["0", str(records.NO_ANSWER), str(records.NO_ANSWER), "1"]
     assert [row["predicted_class"] for row in rows] == ["no_finding", "", "", "pleural_effusion"]
     assert [row["leading_class"] for row in rows] == [CLASSES[i] for i in probs.argmax(1).tolist()]
     refusal_off = {"refusal": {"on": False, "why": "x"}}
-    off = read_rows(results.write_predictions(tmp_path / "off.csv", outputs, CLASSES, refusal_off))
+    off = read_rows(
+        results.write_predictions(tmp_path / "off.csv", records.image_records(outputs, refusal_off), CLASSES)
+    )
     assert [row["predicted_class"] for row in off] == [CLASSES[i] for i in probs.argmax(1).tolist()]
     metrics = results.test_metrics(outputs, 2)
     # by hand: answered are images 0 (right) and 3 (right); 1 (wrong) and 2 (right) refused

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from diffusion.engine import ClassifierSettings, classify_images, step_times
+from diffusion.engine import ClassifierSettings, classify_images, step_profile, step_times
 from diffusion.schedule import ShiftedCosineSchedule
-from evaluation.ood_scores import TimeProfile, ood_score, step_profile
+from evaluation.ood_scores import TimeProfile, ood_score
 
 NAN, INF = float("nan"), float("inf")
 

@@ -10,10 +10,12 @@ made on purpose, and says so in its commit."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
+import cli
 from datamodules import SyntheticDataModule
 from tests.helpers import ROOT
 from tests.helpers.data import write_pngs
@@ -65,13 +67,35 @@ def new_images(folder: Path) -> Path:
     return folder
 
 
+class OpenedFiles:
+    """Every file opened while it watches (Python's audit event `open`: open(), io.open, os.open), by path.
+    An audit hook cannot be removed: it stays, idle, for the rest of the process."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+        self.watching = False
+        sys.addaudithook(self.hook)
+
+    def hook(self, event: str, args: tuple) -> None:
+        if self.watching and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            self.paths.append(os.path.realpath(os.fsdecode(args[0])))
+
+
 @pytest.mark.parametrize("case", ["new_images", "new_labelled_images"])
-def test_new_images_are_classified_as_before(case, calibrated, tmp_path, one_thread):
+def test_new_images_are_classified_as_before(case, calibrated, tmp_path, one_thread, monkeypatch):
+    """... in this process: the checkpoint opened once, and cli.py's command line never built."""
     root, _ = calibrated
     images = new_images(tmp_path / "images")
     source = images / "labels.csv" if case == "new_labelled_images" else images
     output = tmp_path / "classified"
     checkpoint = root / "checkpoints" / "last.ckpt"
-    assert classify.main([str(checkpoint), str(source), "--output", str(output)]) == 0
+    monkeypatch.setattr(cli, "main", lambda *args, **kwargs: pytest.fail("tools.classify called cli.main"))
+    opened = OpenedFiles()
+    opened.watching = True
+    try:
+        assert classify.main([str(checkpoint), str(source), "--output", str(output)]) == 0
+    finally:
+        opened.watching = False
+    assert opened.paths.count(os.path.realpath(checkpoint)) == 1
     (version,) = (output / "tensorboard").glob("version_*")
     check_or_record(case, version, {"run": root, "images": images, "output": output})

@@ -77,3 +77,50 @@ def test_every_relative_link_of_the_manual_exists():
             if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
                 broken.append(f"{page.relative_to(ROOT)}: {target}")
     assert not broken, broken
+
+
+# ---- the imports between folders (docs/layout.md, "## Imports between folders") ----------------------------
+UPPER = ("cli", "tools", "lightning_modules")  # listed by folder: they may use the floors below
+LOWER = ("evaluation", "networks", "datamodules", "diffusion")  # listed file by file: each crossing is an exception
+IMPORTS_SECTION = "## Imports between folders"
+
+
+def code_imports() -> set[str]:
+    """`source -> target` for every import of one top-level folder (or cli.py) by another, read from the code:
+    an upper floor by folder, a lower one by file."""
+    import ast
+
+    found = set()
+    for file in sorted(ROOT.rglob("*.py")):
+        relative = file.relative_to(ROOT)
+        top = relative.parts[0].removesuffix(".py")
+        if top not in UPPER + LOWER:
+            continue
+        source = "cli.py" if top == "cli" else top if top in UPPER else str(relative)
+        for node in ast.walk(ast.parse(file.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            found |= {f"{source} -> {name.split('.')[0]}" for name in names
+                      if name.split(".")[0] in UPPER + LOWER and name.split(".")[0] != top}  # fmt: skip
+    return found
+
+
+def documented_imports() -> set[str]:
+    text = LAYOUT.read_text()
+    section = text[text.index(IMPORTS_SECTION) :]
+    start = section.index("```\n") + 4
+    lines = section[start : section.index("```", start)].splitlines()
+    return {f"{source} -> {target}" for source, _, targets in (line.partition(" -> ") for line in lines if line.strip())
+            for target in targets.split()}  # fmt: skip
+
+
+def test_the_layout_lists_every_import_between_folders_and_no_other():
+    code, documented = code_imports(), documented_imports()
+    assert not sorted(code - documented), f"imports the layout does not list: {sorted(code - documented)}"
+    assert not sorted(documented - code), f"imports the layout lists that the code lacks: {sorted(documented - code)}"
+
+
+def test_no_wheel_is_claimed():
+    """pyproject.toml holds tool settings only: the suite runs from its repository root (cli.py, configs/)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert "[build-system]" not in text and "[project]" not in text and "setuptools" not in text

@@ -93,18 +93,18 @@ def test_the_predict_report_embeds_the_explanations(reports):
 
 
 def test_what_the_report_shows_is_escaped(tmp_path):
-    from evaluation.records import image_record
+    from evaluation.records import image_records
 
     outputs = {"id": torch.tensor([3]), "path": ["/ward/<img src=x onerror=alert(1)>.png"],
                "prediction": torch.tensor([0]), "probs": torch.tensor([[0.6, 0.4]]), "entropy": torch.tensor([0.67]),
                "entropy_normalized": torch.tensor([0.97]), "score": torch.tensor([0.4])}  # fmt: skip
-    record = image_record(outputs, 0, ["a<b", "c"]) | {"thumbnail": np.zeros((4, 4, 3), dtype=np.uint8)}
+    (record,) = image_records(outputs)
     import jinja2
 
     from evaluation.report import TEMPLATES
 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
-    card = gallery_item(record, ["a<b", "c"], tmp_path)
+    card = gallery_item(record, np.zeros((4, 4, 3), dtype=np.uint8), ["a<b", "c"], tmp_path)
     page = environment.get_template(REPORT_FILE).render(
         title="t", subtitle="s", banners=[], headlines=[], rules=[], figures=[], has_metrics=False, directory="d",
         gallery=[{"title": "Most uncertain", "empty": "", "cards": [card]}],

@@ -17,7 +17,9 @@ from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
 from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import DiscreteSchedule
+from evaluation.binding import weights_digest
 from lightning_modules import StableDiffusionClassifier
+from lightning_modules.callbacks import ResultsWriter
 from networks.stable_diffusion import PAPER_PROMPTS, MissingWeightsError, PromptDenoiser
 from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_data, tiny_test_batch
 
@@ -209,6 +211,7 @@ def test_validation_loss_and_test_outputs(weights, tmp_path):
     )
     validation = trainer.validate(model, datamodule=tiny_data(), verbose=False)[0]
     assert {"val/loss", "val/accuracy", "val/f1"} <= set(validation)
+    trainer.callbacks.append(ResultsWriter.for_model(model, None, weights_digest(model), str(tmp_path)))
     trainer.test(model, datamodule=tiny_data(), verbose=False)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["n_images"] == 3 and metrics["n_steps"] == 3

@@ -7,48 +7,34 @@
 The images: a folder (searched recursively for PNG, JPEG, TIFF, BMP and DICOM files) or a CSV with
 a `path` column and, optionally, a `label` column of class names (then metrics.json too).
 The model: the checkpoint's own config (saved in it by the run that trained it, or found beside it
-in the run's folder) with its classes and input size, so nothing is repeated. It runs
-`python cli.py predict` (or `test`, when the CSV has labels and no explanations are asked for) with
-datamodules.ImagesDataModule; options after `--` go to the CLI as they are. predictions.csv (one row
-per image, with the predicted class name) lands in `<output>/tensorboard/version_N/`.
+in the run's folder) with its classes and input size, so nothing is repeated. In this process, the
+checkpoint read once, it runs predict (or test, when the CSV has labels and no explanations are asked
+for) on datamodules.ImagesDataModule, as `cli.py predict` would; options after `--` (`--trainer...`,
+`--model.init_args...`) apply on top of the config. predictions.csv (one row per image, with the
+predicted class name) lands in `<output>/tensorboard/version_N/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from collections import Counter
 from pathlib import Path
 
-import yaml
-from lightning.pytorch.utilities import rank_zero_only
+from lightning import Trainer, seed_everything
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 import cli
+from datamodules import ImagesDataModule
+from datamodules.batch_plan import batch_plan
 from datamodules.errors import DataError
-from datamodules.intake import SKIPPED_FILE, check_intake, take_in
-from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines, rule_status
-from evaluation.results import DECISIONS_FILE, PREDICTIONS_FILE
+from datamodules.intake import Intake, check_intake, take_in
+from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines
+from evaluation.results import PREDICTIONS_FILE
 from evaluation.set_shift import shift_message
-from lightning_modules.pretrained import is_pretrained_folder, read_config
-from networks.weights import load_weights_file
-from tools.experiments import experiment_config
-
-
-def cli_arguments(args: argparse.Namespace, config_file: Path, hyperparameters: dict, labelled: bool) -> list[str]:
-    subcommand = "test" if labelled and not args.explain else "predict"
-    source = str(args.source[0]) if len(args.source) == 1 else json.dumps([str(path) for path in args.source])
-    return [
-        subcommand, f"--config={config_file}", f"--ckpt_path={args.checkpoint}",
-        "--data=datamodules.ImagesDataModule", f"--data.init_args.source={source}",
-        f"--data.init_args.class_names={json.dumps(list(hyperparameters['class_names']))}",
-        f"--data.init_args.image_size={hyperparameters['image_size']}",
-        f"--data.init_args.strict={str(args.strict).lower()}",
-        f"--data.init_args.keep_duplicates={str(args.keep_duplicates).lower()}",
-        f"--trainer.default_root_dir={args.output}", f"--global_batch_size={args.batch_size}",
-        *(["--model.init_args.explain=true"] if args.explain else []),
-    ]  # fmt: skip
+from lightning_modules.callbacks import ResultsWriter
+from lightning_modules.run_folders import check_writable
+from tools.experiments import TrainedModel, open_trained
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,25 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser().parse_args(own)
     cli.lightning_info_to_stdout()
+    cli.quiet_library_noise()
     return cli.guarded(lambda: classify(args, extra), "python -m tools.classify ...")
 
 
 def classify(args: argparse.Namespace, extra: list[str]) -> int:
-    """The intake (every file a row or a reason; before the model loads), then the CLI's test or predict."""
+    """The intake (every file a row or a reason; before the model loads), then test or predict in this process:
+    the checkpoint read once, the model, data and Trainer built from it, the ResultsWriter given the calibration."""
     args.output = args.output or Path("runs/classified") / args.source[0].stem
     check_output_folder(args.output, args.source)
     check_pass_through(extra)
     intake = take_in(args.source, None, args.keep_duplicates)
     check_intake(intake, args.strict)
-    config, hyperparameters = model_config(args.checkpoint)
-    args.output.mkdir(parents=True, exist_ok=True)
-    config_file = args.output / "trained_with.yaml"
-    config_file.write_text(config if config.endswith("\n") else config + "\n")
-    experiment = cli.main([*cli_arguments(args, config_file, hyperparameters, intake.labelled), *extra], False)
-    run_folder = Path(experiment.trainer.log_dir)  # a collective under DDP: asked on every rank
+    trained = open_trained(args.checkpoint, [*extra, *(["--model.init_args.explain=true"] if args.explain else [])])
+    test = intake.labelled and not args.explain
+    writer, run_folder = classify_dataset(trained, intake, args.output, args.batch_size, test)
     if rank_zero_only.rank == 0:
-        print(summary(run_folder / PREDICTIONS_FILE, args.checkpoint))
+        skipped = intake.write_skipped(run_folder)  # the files left out, and why, beside predictions.csv
+        print(summary(writer, intake, run_folder / PREDICTIONS_FILE, args.checkpoint, skipped))
     return 0
+
+
+def classify_dataset(trained: TrainedModel, intake: Intake, output: Path, batch_size: int, test: bool):
+    """`trained` classifies the intake's images (test when labelled, else predict) with one Trainer whose run folder
+    is `output`; returns the ResultsWriter (its records) and the folder of the files."""
+    seed_everything(trained.seed, verbose=False)  # what cli.py's runs do: a baseline's MC dropout draws from it
+    options = trained.trainer_options | {"default_root_dir": str(output)}
+    trainer = Trainer(**options | cli.suite_trainer_options(options))
+    plan = batch_plan(batch_size, None, trainer.world_size, 1)
+    rank_zero_info(plan.describe())
+    model = trained.model
+    data = ImagesDataModule(intake, model.class_names, model.hparams.image_size, batch_size=plan.per_process)
+    for folder in (output, trainer.logger.root_dir if trainer.logger else output):
+        check_writable(str(folder))
+    writer = ResultsWriter.for_model(model, trained.weights, trained.digest, str(output))
+    trainer.callbacks.append(writer)
+    (trainer.test if test else trainer.predict)(model, datamodule=data)
+    return writer, Path(trainer.log_dir or output)  # log_dir: a collective under DDP, asked on every rank
 
 
 TRAINING_RUN_MARKS = ("checkpoints", "data.json")  # what `cli.py fit` leaves in a run folder
@@ -141,50 +145,24 @@ def check_pass_through(extra: list[str]) -> None:
             )
 
 
-def model_config(source: Path) -> tuple[str, dict]:
-    """(experiment config as YAML, the model's class names and image size) of a checkpoint, or of a folder
-    exported by tools/export.py (its config.yaml; one process on one device unless options after `--` say more)."""
-    if is_pretrained_folder(source):
-        exported = read_config(source)
-        config = {"model": exported["model"], "trainer": {"devices": 1}}
-        return yaml.safe_dump(config, sort_keys=False), exported["model"]["init_args"]
-    checkpoint = load_weights_file(source)
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("hyper_parameters"), dict):
-        held = f"a {type(checkpoint).__name__}" if not isinstance(checkpoint, dict) else "no hyper_parameters"
-        raise DataError(f"{source} is not a checkpoint of this suite ({held}): give the last.ckpt of a run of "
-                        "`python cli.py fit`, or a folder written by tools.export")  # fmt: skip
-    config = experiment_config(source, checkpoint)
-    yaml.safe_load(config)  # refuse here, not inside the CLI, a stored config that is not YAML
-    return config, checkpoint["hyper_parameters"]
-
-
-def summary(predictions: Path, checkpoint: Path) -> str:
+def summary(writer: ResultsWriter, intake: Intake, predictions: Path, checkpoint: Path, skipped_file: Path) -> str:
     """What a person reads first: each decision rule that is OFF and why, how many images were refused as
     unlike the training data, then the answers of the others and how many of those are referred for
     uncertainty, and whether the set as a whole looked like the validation images."""
-    with predictions.open() as handle:
-        rows = list(csv.DictReader(handle))
-    decisions_file = predictions.parent / DECISIONS_FILE
-    decisions = json.loads(decisions_file.read_text()) if decisions_file.is_file() else {}
-    rules = decisions.get(RULES_BLOCK) or rule_status(None, f"no {decisions_file} was written")
-    lines = [f"Classified {len(rows)} images with {checkpoint} -> {predictions}"]
-    skipped_file = predictions.parent / SKIPPED_FILE
-    if skipped_file.is_file():
-        with skipped_file.open() as handle:
-            skipped = [row["reason"] for row in csv.DictReader(handle)]
-        if skipped:
-            lines.append(f"  {len(skipped)} files skipped, each with its reason in {skipped_file}")
+    records, decisions = writer.records, writer.numbers
+    rules = decisions[RULES_BLOCK]
+    lines = [f"Classified {len(records)} images with {checkpoint} -> {predictions}"]
+    if intake.skipped:
+        lines.append(f"  {len(intake.skipped)} files skipped, each with its reason in {skipped_file}")
     lines += [f"  {line}" for line in off_lines(rules)]
-    answered = rows
+    answered = [record for record in records if not record.refused]
     if rules["refusal"]["on"]:
-        refused = [row for row in rows if row["out_of_distribution"] == "true"]
-        answered = [row for row in rows if row["out_of_distribution"] != "true"]
-        lines.append(f"  {len(refused)} of {len(rows)} images refused: unlike the images the model was calibrated "
-                     "on (out_of_distribution = true); no answer is given for them")  # fmt: skip
-    counts = Counter(row["predicted_class"] for row in answered)
+        lines.append(f"  {len(records) - len(answered)} of {len(records)} images refused: unlike the images the "
+                     "model was calibrated on (out_of_distribution = true); no answer is given for them")  # fmt: skip
+    counts = Counter(writer.class_names[record.leading] for record in answered)
     lines.append(f"  {len(answered)} answered" + "".join(f", {name} {n}" for name, n in sorted(counts.items())))
     if rules["referral"]["on"]:
-        referred = sum(row["refer"] == "true" for row in answered)
+        referred = sum(record.referred for record in answered)
         lines.append(f"  {referred} of the answered referred to a human for uncertainty (refer = true)")
     shift = decisions.get(SHIFT_BLOCK)
     if shift:

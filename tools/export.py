@@ -23,8 +23,8 @@ import yaml
 from evaluation.binding import binding_mismatch, weights_digest
 from evaluation.model_card import model_card
 from evaluation.results import METRICS_FILE
-from lightning_modules.base import CALIBRATION_FILE
-from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR, WEIGHTS_FILE, save_pretrained
+from lightning_modules.pretrained import CARD_FILE, WEIGHTS_FILE, save_pretrained
+from lightning_modules.run_folders import CALIBRATION_FILE, EXPORT_DIR
 from lightning_modules.user_errors import tool_main
 from networks.weights import load_weights_file
 from tools.experiments import experiment_config, load_trained

@@ -21,7 +21,8 @@ from evaluation.decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
 from evaluation.report import REPORT_FILE
 from evaluation.results import newest_metrics
-from lightning_modules.pretrained import CARD_FILE, EXPORT_DIR
+from lightning_modules.pretrained import CARD_FILE
+from lightning_modules.run_folders import EXPORT_DIR
 from lightning_modules.user_errors import tool_main
 
 EXPLANATION_NUMBERS = (
