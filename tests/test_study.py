@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evaluation.records import ImageRecord
 from tests.helpers.runs import tiny_args, tiny_baseline_args
 from tools import study as study_tool
 
@@ -176,21 +177,17 @@ def write_finished_run(folder: Path, rows: list[dict]) -> None:
 
 
 def prediction_rows(labels, leading, refused) -> list[dict]:
-    """predictions.csv rows as the results writer makes them: a refused image has prediction -1 and no class."""
-    names = ("normal", "pneumonia")
-    return [
-        {
-            "id": i,
-            "label": label,
-            "prediction": -1 if no else lead,
-            "predicted_class": "" if no else names[lead],
-            "leading_class": names[lead],
-            "prob_normal": 0.3 if lead else 0.7,
-            "prob_pneumonia": 0.7 if lead else 0.3,
-            "out_of_distribution": str(no).lower(),
-        }  # fmt: skip
-        for i, (label, lead, no) in enumerate(zip(labels, leading, refused))
-    ]
+    """predictions.csv rows as the results writer makes them (records.ImageRecord.row): a refused image has
+    prediction -1 and no class."""
+    names = ["normal", "pneumonia"]
+    rows = []
+    for i, (label, lead, no) in enumerate(zip(labels, leading, refused)):
+        probs = [0.3, 0.7] if lead else [0.7, 0.3]
+        record = ImageRecord(id=i, leading=int(lead), probs=probs, entropy=0.61, entropy_normalized=0.88,
+                             score=probs[1], label=int(label), ood_score=1.0, ood_pvalue=0.5,
+                             out_of_distribution=bool(no))  # fmt: skip
+        rows.append(record.row(names))
+    return rows
 
 
 def test_a_study_whose_runs_refuse_images_counts_them_with_their_leading_class(tmp_path, capsys):

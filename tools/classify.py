@@ -21,6 +21,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import yaml
 from lightning import Trainer, seed_everything
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
@@ -83,6 +84,8 @@ def classify(args: argparse.Namespace, extra: list[str]) -> int:
     check_intake(intake, args.strict)
     trained = open_trained(args.checkpoint, [*extra, *(["--model.init_args.explain=true"] if args.explain else [])])
     test = intake.labelled and not args.explain
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / TRAINED_WITH).write_text(yaml.safe_dump(trained.config, sort_keys=False))  # for the record
     writer, run_folder = classify_dataset(trained, intake, args.output, args.batch_size, test)
     if rank_zero_only.rank == 0:
         skipped = intake.write_skipped(run_folder)  # the files left out, and why, beside predictions.csv
@@ -94,7 +97,7 @@ def classify_dataset(trained: TrainedModel, intake: Intake, output: Path, batch_
     """`trained` classifies the intake's images (test when labelled, else predict) with one Trainer whose run folder
     is `output`; returns the ResultsWriter (its records) and the folder of the files."""
     seed_everything(trained.seed, verbose=False)  # what cli.py's runs do: a baseline's MC dropout draws from it
-    options = trained.trainer_options | {"default_root_dir": str(output)}
+    options = trained.trainer_options | {"default_root_dir": str(output), "enable_checkpointing": False}  # no fit
     trainer = Trainer(**options | cli.suite_trainer_options(options))
     plan = batch_plan(batch_size, None, trainer.world_size, 1)
     rank_zero_info(plan.describe())
@@ -108,6 +111,7 @@ def classify_dataset(trained: TrainedModel, intake: Intake, output: Path, batch_
     return writer, Path(trainer.log_dir or output)  # log_dir: a collective under DDP, asked on every rank
 
 
+TRAINED_WITH = "trained_with.yaml"  # the model's experiment config, beside the results
 TRAINING_RUN_MARKS = ("checkpoints", "data.json")  # what `cli.py fit` leaves in a run folder
 DROPPING_OPTIONS = ("--trainer.limit_predict_batches", "--trainer.limit_test_batches")
 

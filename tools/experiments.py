@@ -90,13 +90,15 @@ class TrainedModel:
 
     model: the LightningModule, weights loaded. trainer_options: its config's `trainer` section, instantiated
     (with the options given after `--`). weights: where the weights come from (metrics.json's `checkpoint`).
-    digest: their evaluation.binding digest (what a calibration must be bound to). seed: the run's seed."""
+    digest: their evaluation.binding digest (what a calibration must be bound to). seed: the run's seed.
+    config: the experiment config it was built from (before the options after `--`)."""
 
     model: LightningModule
     trainer_options: dict
     weights: str
     digest: str
     seed: int
+    config: dict
 
 
 LINKED_HPARAMS = ("num_classes", "class_names", "image_size", "image_channels")  # the data's, saved in the model
@@ -108,7 +110,7 @@ def open_trained(source: Path, options: list[str] = ()) -> TrainedModel:
     `--trainer...`) applied; nothing runs."""
     if is_pretrained_folder(source):
         exported = read_config(source)
-        sections = {"model": exported["model"], "trainer": {"devices": 1}}
+        sections = config = {"model": exported["model"], "trainer": {"devices": 1}}
         seed, checkpoint = 0, None
     else:
         checkpoint = read_checkpoint(source)
@@ -130,7 +132,8 @@ def open_trained(source: Path, options: list[str] = ()) -> TrainedModel:
         check_checkpoint(source, model, None, checkpoint)
         model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
         digest = weights_digest(model)
-    return TrainedModel(model, dict(built.trainer), str(source), digest, seed if isinstance(seed, int) else 0)
+    seed = seed if isinstance(seed, int) else 0
+    return TrainedModel(model, dict(built.trainer), str(source), digest, seed, config)
 
 
 def built_sections(sections: dict, options: list[str], source: Path):
