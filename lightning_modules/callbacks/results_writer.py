@@ -96,13 +96,13 @@ class ResultsWriter(BasePredictionWriter):
 
     def write(self, trainer, test: bool) -> dict:
         """Gathers, decides and writes (on every rank: it gathers); returns metrics.json's content."""
-        if self.explanations is not None:
-            self.explanations.finish(trainer, self.directory)
         self.numbers, self.records = self.results.finish(
             trainer, self.directory, metrics=test, settings=self.settings if test else None,
             info=self.info if test else None, calibration=self.calibration, description=self.description,
             calibration_note=self.calibration_note, model_card=self.model_card,
         )  # fmt: skip
+        if self.explanations is not None:  # after the results, as the run has always printed them (the report
+            self.explanations.finish(trainer, self.directory)  # embeds each image's PNG, written batch by batch)
         return self.numbers
 
     def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
