@@ -60,7 +60,8 @@ class ResultsWriter(BasePredictionWriter):
         """The writer of `model`'s test or predict: `weights`, where its weights come from (a checkpoint, an
         exported folder, None: untrained), `digest` their evaluation.binding digest; the calibration beside them
         applied when it is bound to them and to the model's settings."""
-        exported = bool(weights) and Path(weights).is_dir()
+        # an exported folder holds its own calibration; a pretrained Stable Diffusion's weights folder does not
+        exported = model.pretrained_folder is not None
         file = calibration_file(weights, exported, default_root_dir)
         calibration, note = load_bound_calibration(file, digest, model.decision_settings())
         settings = model.results_settings()
