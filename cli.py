@@ -14,7 +14,7 @@ metrics.json). Run `python cli.py fit --help` for every option.
 Before anything runs, the CLI checks (and refuses with a message naming the culprit):
   * the run folders can be created and written, and (fit) the disk has room for checkpoints;
   * the checkpoint given by `--ckpt_path` was trained for this model class, number of classes
-    and input size (lightning_modules/checkpoint_check.py).
+    and input size (experiment/checkpoint_check.py).
 `fit --ckpt_path last` resumes a stopped run: same global step, optimizer, LR schedule, EMA,
 random states, and logs into the same `tensorboard/version_N` (`--new_log_version true` for a
 new one). A NaN or infinite training loss stops the run naming the last good checkpoint
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -41,21 +40,13 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from datamodules.batch_plan import DEFAULT_BATCH_SIZE, BatchPlan, batch_plan
-from evaluation.binding import state_digest, weights_digest
-from lightning_modules.base import calibrate_on_whole_split
-from lightning_modules.callbacks import (
-    LOGGER_VERSION_KEY,
-    AtomicCheckpointIO,
-    NonFiniteLoss,
-    RunCheckpoint,
-    SlurmRequeue,
-)
-from lightning_modules.callbacks.results_writer import ResultsWriter
-from lightning_modules.checkpoint_check import check_checkpoint, check_weight_averaging
-from lightning_modules.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
-from lightning_modules.pretrained import is_pretrained_folder, load_exported
-from lightning_modules.run_folders import (
+from decisions.binding import state_digest, weights_digest
+from experiment.checkpoint_check import check_checkpoint, check_weight_averaging
+from experiment.checkpoint_internals import ConfigOverCheckpointHparams, cli_section, resolve_checkpoint_path
+from experiment.pretrained import is_pretrained_folder, load_exported
+from experiment.run_folders import (
     CHECKPOINT_PARAMETER_COPIES,
+    RunFolder,
     check_free_space,
     check_same_data,
     check_writable,
@@ -65,13 +56,22 @@ from lightning_modules.run_folders import (
     run_root,
     tensorboard_logger,
 )
-from lightning_modules.user_errors import (  # noqa: F401 (DEBUG_VARIABLE: for tests)
+from experiment.user_errors import (  # noqa: F401 (DEBUG_VARIABLE: for tests)
     DEBUG_VARIABLE,
     broken_config_message,
     config_file_holding,
     guarded,
     unknown_option_message,
 )
+from lightning_modules.base import calibrate_on_whole_split
+from lightning_modules.callbacks import (
+    LOGGER_VERSION_KEY,
+    AtomicCheckpointIO,
+    NonFiniteLoss,
+    RunCheckpoint,
+    SlurmRequeue,
+)
+from lightning_modules.callbacks.results_writer import ResultsWriter
 from networks.weights import load_weights_file
 
 # --help shows the settings dataclasses' per-field docstrings (ClassifierSettings, ExplainSettings)
@@ -188,7 +188,7 @@ class ExperimentCLI(ConfigOverCheckpointHparams, LightningCLI):
         # new process resolves `--ckpt_path last` in an empty fresh version and starts from scratch.
         config = self.config[self.subcommand] if self.subcommand else self.config
         if config.checkpoint.dirpath is None:
-            config.checkpoint.dirpath = os.path.join(run_root(config.trainer.default_root_dir), "checkpoints")
+            config.checkpoint.dirpath = str(RunFolder(Path(run_root(config.trainer.default_root_dir))).checkpoints)
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         trainer_config = cli_section(self, self.config_init, "trainer", default={})

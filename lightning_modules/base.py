@@ -4,13 +4,13 @@
               and kept once per image id, so `val/accuracy` and `val/f1` count each image once.
   validate:   (the subcommand, outside fit) the validation images are classified as test would
               classify them, and the run is calibrated on them: calibration.json in the run's folder
-              holds a referral threshold and conformal-set thresholds (evaluation/referral_and_sets.py).
+              holds a referral threshold and conformal-set thresholds (decisions/referral_and_sets.py).
   test:       per-image outputs (test_step) -> callbacks.ResultsWriter -> predictions.csv,
               metrics.json, figures, and `test/...` scalars in the logger; with the run's
               calibration, also who is referred, the prediction sets and how both did.
   predict:    the same per-image outputs, written by the same ResultsWriter (predictions.csv).
 
-A subclass implements `classify_batch(batch) -> per-image outputs` (see evaluation.results for the
+A subclass implements `classify_batch(batch) -> per-image outputs` (see reports.results for the
 keys) and its validation_step calls `record_validation`; it may add `results_info()`, extra
 metrics.json entries, and `results_settings()`, the diffusion classifier's ClassifierSettings.
 """
@@ -26,17 +26,16 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from evaluation.binding import short, weights_digest
-from evaluation.decisions import (
+from decisions.binding import short, weights_digest
+from decisions.calibration import (
     CalibrationSettings,
     calibrate,
     calibration_lines,
     rule_status,
     rules_off,
 )
-from evaluation.results import concat_outputs, gather_unique
-
-from .run_folders import calibration_file
+from experiment.run_folders import calibration_file
+from reports.results import concat_outputs, gather_unique
 
 PASSED_THROUGH = ("id", "label", "path")  # batch keys that go into the per-image outputs as they are
 
@@ -45,7 +44,7 @@ class ClassifierModule(L.LightningModule):
     """Base of DiffusionClassifier, StableDiffusionClassifier and BaselineClassifier (see module docstring)."""
 
     ood_scores: tuple[str, ...] = ()
-    """The out-of-distribution scores this kind of model can give (evaluation/ood_scores.py), its default first."""
+    """The out-of-distribution scores this kind of model can give (decisions/ood_scores.py), its default first."""
 
     def __init__(
         self,
@@ -86,7 +85,7 @@ class ClassifierModule(L.LightningModule):
     def from_pretrained(cls, folder):
         """The classifier exported to `folder` by tools/export.py (safetensors weights, nothing unpickled), its
         weights checked against the digest of its config.yaml; test and predict apply the folder's calibration."""
-        from .pretrained import PretrainedFolderError, load_pretrained
+        from experiment.pretrained import PretrainedFolderError, load_pretrained
 
         model = load_pretrained(folder)
         if not isinstance(model, cls):
@@ -98,7 +97,7 @@ class ClassifierModule(L.LightningModule):
         return None
 
     def decision_settings(self) -> dict:
-        """The options that change a per-image output, which a calibration is bound to (evaluation/binding.py)."""
+        """The options that change a per-image output, which a calibration is bound to (decisions/binding.py)."""
         return {}
 
     @staticmethod

@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.augmentation import BLUR_P, BatchAugmentation, training_augmentation
-from evaluation.decisions import CalibrationSettings
-from evaluation.ood_scores import BASELINE_SCORES
-from evaluation.results import outputs_from_probs
+from decisions.calibration import CalibrationSettings
+from decisions.ood_scores import BASELINE_SCORES
 from networks.backbones import BACKBONES, build_backbone
+from reports.results import outputs_from_probs
 
 from .base import ClassifierModule
 
@@ -151,7 +151,7 @@ class BaselineClassifier(ClassifierModule):
             return torch.stack([self(images).float() for _ in range(passes)])
 
     def classify_batch(self, batch: dict) -> dict[str, Tensor]:
-        """Per-image outputs (see evaluation.results.outputs_from_probs), the energy, id, label and path."""
+        """Per-image outputs (see reports.results.outputs_from_probs), the energy, id, label and path."""
         probs, energy = self.probabilities_and_energy(batch["image"])
         return outputs_from_probs(probs) | {"energy": energy} | self.passed_through(batch)
 

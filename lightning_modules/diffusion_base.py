@@ -6,7 +6,7 @@
               diffusion/voting.py) -> per-image outputs (lightning_modules/base.py writes them).
   explain:    predict with `explain: true`: noise to t0 -> guided DDIM toward each class ->
               counterfactuals, difference maps, faithfulness numbers (diffusion/explain.py),
-              written by evaluation/explanations.py.
+              written by reports/explanations.py.
 
 A subclass says only how it sees images and conditions its denoiser:
   encode(images)              pixels in [-1, 1] -> the model's inputs x (wavelet bands, VAE latents)
@@ -23,12 +23,12 @@ import dataclasses
 import torch
 from torch import Tensor
 
+from decisions.calibration import CalibrationSettings
+from decisions.ood_scores import DIFFUSION_SCORES
 from diffusion.engine import VIEWS, ClassifierSettings, NonFiniteOutputError, classify_images, step_profile, step_times
 from diffusion.explain import ExplainSettings, explain_batch
 from diffusion.noise import VALIDATION_LOSS_SEED, image_keys, shared_noise
 from diffusion.voting import summarize
-from evaluation.decisions import CalibrationSettings
-from evaluation.ood_scores import DIFFUSION_SCORES
 
 from .base import ClassifierModule
 
@@ -50,7 +50,7 @@ class DiffusionClassifierBase(ClassifierModule):
         save_errors: also save every image's full C x N error matrix (`errors.pt` beside
             metrics.json after test, beside predictions.csv after predict), for research.
         explain: `predict` also explains every image: factual and counterfactual reconstructions,
-            difference maps, PNGs, .npz and explain.json (see evaluation/explanations.py).
+            difference maps, PNGs, .npz and explain.json (see reports/explanations.py).
         explanation: how explanations are made (t0, guidance scale, DDIM steps, flip check) and
             how often fit logs monitoring images; see ExplainSettings.
         calibration: the decision rules `validate` fits on the validation split (referral threshold,

@@ -27,14 +27,14 @@ from diffusion.loss import discriminative_loss, drop_labels, training_times, wei
 from diffusion.parameterization import diffuse, v_target
 from diffusion.schedule import ShiftedCosineSchedule, broadcast_like
 from diffusion.wavelet import GreyscaleTransform, HaarWavelet, IdentityTransform
-from evaluation.explanations import (
+from networks.base import Denoiser
+from reports.explanations import (
     counterfactuals,
     explanation_rows,
     localisation_numbers,
     noise_sample_grid,
     plot_explanations,
 )
-from networks.base import Denoiser
 
 from .diffusion_base import DiffusionClassifierBase
 

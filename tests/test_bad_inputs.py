@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import cli
-from lightning_modules.user_errors import guarded
+from experiment.user_errors import guarded
 from tests.helpers import ROOT
 from tests.helpers.data import write_pngs
 from tests.helpers.runs import tiny_args

@@ -1,4 +1,4 @@
-"""A calibration bound to the weights it calibrated, not to a path (evaluation/binding.py, lightning_modules/base.py):
+"""A calibration bound to the weights it calibrated, not to a path (decisions/binding.py, lightning_modules/base.py):
 applied however the checkpoint is named (relative, absolute, a symlink, a moved copy of the run folder), refused in
 one line after one more training step, after a change of N, and when it is too old to say what it calibrated."""
 
@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from cli import main
-from evaluation.binding import binding_mismatch, weights_digest
+from decisions.binding import binding_mismatch, weights_digest
 from tests.helpers import ROOT
 from tests.helpers.runs import tiny_args
 from tools import classify

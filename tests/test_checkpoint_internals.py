@@ -1,4 +1,4 @@
-"""The private Lightning APIs of lightning_modules/checkpoint_internals.py still exist and still mean
+"""The private Lightning APIs of experiment/checkpoint_internals.py still exist and still mean
 what the suite relies on. A Lightning upgrade that changes one fails here, by name."""
 
 import inspect
@@ -11,13 +11,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lightning_modules import checkpoint_internals as internals
+from experiment import checkpoint_internals as internals
 
 
 def test_the_installed_lightning_is_the_minor_release_they_were_checked_against():
     checked = internals.CHECKED_AGAINST.rsplit(".", 1)[0]
     assert lightning.__version__.startswith(checked + "."), (
-        f"lightning {lightning.__version__}: re-check lightning_modules/checkpoint_internals.py against it "
+        f"lightning {lightning.__version__}: re-check experiment/checkpoint_internals.py against it "
         f"(written for {internals.CHECKED_AGAINST}), then update CHECKED_AGAINST"
     )
 

@@ -121,7 +121,7 @@ def test_same_images_same_results_at_batch_1_7_32_and_with_exact_early_exit(tmp_
     from torch.utils.data import DataLoader
 
     from diffusion.engine import ClassifierSettings
-    from evaluation.results import concat_outputs
+    from reports.results import concat_outputs
 
     cli = main(["fit", *tiny_args(tmp_path, "--data.init_args.num_test=40"), "--trainer.max_steps=2"])
     model, data = cli.model.eval(), cli.datamodule

@@ -27,7 +27,7 @@ from diffusion.noise import EXPLANATION_STEP, normals, pair_keys
 from diffusion.sampler import ddim_sample, noise_to
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.wavelet import HaarWavelet
-from evaluation.explanations import explanation_rows, faithfulness, plot_explanations
+from reports.explanations import explanation_rows, faithfulness, plot_explanations
 from tests.helpers import runs
 from tests.helpers.models import LabelledLinear, flip_rate_of
 from tests.helpers.runs import TEST_IDS

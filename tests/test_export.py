@@ -1,4 +1,4 @@
-"""A model that travels (tools/export.py, lightning_modules/pretrained.py): one folder of safetensors weights, config,
+"""A model that travels (tools/export.py, experiment/pretrained.py): one folder of safetensors weights, config,
 calibration and card; tools.classify on it gives the rows the checkpoint gives, its rules applied from the folder;
 nothing is unpickled; a folder with a missing, changed or mismatched file is refused in one line."""
 
@@ -13,8 +13,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from cli import main
+from experiment.pretrained import PretrainedFolderError, load_pretrained, read_config, save_pretrained
 from lightning_modules import BaselineClassifier, DiffusionClassifier, StableDiffusionClassifier
-from lightning_modules.pretrained import PretrainedFolderError, load_pretrained, read_config, save_pretrained
 from tests.helpers.runs import TINY_UNET, tiny_args
 from tests.helpers.stable_diffusion import IMAGE_SIZE, tiny_test_batch
 from tools import classify, export

@@ -20,10 +20,10 @@ from torch.nn.utils import parameters_to_vector
 
 from cli import main
 from datamodules import SyntheticDataModule
+from experiment.checkpoint_check import IncompatibleCheckpoint
+from experiment.run_folders import RunFolderError
 from lightning_modules import DiffusionClassifier
 from lightning_modules.callbacks import AtomicCheckpointIO, NonFiniteLoss, NonFiniteLossError
-from lightning_modules.checkpoint_check import IncompatibleCheckpoint
-from lightning_modules.run_folders import RunFolderError
 from tests.helpers import ROOT
 from tests.helpers.runs import tiny_args
 

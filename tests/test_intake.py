@@ -15,8 +15,8 @@ from PIL import Image
 from datamodules import ImagesDataModule
 from datamodules.errors import DataError
 from datamodules.intake import take_in
-from evaluation import records, results
-from lightning_modules.user_errors import guarded
+from experiment.user_errors import guarded
+from reports import records, results
 from tests.helpers.data import awkward_folder, write_dicom
 from tools import classify
 

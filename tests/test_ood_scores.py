@@ -1,4 +1,4 @@
-"""Out-of-distribution scores (evaluation/ood_scores.py) against hand computations and second code paths."""
+"""Out-of-distribution scores (decisions/ood_scores.py) against hand computations and second code paths."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from decisions.ood_scores import TimeProfile, ood_score
 from diffusion.engine import ClassifierSettings, classify_images, step_profile, step_times
 from diffusion.schedule import ShiftedCosineSchedule
-from evaluation.ood_scores import TimeProfile, ood_score
 
 NAN, INF = float("nan"), float("inf")
 

@@ -156,6 +156,6 @@ def test_baseline_energy_is_the_mean_negative_logsumexp_of_its_forwards():
         outputs = model.classify_batch({"image": images, "id": torch.arange(3)})
     torch.testing.assert_close(outputs["energy"], expected)
     with pytest.raises(ValueError, match="ood_score='typicality' is not a score of BaselineClassifier"):
-        from evaluation.decisions import CalibrationSettings
+        from decisions.calibration import CalibrationSettings
 
         BaselineClassifier("resnet18", calibration=CalibrationSettings(ood_score="typicality"))

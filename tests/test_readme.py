@@ -7,8 +7,8 @@ import re
 
 from tests.helpers import ROOT
 
-PACKAGES = ("diffusion", "networks", "evaluation", "lightning_modules", "lightning_modules/callbacks", "datamodules",
-            "tools", "tests/helpers")  # fmt: skip
+PACKAGES = ("diffusion", "networks", "decisions", "reports", "experiment", "lightning_modules",
+            "lightning_modules/callbacks", "datamodules", "tools", "tests/helpers")  # fmt: skip
 NAME = re.compile(r"[\w.-]+(?:\.py|\.toml|/)")
 LAYOUT = ROOT / "docs" / "layout.md"
 SECTION = "## The tree"
@@ -80,8 +80,8 @@ def test_every_relative_link_of_the_manual_exists():
 
 
 # ---- the imports between folders (docs/layout.md, "## Imports between folders") ----------------------------
-UPPER = ("cli", "tools", "lightning_modules")  # listed by folder: they may use the floors below
-LOWER = ("evaluation", "networks", "datamodules", "diffusion")  # listed file by file: each crossing is an exception
+UPPER = ("cli", "tools", "lightning_modules", "experiment", "reports")  # listed by folder: they use the floors below
+LOWER = ("decisions", "networks", "datamodules", "diffusion")  # listed file by file: each crossing is an exception
 IMPORTS_SECTION = "## Imports between folders"
 
 
@@ -124,3 +124,17 @@ def test_no_wheel_is_claimed():
     """pyproject.toml holds tool settings only: the suite runs from its repository root (cli.py, configs/)."""
     text = (ROOT / "pyproject.toml").read_text()
     assert "[build-system]" not in text and "[project]" not in text and "setuptools" not in text
+
+
+FLOORS = {"tools": 6, "cli": 5, "lightning_modules": 4, "reports": 3, "experiment": 2, "networks": 1,
+          "decisions": 0, "datamodules": 0, "diffusion": 0}  # fmt: skip
+
+
+def test_every_import_between_folders_goes_down_a_floor():
+    """No folder imports one on its own floor or above it (docs/layout.md: the walk of one image never steps up)."""
+
+    def floor(place: str) -> int:  # a folder, cli.py, or a file of a lower folder
+        return FLOORS[place.split("/")[0].removesuffix(".py")]
+
+    upward = [edge for edge in code_imports() if floor(edge.split(" -> ")[0]) <= floor(edge.split(" -> ")[1])]
+    assert not upward, upward

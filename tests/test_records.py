@@ -1,4 +1,4 @@
-"""One image's record (evaluation/records.py): made once from the gathered outputs, written as predictions.csv's
+"""One image's record (reports/records.py): made once from the gathered outputs, written as predictions.csv's
 row, and read back from that row as the same record, for the tools that have only the files."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import csv
 
 import torch
 
-from evaluation import records
-from evaluation.results import write_predictions
+from reports import records
+from reports.results import write_predictions
 
 CLASSES = ["no_finding", "pleural_effusion"]
 

@@ -9,8 +9,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from evaluation.figures import plot_risk_coverage
-from evaluation.referral_and_sets import (
+from decisions.referral_and_sets import (
     CONFORMAL_CORRECTION,
     apply_referral,
     clopper_pearson_upper,
@@ -20,6 +19,7 @@ from evaluation.referral_and_sets import (
     referral_threshold,
     selective_report,
 )
+from reports.figures import plot_risk_coverage
 
 
 def T(values, dtype=torch.float64):

@@ -1,4 +1,4 @@
-"""Conformal refusal and the whole-set shift test (evaluation/refusal.py): by hand, by exact enumeration,
+"""Conformal refusal and the whole-set shift test (decisions/refusal.py): by hand, by exact enumeration,
 and by simulation over many random calibration / test splits."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from evaluation.referral_and_sets import conformal_thresholds
-from evaluation.refusal import (
+from decisions.referral_and_sets import conformal_thresholds
+from decisions.refusal import (
     apply_refusal,
     calibrate_refusal,
     conformal_pvalues,

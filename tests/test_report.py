@@ -1,4 +1,4 @@
-"""report.html (evaluation/report.py): its numbers are the run's, what it shows is escaped, and a real
+"""report.html (reports/report.py): its numbers are the run's, what it shows is escaped, and a real
 headless Chromium opens it from disk with every image loaded and no error in the console."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from cli import main
-from evaluation.report import REPORT_FILE, gallery_item
+from reports.report import REPORT_FILE, gallery_item
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_chromium = pytest.mark.skipif(
@@ -93,7 +93,7 @@ def test_the_predict_report_embeds_the_explanations(reports):
 
 
 def test_what_the_report_shows_is_escaped(tmp_path):
-    from evaluation.records import image_records
+    from reports.records import image_records
 
     outputs = {"id": torch.tensor([3]), "path": ["/ward/<img src=x onerror=alert(1)>.png"],
                "prediction": torch.tensor([0]), "probs": torch.tensor([[0.6, 0.4]]), "entropy": torch.tensor([0.67]),
@@ -101,7 +101,7 @@ def test_what_the_report_shows_is_escaped(tmp_path):
     (record,) = image_records(outputs)
     import jinja2
 
-    from evaluation.report import TEMPLATES
+    from reports.report import TEMPLATES
 
     environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True)
     card = gallery_item(record, np.zeros((4, 4, 3), dtype=np.uint8), ["a<b", "c"], tmp_path)
@@ -142,7 +142,7 @@ def test_a_real_browser_loads_every_image_without_errors(reports, stage, tmp_pat
 
 
 def test_gallery_keeps_the_best_candidates_whatever_the_batches():
-    from evaluation.gallery import Gallery
+    from reports.gallery import Gallery
 
     g = torch.Generator().manual_seed(0)
     images, n = torch.rand(40, 3, 8, 8, generator=g) * 2 - 1, 40

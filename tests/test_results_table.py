@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from cli import main
-from evaluation.statistics import bootstrap_intervals
-from evaluation.studies import read_run as read_predictions
+from decisions.statistics import bootstrap_intervals
+from reports.studies import read_run as read_predictions
 from tests.helpers.runs import TINY_UNET
 from tools.results_table import describe_data, describe_model
 from tools.results_table import main as results_table

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 import cli
-from evaluation.results import newest_metrics
-from lightning_modules.run_folders import DATA_FILE
+from experiment.run_folders import DATA_FILE
+from reports.results import newest_metrics
 from tests.helpers.data import write_pngs
 from tests.helpers.publishers import make_csv_folder
 from tests.helpers.runs import tiny_args

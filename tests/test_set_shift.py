@@ -1,4 +1,4 @@
-"""Whole-set shift checks (evaluation/set_shift.py): at most their stated level on sets exchangeable with the
+"""Whole-set shift checks (decisions/set_shift.py): at most their stated level on sets exchangeable with the
 validation images, over 600 random splits; at least 90 % power on 100-image sets shifted in each of the ways a
 second hospital shifts them (more typical scores, another class mix, more confident votes); the two-sided score
 test against scipy's Mann-Whitney."""
@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy import stats
 
-from evaluation.referral_and_sets import binomial_cdf
-from evaluation.refusal import shift_test
-from evaluation.set_shift import hotelling_test, reference_outputs, set_shift, shift_message
+from decisions.referral_and_sets import binomial_cdf
+from decisions.refusal import shift_test
+from decisions.set_shift import hotelling_test, reference_outputs, set_shift, shift_message
 
 CLASSES = ["normal", "pneumonia"]
 N_STEPS = 21  # vote fractions take the values k / 21, with ties, as a diffusion classifier's do

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import yaml
 
-from evaluation.results import newest_metrics
+from reports.results import newest_metrics
 from tests.helpers.configs import resolved
 from tests.helpers.runs import TINY_UNET
 from tools import side_by_side
@@ -41,6 +41,7 @@ def tiny_configs(folder):
     return paths
 
 
+@pytest.mark.slow  # 35 s: both models trained, calibrated and tested through the real CLI (make test-all)
 def test_side_by_side_trains_both_for_the_budget_calibrates_and_tabulates_their_metrics(tmp_path):
     diffusion, baseline = tiny_configs(tmp_path)
     output = tmp_path / "out"

@@ -15,9 +15,9 @@ from lightning import Trainer
 
 from datamodules import CombinedDataModule, SyntheticDataModule
 from datamodules.combined import ID_STRIDE
+from decisions.binding import weights_digest
 from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import DiscreteSchedule
-from evaluation.binding import weights_digest
 from lightning_modules import StableDiffusionClassifier
 from lightning_modules.callbacks import ResultsWriter
 from networks.stable_diffusion import PAPER_PROMPTS, MissingWeightsError, PromptDenoiser

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import binomtest
 
-from evaluation.statistics import (
+from decisions.statistics import (
     METRICS,
     bootstrap_intervals,
     delong,
@@ -23,7 +23,7 @@ from evaluation.statistics import (
     stratified_indices,
     t_interval,
 )
-from evaluation.uncertainty import auroc, expected_calibration_error
+from decisions.uncertainty import auroc, expected_calibration_error
 
 
 def binary_set(rng, n=200, n_pos=80, p_correct=0.8, ties=True):

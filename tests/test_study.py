@@ -1,4 +1,4 @@
-"""Studies (tools/study.py, evaluation/studies.py): a study file is checked before anything runs; its runs are
+"""Studies (tools/study.py, reports/studies.py): a study file is checked before anything runs; its runs are
 ordinary run folders; a rerun repeats no finished run or stage; a failed run is listed with its log; the summary
 has one row per run and Table 1 with intervals and paired tests against the reference."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from evaluation.records import ImageRecord
+from reports.records import ImageRecord
 from tests.helpers.runs import tiny_args, tiny_baseline_args
 from tools import study as study_tool
 

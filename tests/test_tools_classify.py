@@ -52,7 +52,7 @@ def predictions(output: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-@pytest.mark.parametrize("model", ["unet", "resnet"])
+@pytest.mark.parametrize("model", ["unet", pytest.param("resnet", marks=pytest.mark.slow)])  # resnet: make test-all
 def test_a_folder_of_new_images_gives_one_row_per_file_with_class_names(model, checkpoints, tmp_path):
     files = image_folder(tmp_path / "images")
     # the baseline's MC dropout draws its masks from each process's own random state: off, to compare

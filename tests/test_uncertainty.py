@@ -7,8 +7,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from evaluation.figures import plot_filtered_accuracy, plot_uncertainty_boxes
-from evaluation.uncertainty import (
+from decisions.uncertainty import (
     FILTER_FRACTIONS,
     aurc,
     brier_score,
@@ -20,6 +19,7 @@ from evaluation.uncertainty import (
     risk_coverage,
     uncertainty_report,
 )
+from reports.figures import plot_filtered_accuracy, plot_uncertainty_boxes
 
 T = torch.tensor
 

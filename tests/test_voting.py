@@ -108,7 +108,7 @@ def test_the_mean_rule_gives_li_et_al_posterior_and_its_own_entropy_and_score():
 def test_a_new_rule_is_one_function(monkeypatch):
     """Registered in VOTE_RULES, a rule is an option value, an output key and a metrics.json accuracy."""
     from diffusion.engine import ClassifierSettings
-    from evaluation.results import test_metrics
+    from reports.results import test_metrics
 
     def last_step(errors, values_per_image):  # the class with the lowest error at the last evaluated step
         return voting.majority(errors[..., -1:], values_per_image)

@@ -22,7 +22,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from datamodules.csv_folder import CSVDataModule
-from lightning_modules.user_errors import tool_main
+from experiment.user_errors import tool_main
 
 
 def make_jpegs(folder: Path, n: int, size: tuple[int, int], mode: str) -> None:

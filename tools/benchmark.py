@@ -31,7 +31,7 @@ import yaml
 from diffusion.engine import ClassifierSettings, classify_images
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.voting import summarize
-from lightning_modules.user_errors import tool_main
+from experiment.user_errors import tool_main
 from networks import ClassConditionalUNet, DiT
 from tools.experiments import load_experiment
 

@@ -30,11 +30,11 @@ from datamodules import ImagesDataModule
 from datamodules.batch_plan import batch_plan
 from datamodules.errors import DataError
 from datamodules.intake import Intake, check_intake, take_in
-from evaluation.decisions import RULES_BLOCK, SHIFT_BLOCK, off_lines
-from evaluation.results import PREDICTIONS_FILE
-from evaluation.set_shift import shift_message
+from decisions.calibration import RULES_BLOCK, SHIFT_BLOCK, off_lines
+from decisions.set_shift import shift_message
+from experiment.run_folders import CHECKPOINTS_DIR, DATA_FILE, check_writable
 from lightning_modules.callbacks import ResultsWriter
-from lightning_modules.run_folders import check_writable
+from reports.results import PREDICTIONS_FILE
 from tools.experiments import TrainedModel, open_trained
 
 
@@ -112,7 +112,7 @@ def classify_dataset(trained: TrainedModel, intake: Intake, output: Path, batch_
 
 
 TRAINED_WITH = "trained_with.yaml"  # the model's experiment config, beside the results
-TRAINING_RUN_MARKS = ("checkpoints", "data.json")  # what `cli.py fit` leaves in a run folder
+TRAINING_RUN_MARKS = (CHECKPOINTS_DIR, DATA_FILE)  # what `cli.py fit` leaves in a run folder
 DROPPING_OPTIONS = ("--trainer.limit_predict_batches", "--trainer.limit_test_batches")
 
 

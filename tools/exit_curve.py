@@ -38,8 +38,8 @@ import torch
 from diffusion.early_exit import sequential_decided
 from diffusion.engine import ClassifierSettings
 from diffusion.voting import first_argmax, vote_counts
-from evaluation.figures import new_canvas, save_figure
-from lightning_modules.user_errors import tool_main
+from experiment.user_errors import tool_main
+from reports.figures import new_canvas, save_figure
 from tools.vote_bands import band_table, load_diffusion_classifier, split_errors
 
 ALPHAS = (0.2, 0.1, 0.05, 0.02, 0.01, 0.005, 0.002, 0.001, 0.0001)

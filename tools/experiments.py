@@ -6,18 +6,21 @@ import argparse
 import contextlib
 import io
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from lightning import LightningModule, Trainer
 
 from cli import ExperimentCLI, StrictArgumentParser, quiet_library_noise
 from datamodules.errors import DataError
-from evaluation.binding import weights_digest
+from decisions.binding import weights_digest
+from experiment.checkpoint_check import check_checkpoint
+from experiment.pretrained import is_pretrained_folder, load_weights, read_config
+from experiment.run_folders import RunFolder
 from lightning_modules.callbacks import CONFIG_FILE, EXPERIMENT_CONFIG_KEY, LOGGER_VERSION_KEY
-from lightning_modules.checkpoint_check import check_checkpoint
-from lightning_modules.pretrained import is_pretrained_folder, load_weights, read_config
 from networks.weights import load_weights_file
 
 # arguments of Trainer.fit that a run saves with its config, but not options of the experiment
@@ -28,15 +31,15 @@ def experiment_config(checkpoint_path: Path, checkpoint: dict) -> str:
     """The config the checkpoint was trained with: stored in it, or the config.yaml of its run."""
     if checkpoint.get(EXPERIMENT_CONFIG_KEY):
         return checkpoint[EXPERIMENT_CONFIG_KEY]
-    run_root = checkpoint_path.resolve().parent.parent  # <root>/checkpoints/last.ckpt
+    run = RunFolder.around(checkpoint_path)
     version = checkpoint.get(LOGGER_VERSION_KEY)
-    candidates = [run_root / "tensorboard" / f"version_{version}" / CONFIG_FILE] if version is not None else []
-    candidates += sorted((run_root / "tensorboard").glob(f"version_*/{CONFIG_FILE}"), reverse=True)
+    candidates = [run.version(version) / CONFIG_FILE] if version is not None else []
+    candidates += [folder / CONFIG_FILE for folder in reversed(run.versions())]
     for candidate in candidates:
         if candidate.is_file():
             return candidate.read_text()
     raise DataError(
-        f"{checkpoint_path} holds no config and none was found beside it ({run_root / 'tensorboard'}/version_*/"
+        f"{checkpoint_path} holds no config and none was found beside it ({run.tensorboard}/version_*/"
         f"{CONFIG_FILE}): pass the experiment config yourself: python cli.py predict --config <config> "
         f"--ckpt_path {checkpoint_path} --data datamodules.ImagesDataModule --data.init_args.source <images> ..."
     )
@@ -90,7 +93,7 @@ class TrainedModel:
 
     model: the LightningModule, weights loaded. trainer_options: its config's `trainer` section, instantiated
     (with the options given after `--`). weights: where the weights come from (metrics.json's `checkpoint`).
-    digest: their evaluation.binding digest (what a calibration must be bound to). seed: the run's seed.
+    digest: their decisions.binding digest (what a calibration must be bound to). seed: the run's seed.
     config: the experiment config it was built from (before the options after `--`)."""
 
     model: LightningModule
@@ -164,3 +167,22 @@ def resolved_config(config: str | Path, *overrides: str) -> dict:
         if done.code not in (0, None):
             raise
     return yaml.safe_load(printed.getvalue())
+
+
+def classify_tensors(model, images: torch.Tensor, ids: torch.Tensor, batch_size: int, extra=None) -> tuple[dict, float]:
+    """Per-image outputs of `model` over `images` in batches, the diffusion classifier's full error matrix (B, C, N)
+    kept, and the seconds the classification took; `extra(model, batch)`, when given, adds outputs of its own (not
+    timed). What the benchmarks share: tools.classify classifies files through a Trainer and its writer instead."""
+    parts, seconds = [], 0.0
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            batch = {"image": images[start : start + batch_size], "id": ids[start : start + batch_size]}
+            started = time.perf_counter()
+            if hasattr(model, "classification"):  # a diffusion classifier: its errors whatever save_errors says
+                outputs = model.classify(batch, model.classification)
+            else:
+                outputs = model.classify_batch(batch)
+            seconds += time.perf_counter() - started
+            outputs |= extra(model, batch) if extra is not None else {}
+            parts.append({key: value.cpu() for key, value in outputs.items() if isinstance(value, torch.Tensor)})
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, seconds

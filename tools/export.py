@@ -4,7 +4,7 @@
     python -m tools.export runs/demo OUT/
     python -m tools.export runs/demo/checkpoints/last.ckpt OUT/
 
-The folder (lightning_modules/pretrained.py) holds the classifying weights only (EMA where the run has it; for
+The folder (experiment/pretrained.py) holds the classifying weights only (EMA where the run has it; for
 Stable Diffusion the fine-tuned UNet, the frozen parts named), the model's config with every option that rebuilds
 it, the run's calibration.json where it belongs to these weights and settings, and a model card (README.md) written
 from the run's own files. Load it with `ClassifierModule.from_pretrained(OUT)`, `python cli.py test|predict
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import yaml
 
-from evaluation.binding import binding_mismatch, weights_digest
-from evaluation.model_card import model_card
-from evaluation.results import METRICS_FILE
-from lightning_modules.pretrained import CARD_FILE, WEIGHTS_FILE, save_pretrained
-from lightning_modules.run_folders import CALIBRATION_FILE, EXPORT_DIR
-from lightning_modules.user_errors import tool_main
+from decisions.binding import binding_mismatch, weights_digest
+from experiment.pretrained import CARD_FILE, WEIGHTS_FILE, save_pretrained
+from experiment.run_folders import CALIBRATION_FILE, EXPORT_DIR, RunFolder
+from experiment.user_errors import tool_main
 from networks.weights import load_weights_file
+from reports.model_card import model_card
+from reports.results import METRICS_FILE
 from tools.experiments import experiment_config, load_trained
 
 LINKED = ("num_classes", "class_names", "image_size", "image_channels")  # set from the data at training time
@@ -36,7 +36,7 @@ NOT_EXPORTED = {"finetuned_checkpoint": None}  # the weights come from model.saf
 def checkpoint_of(run_or_checkpoint: Path) -> Path:
     path = Path(run_or_checkpoint)
     if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
+        path = RunFolder(path).last_checkpoint
     if not path.is_file():
         raise FileNotFoundError(
             f"no checkpoint at {path}: name a run folder (with checkpoints/last.ckpt) or a .ckpt file"
@@ -72,7 +72,7 @@ def _plain(value):
 
 def run_calibration(checkpoint_path: Path, model) -> tuple[dict | None, str | None]:
     """The run's calibration.json if it belongs to these weights and settings; else (None, why)."""
-    file = checkpoint_path.resolve().parent.parent / CALIBRATION_FILE
+    file = RunFolder.around(checkpoint_path).calibration
     if not file.is_file():
         return None, f"no {file}: run validate first"
     calibration = json.loads(file.read_text())
@@ -82,7 +82,7 @@ def run_calibration(checkpoint_path: Path, model) -> tuple[dict | None, str | No
 
 def run_metrics(checkpoint_path: Path) -> tuple[dict | None, str | None]:
     """The newest test metrics.json of the run that tested this checkpoint, if any."""
-    run = checkpoint_path.resolve().parent.parent
+    run = RunFolder.around(checkpoint_path).root
     for path in sorted(run.rglob(METRICS_FILE), key=lambda p: p.stat().st_mtime, reverse=True):
         metrics = json.loads(path.read_text())
         tested = metrics.get("checkpoint")
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        output = args.output or checkpoint_of(Path(args.run_or_checkpoint)).resolve().parent.parent / EXPORT_DIR
+        output = args.output or RunFolder.around(checkpoint_of(Path(args.run_or_checkpoint))).export
         export(args.run_or_checkpoint, output, args.overwrite)
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion.engine import ClassifierSettings, classify_images, segment_errors
 from diffusion.schedule import ShiftedCosineSchedule
 from diffusion.voting import summarize
-from lightning_modules.user_errors import tool_main
+from experiment.user_errors import tool_main
 from networks import ClassConditionalUNet, DiT
 
 ROOT = Path(__file__).resolve().parents[1]

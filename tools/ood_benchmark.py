@@ -11,7 +11,7 @@ The shifted sets, nothing downloaded:
   (b) every corruption of datamodules/corruptions.py at every severity, applied to the test images;
   (c) PneumoniaMNIST's test split from ../shared (real chest X-rays), for a model not trained on it;
   (d) the test split of every datamodule file given with --ood-data.
-For every score the model can give (evaluation/ood_scores.py; diffusion classifiers also the vote
+For every score the model can give (decisions/ood_scores.py; diffusion classifiers also the vote
 entropy, and with --null-label the typicality of the unconditional error, one more denoiser input
 per step) and every set: the AUROC against the test images, the false-positive rate at 95 % true
 positives, and the fraction refused at the model's ood_alpha; per model the false-refusal rate on
@@ -33,13 +33,14 @@ from lightning import LightningDataModule
 
 from datamodules import MedMNISTDataModule, SyntheticDataModule
 from datamodules.corruptions import CORRUPTIONS, SEVERITIES, corrupt
+from decisions.ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
+from decisions.referral_and_sets import binomial_cdf
+from decisions.refusal import calibrate_refusal, conformal_pvalues, detection_report
 from diffusion.engine import segment_errors
 from diffusion.noise import image_keys
-from evaluation.ood_scores import NEEDS_PROFILE, TimeProfile, ood_score
-from evaluation.referral_and_sets import binomial_cdf
-from evaluation.refusal import calibrate_refusal, conformal_pvalues, detection_report
-from lightning_modules.user_errors import tool_main
-from tools.experiments import load_trained
+from experiment.run_folders import RunFolder
+from experiment.user_errors import tool_main
+from tools.experiments import classify_tensors, load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 PNEUMONIAMNIST = ROOT.parent / "shared" / "data" / "pneumoniamnist"
@@ -58,19 +59,10 @@ def images_of(dataset, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def classify_all(model, images, ids, batch_size: int, null_label: bool) -> tuple[dict, float]:
-    """Per-image outputs of `model.classify_batch` over all images, and the seconds classification took
-    (the unconditional errors of --null-label, when asked for, are timed apart and not counted)."""
-    parts, seconds = [], 0.0
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = {"image": images[start : start + batch_size], "id": ids[start : start + batch_size]}
-            started = time.perf_counter()
-            outputs = model.classify_batch(batch)
-            seconds += time.perf_counter() - started
-            if null_label:
-                outputs["null_step_errors"] = unconditional_step_errors(model, batch)
-            parts.append({key: value for key, value in outputs.items() if isinstance(value, torch.Tensor)})
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}, seconds
+    """Per-image outputs over all images and the seconds classification took (the unconditional errors of
+    --null-label, when asked for, are timed apart and not counted)."""
+    extra = (lambda model, batch: {"null_step_errors": unconditional_step_errors(model, batch)}) if null_label else None
+    return classify_tensors(model, images, ids, batch_size, extra)
 
 
 def unconditional_step_errors(model, batch: dict) -> torch.Tensor:
@@ -204,7 +196,7 @@ def summary_rows(sets: dict) -> dict[str, list[str]]:
 def tables(results: list[dict]) -> str:
     """Markdown: AUROC per set and score for every model side by side, then refusals and cost."""
     columns = [(r, name) for r in results for name in r["scores"]]
-    label = lambda r: Path(r["checkpoint"]).parent.parent.name or r["model"]  # noqa: E731
+    label = lambda r: RunFolder.around(r["checkpoint"]).root.name or r["model"]  # noqa: E731
     header = "| set | " + " | ".join(f"{label(r)}: {name}" + (" *" if name == r["default_score"] else "")
                                      for r, name in columns) + " |"  # fmt: skip
     lines = ["AUROC (shifted set vs the in-distribution test images; * = the model's default score)", "",

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import yaml
 
-from evaluation import studies
-from evaluation.results import METRICS_FILE, PREDICTIONS_FILE, newest_metrics
-from evaluation.statistics import bootstrap_intervals
-from lightning_modules.user_errors import tool_main
+from decisions.statistics import bootstrap_intervals
+from experiment.user_errors import tool_main
 from networks.backbones import BACKBONES
+from reports import studies
+from reports.results import METRICS_FILE, PREDICTIONS_FILE, newest_metrics
 
 GROUPS = ("CNN", "TF", "DM")  # Table 1's groups, in its order; anything else comes last
 MODEL_ORDER = [spec.display_name for spec in BACKBONES.values()] + ["DiT-B/4", "UNet", "Stable Diffusion"]
@@ -45,12 +45,12 @@ COLUMNS = (
     ("ECE", "ece", "{:.3f}"),
 )
 # 95 % intervals shown in the cells of these columns (and as columns of their own in the CSV): a stratified
-# bootstrap of the run's test images from its predictions.csv (evaluation/statistics.py), the test set's share
+# bootstrap of the run's test images from its predictions.csv (decisions/statistics.py), the test set's share
 # of the uncertainty, not the seed's (a study gives that: tools/study.py).
 INTERVALS = {"accuracy (%)": ("intervals.accuracy", 100.0, "{:.1f}"), "AUROC": ("intervals.auroc", 1.0, "{:.3f}")}
 CI = " 95 % CI"
 # Where a run was calibrated (`validate`): the referral rule's accuracy on the images it keeps and their
-# share, and the class-conditional conformal sets' coverage and mean size (evaluation/referral_and_sets.py).
+# share, and the class-conditional conformal sets' coverage and mean size (decisions/referral_and_sets.py).
 CALIBRATED_COLUMNS = (
     ("referral accuracy (%)", "selective.test.accuracy", "{:.1f}"),
     ("kept", "selective.test.coverage", "{:.2f}"),

@@ -7,12 +7,12 @@ shifts of real chest X-rays, and on PneumoniaMNIST's official test split, which 
 Everything is chosen on validation images: the diffusion model (and the baseline) classify the validation split
 once as it is and once under each site shift of datamodules/site_shifts.py at each severity, and the test split.
 
-  per image   the validation split is halved as `validate` halves it (evaluation/refusal.reference_half): the
+  per image   the validation split is halved as `validate` halves it (decisions/refusal.reference_half): the
               reference half fits each score, the other half is the in-distribution side of the AUROC, and the
               same images under a shift are the shifted side; the test split against that half too.
   whole set   `--splits` random splits of the validation images into a calibration part (all but `--set-size`,
               itself halved into reference and calibration scores as validate does) and a set of `--set-size`
-              images: how often the checks of evaluation/set_shift.py fire on that set as it is (at most the
+              images: how often the checks of decisions/set_shift.py fire on that set as it is (at most the
               level, if they keep their promise), on the same images under each shift at its middle severity,
               and on `--set-size` random images of the test split.
 
@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from datamodules.site_shifts import SEVERITIES, SITE_SHIFTS, site_shift
-from evaluation.ood_scores import TimeProfile, band_offsets, ood_score
-from evaluation.refusal import detection_report, reference_half
-from evaluation.set_shift import reference_outputs, set_shift
-from lightning_modules.user_errors import tool_main
-from tools.experiments import load_trained
+from decisions.ood_scores import TimeProfile, band_offsets, ood_score
+from decisions.refusal import detection_report, reference_half
+from decisions.set_shift import reference_outputs, set_shift
+from experiment.run_folders import RunFolder
+from experiment.user_errors import tool_main
+from tools.experiments import classify_tensors, load_trained
 from tools.ood_benchmark import images_of
 
 SHRINKAGE = 0.1  # of the covariance towards its diagonal: a few dozen reference images fit a 4-40 dimensional Gaussian
@@ -49,20 +50,6 @@ TEST_SPLIT = "official test split"
 
 def labels_of(dataset) -> torch.Tensor:
     return torch.tensor([int(dataset[i]["label"]) for i in range(len(dataset))])
-
-
-def classified(model, images: torch.Tensor, ids: torch.Tensor, batch_size: int) -> dict:
-    """Per-image outputs, with the diffusion classifier's full error matrix (B, C, N) kept."""
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = {"image": images[start : start + batch_size], "id": ids[start : start + batch_size]}
-            if hasattr(model, "classification"):
-                outputs = model.classify(batch, model.classification)
-            else:
-                outputs = model.classify_batch(batch)
-            parts.append({key: value.cpu() for key, value in outputs.items() if isinstance(value, torch.Tensor)})
-    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
 
 
 def select(outputs: dict, index) -> dict:
@@ -179,15 +166,14 @@ def whole_set(model_sets: dict, ids: torch.Tensor, args, diffusion: bool, class_
 def classify_sets(model, data, images, ids, batch_size: int) -> tuple[dict, float]:
     """Outputs of the validation images as they are, under every site shift and severity, and of the test split;
     and the seconds per image of the first."""
-    started = time.perf_counter()
-    sets = {"validation": classified(model, images, ids, batch_size)}
-    seconds = (time.perf_counter() - started) / len(ids)
+    validation, seconds = classify_tensors(model, images, ids, batch_size)
+    sets = {"validation": validation}
     for kind in SITE_SHIFTS:
         for severity in SEVERITIES:
-            sets[f"{kind} {severity}"] = classified(model, site_shift(images, kind, severity), ids, batch_size)
+            sets[f"{kind} {severity}"] = classify_tensors(model, site_shift(images, kind, severity), ids, batch_size)[0]
         print(f"  {kind} classified", flush=True)
-    sets[TEST_SPLIT] = classified(model, *images_of(data.split_dataset("test"), None), batch_size)
-    return sets, seconds
+    sets[TEST_SPLIT] = classify_tensors(model, *images_of(data.split_dataset("test"), None), batch_size)[0]
+    return sets, seconds / len(ids)
 
 
 def benchmark(checkpoint: str, args, diffusion: bool) -> dict:
@@ -196,7 +182,7 @@ def benchmark(checkpoint: str, args, diffusion: bool) -> dict:
     data.setup("validate")
     data.setup("test")
     images, ids = images_of(data.split_dataset("val"), None)
-    cache = Path(args.cache) / f"{Path(checkpoint).resolve().parent.parent.name}.pt" if args.cache else None
+    cache = Path(args.cache) / f"{RunFolder.around(checkpoint).root.name}.pt" if args.cache else None
     if cache and cache.is_file():  # the classifications of an earlier run of the benchmark on this checkpoint
         saved = torch.load(cache, weights_only=True)
         sets, seconds = saved["sets"], saved["seconds_per_image"]
@@ -223,7 +209,7 @@ def tables(results: list[dict]) -> str:
     for result in results:
         auroc = result["per_image_auroc"]
         scores = list(next(iter(auroc.values())))
-        lines += [f"Per-image AUROC, {Path(result['checkpoint']).parent.parent.name} ({result['model']}): the "
+        lines += [f"Per-image AUROC, {RunFolder.around(result['checkpoint']).root.name} ({result['model']}): the "
                   "validation half not used to fit, against the same images shifted (and the test split)", "",
                   "| set | " + " | ".join(scores) + " |", "| --- |" + " --- |" * len(scores)]  # fmt: skip
         lines += [f"| {name} | " + " | ".join(f"{row[s]:.3f}" for s in scores) + " |" for name, row in auroc.items()]

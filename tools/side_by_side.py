@@ -27,9 +27,10 @@ import time
 from pathlib import Path
 
 import cli
-from evaluation.results import newest_metrics
-from lightning_modules.user_errors import tool_main
+from experiment.run_folders import RunFolder
+from experiment.user_errors import tool_main
 from networks.weights import load_weights_file
+from reports.results import newest_metrics
 
 MODELS = {
     "diffusion": ("configs/unet_pneumoniamnist.yaml", []),
@@ -57,7 +58,7 @@ def max_time(minutes: float) -> str:
 
 def kept_checkpoint(root: Path) -> str:
     """The best checkpoint where the run monitored a metric (read from last.ckpt's record), else last.ckpt."""
-    last = root / "checkpoints" / "last.ckpt"
+    last = RunFolder(root).last_checkpoint
     states = load_weights_file(last).get("callbacks", {})
     best = [  # without a monitored metric Lightning calls its latest top-k file "best": last.ckpt is as new
         state.get("best_model_path")

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamodules.batch_plan import BatchConfigError, batch_plan
+from experiment.user_errors import tool_main
 from lightning_modules.callbacks import REQUEUE_SECONDS, REQUEUE_SIGNAL
-from lightning_modules.user_errors import tool_main
 from tools.experiments import resolved_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

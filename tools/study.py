@@ -25,7 +25,7 @@ Before anything runs, every experiment's command line goes through cli.py's own 
 with the nearest valid one) and its data folder must exist. A finished run (its `study_run.json`) is skipped; a
 killed one resumes from its `last.ckpt`; a failed one is listed as failed with its log, never left as a hole. The
 runs go one after another here, or as a SLURM job array (`--slurm`: one task a run, `--only` picks it; the cluster
-does the parallel part). evaluation/studies.py turns the finished runs into study.csv, study.json, study.md (Table 1
+does the parallel part). reports/studies.py turns the finished runs into study.csv, study.json, study.md (Table 1
 with mean +- sd [95 % CI] and differences against the reference) and report.html (a forest plot of the differences).
 """
 
@@ -46,8 +46,9 @@ import yaml
 
 from cli import main as cli_main
 from cli import quiet_library_noise
-from evaluation.studies import summarize
-from lightning_modules.user_errors import tool_main, user_facing_message, yaml_error_place
+from experiment.run_folders import RunFolder
+from experiment.user_errors import tool_main, user_facing_message, yaml_error_place
+from reports.studies import summarize
 from tools.side_by_side import kept_checkpoint
 from tools.slurm import REPO_ROOT
 
@@ -257,7 +258,7 @@ def run_one(run: Run, python: str = sys.executable) -> bool:
             if run.weights_from:
                 weights = [f"--ckpt_path={kept_checkpoint(run.weights_from)}"]
             elif stage == "fit":  # resumed where a killed attempt left a last.ckpt
-                weights = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
+                weights = ["--ckpt_path=last"] if RunFolder(run.folder).last_checkpoint.is_file() else []
             else:  # the checkpoint the config keeps: the best on validation where it monitors a metric
                 weights = [f"--ckpt_path={kept_checkpoint(run.folder)}"]
             command = [python, "cli.py", stage, *run.options(), *weights]

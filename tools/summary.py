@@ -16,14 +16,14 @@ import json
 import math
 from pathlib import Path
 
+from decisions.calibration import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
 from diffusion.voting import VOTE_RULES
-from evaluation.decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
-from evaluation.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
-from evaluation.report import REPORT_FILE
-from evaluation.results import newest_metrics
-from lightning_modules.pretrained import CARD_FILE
-from lightning_modules.run_folders import EXPORT_DIR
-from lightning_modules.user_errors import tool_main
+from experiment.pretrained import CARD_FILE
+from experiment.run_folders import EXPORT_DIR
+from experiment.user_errors import tool_main
+from reports.explanations import EXPLAIN_FILE, EXPLANATIONS_DIR
+from reports.report import REPORT_FILE
+from reports.results import newest_metrics
 
 EXPLANATION_NUMBERS = (
     "flip_rate",

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from diffusion.voting import first_argmax, vote_counts
-from lightning_modules.user_errors import tool_main
+from experiment.user_errors import tool_main
 from tools.experiments import load_trained
 
 

@@ -5,8 +5,8 @@ The module classifies: its test_step and predict_step return each batch's per-im
 batch's explanation under `explanation`). This callback keeps them batch by batch with the calibration's
 decisions on each image (decided once, when the batch comes) and writes each explained batch's files as it comes;
 at the stage's end it gathers the outputs over the processes (one row per image id), makes one record per image
-(evaluation/records.py) and writes predictions.csv, decisions.json, errors.pt, for test metrics.json, the
-figures and the `test/...` scalars, then report.html (evaluation/results.py).
+(reports/records.py) and writes predictions.csv, decisions.json, errors.pt, for test metrics.json, the
+figures and the `test/...` scalars, then report.html (reports/results.py).
 
 Whoever loads the weights configures it (`ResultsWriter.for_model`: cli.py's test and predict, tools.classify):
 it receives the calibration it applies and what it says about the weights, and never writes to the module.
@@ -22,13 +22,13 @@ import yaml
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from evaluation.binding import binding_mismatch
-from evaluation.decisions import OOD_BLOCK, SHIFT_BLOCK
-from evaluation.explanations import ExplanationOutputs
-from evaluation.results import PerImageResults
-from lightning_modules.pretrained import CARD_FILE
-from lightning_modules.pretrained import CONFIG_FILE as EXPORTED_CONFIG
-from lightning_modules.run_folders import EXPORT_DIR, calibration_file
+from decisions.binding import binding_mismatch
+from decisions.calibration import OOD_BLOCK, SHIFT_BLOCK
+from experiment.pretrained import CARD_FILE
+from experiment.pretrained import CONFIG_FILE as EXPORTED_CONFIG
+from experiment.run_folders import EXPORT_DIR, calibration_file
+from reports.explanations import ExplanationOutputs
+from reports.results import PerImageResults
 
 
 class ResultsWriter(BasePredictionWriter):
@@ -58,7 +58,7 @@ class ResultsWriter(BasePredictionWriter):
     @classmethod
     def for_model(cls, model, weights: str | None, digest: str, default_root_dir: str | None) -> ResultsWriter:
         """The writer of `model`'s test or predict: `weights`, where its weights come from (a checkpoint, an
-        exported folder, None: untrained), `digest` their evaluation.binding digest; the calibration beside them
+        exported folder, None: untrained), `digest` their decisions.binding digest; the calibration beside them
         applied when it is bound to them and to the model's settings."""
         # an exported folder holds its own calibration; a pretrained Stable Diffusion's weights folder does not
         exported = model.pretrained_folder is not None

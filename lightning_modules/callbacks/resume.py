@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
-from ..checkpoint_internals import last_saved_step, may_save_now, save_last, saves_on_train_epoch_end
+from experiment.checkpoint_internals import last_saved_step, may_save_now, save_last, saves_on_train_epoch_end
 
 # Extra entries RunCheckpoint writes into every checkpoint, read back when a run is resumed
 # (the random states, the TensorBoard version) or a checkpoint classifies new images (the config).

@@ -7,7 +7,7 @@ Two sources of variance, reported apart (shared/DESIGN.md, "Statistics for compa
   the training   across seeds and folds, mean +- sd and a t-interval of each metric (study.md's cells), and of the
                  paired differences against the reference model (its last column).
 An interval over seeds says nothing about the size of the test set, and a bootstrap of one run nothing about seed
-luck: the table gives both. evaluation/statistics.py holds the statistics.
+luck: the table gives both. decisions/statistics.py holds the statistics.
 
 Refused images (out of distribution: `prediction` -1 in predictions.csv) count in every table with the class the
 model leads with (`leading_class`), so every model is scored on the same images and the paired tests stay paired;
@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
+from decisions.statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
+from experiment.run_folders import RunFolder
 from networks.weights import load_weights_file
 
 from .figures import plot_forest
 from .records import read_predictions
 from .report import data_uri
 from .results import PREDICTIONS_FILE, newest_metrics
-from .statistics import bootstrap_intervals, format_cell, paired_comparison, paired_differences, t_interval
 
 METRICS = ("accuracy", "macro_f1", "auroc", "ece")
 STUDY_FILES = ("study.csv", "study.json", "study.md", "report.html")
@@ -58,8 +59,7 @@ def validation_accuracy(folder: Path) -> float | None:
     test): the newest TensorBoard version of the run that logged val/accuracy; None when none did."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    versions = sorted(folder.glob("tensorboard/version_*"), key=lambda path: int(path.name.split("_")[-1]))
-    for version in reversed(versions):
+    for version in reversed(RunFolder(folder).versions()):
         events = EventAccumulator(str(version), size_guidance={"scalars": 0}).Reload()
         if "val/accuracy" in events.Tags().get("scalars", []):
             return float(events.Scalars("val/accuracy")[-1].value)
@@ -68,7 +68,7 @@ def validation_accuracy(folder: Path) -> float | None:
 
 def training_steps(folder: Path) -> int | None:
     """The optimizer steps the run's training reached (its last.ckpt; a test-time arm: the weights' run)."""
-    checkpoint = folder / "checkpoints" / "last.ckpt"
+    checkpoint = RunFolder(folder).last_checkpoint
     return int(load_weights_file(checkpoint)["global_step"]) if checkpoint.is_file() else None
 
 

@@ -6,14 +6,14 @@ the classifier answers before it changes how unusual each image looks. So a set 
 the calibration images in three ways at once:
 
   ood_score          the set's out-of-distribution scores against the calibration half's scores:
-                     two-sided Mann-Whitney (evaluation/refusal.shift_test), since a set that scores
+                     two-sided Mann-Whitney (decisions/refusal.shift_test), since a set that scores
                      more typical than validation images is not exchangeable with them either;
   predicted_classes  the predicted-class counts against the validation images': a chi-square test of
                      homogeneity (black-box shift detection, Rabanser, Gunnemann & Lipton 2019,
                      "Failing loudly"); a change of the label mix also voids referral and marginal
                      coverage, which assume the validation mix;
   error_profile      (diffusion classifiers) the mean signed offset of the images' standardised log errors in 4 bands
-                     of t (evaluation/ood_scores.band_offsets) against the calibration half's: Hotelling's two-sample
+                     of t (decisions/ood_scores.band_offsets) against the calibration half's: Hotelling's two-sample
                      T^2. A per-image score must see each image apart; a set's mean offset averages the noise of
                      100 images away, which is what another processing curve or burned-in text leaves;
   class_score_<c>    the distribution of the class scores (vote fractions of a diffusion classifier,

@@ -7,7 +7,7 @@ calibration and a model card. Loading it unpickles nothing.
                         in the config
     config.yaml         the model's class and every option it was built with (network, classes, image size and
                         channels, wavelet, schedule, classification settings), what its input is, and the SHA-256
-                        digest of the weights (evaluation/binding.py), which catches a changed or swapped file
+                        digest of the weights (decisions/binding.py), which catches a changed or swapped file
     calibration.json    the run's calibration, bound to the same digest
     README.md           the model card (tools/export.py writes it; its `classes` must be the config's)
 
@@ -26,8 +26,8 @@ from lightning import LightningModule
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from evaluation.binding import short, weights_digest
-from lightning_modules.user_errors import yaml_error_place
+from decisions.binding import short, weights_digest
+from experiment.user_errors import yaml_error_place
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"

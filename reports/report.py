@@ -2,7 +2,7 @@
 
 It says what the numbers mean, what the calibrated decision rules (refusal, referral, prediction
 sets) did on these images, shows the figures (filtering curve, risk-coverage, reliability diagram,
-confusion matrix, out-of-distribution scores) and the images to look at (evaluation/gallery.py), each
+confusion matrix, out-of-distribution scores) and the images to look at (reports/gallery.py), each
 with its votes and, where the run explained it, its factual / counterfactual / difference map. Every
 figure and image is embedded as a data URI, so the page opens from disk with no server and no network.
 Rendered with Jinja2 (autoescaped) from templates/report.html.
@@ -19,10 +19,11 @@ import jinja2
 import numpy as np
 from PIL import Image
 
-from .decisions import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
+from decisions.calibration import OOD_BLOCK, RULES_BLOCK, SHIFT_BLOCK, off_lines
+from decisions.refusal import conformity_message
+from decisions.set_shift import describe_test, shift_message
+
 from .records import ImageRecord
-from .refusal import conformity_message
-from .set_shift import describe_test, shift_message
 
 REPORT_FILE = "report.html"
 TEMPLATES = Path(__file__).parent / "templates"
@@ -153,7 +154,7 @@ def sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + "."
 
 
-FIGURES = (  # the PNG files evaluation/results.py writes beside predictions.csv, in the report's order
+FIGURES = (  # the PNG files reports/results.py writes beside predictions.csv, in the report's order
     ("accuracy_filtered.png", "Accuracy after filtering out the most uncertain images (paper Fig. 3)"),
     ("risk_coverage.png", "Error rate among the images kept, most certain first; the star is the calibrated referral"),
     ("reliability.png", "Reliability: accuracy against confidence"),

@@ -12,7 +12,7 @@ Two ways to act on a classifier's uncertainty, both fitted on calibration output
   conformal prediction", 2021), marginal or class-conditional (Mondrian): each image gets the set of
   classes whose score is not too far from the calibration labels' scores.
 
-Inputs, as in `evaluation/uncertainty.py`: probs (N, C) class scores whose rows sum to 1 (vote
+Inputs, as in `decisions/uncertainty.py`: probs (N, C) class scores whose rows sum to 1 (vote
 fractions of a diffusion classifier, or softmax / MC-dropout mean probabilities of a baseline),
 labels (N,), predictions (N,) the model's decisions (not necessarily argmax of probs), uncertainty
 (N,) with higher = more uncertain (vote entropy). Images are ranked with that file's tie rule: a
@@ -22,7 +22,7 @@ Why a few lines of our own rather than a library: MAPIE and crepes wrap scikit-l
 (they fit or call `predict_proba` themselves) and bring scikit-learn, scipy and pandas with them;
 here the scores are already given and split conformal is one quantile. The Clopper-Pearson bound is
 an exact binomial CDF and a bisection (`clopper_pearson_upper`), written before scipy became a
-dependency (evaluation/statistics.py) and checked against its closed form at zero errors.
+dependency (decisions/statistics.py) and checked against its closed form at zero errors.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 (referral threshold, conformal prediction sets, out-of-distribution refusal), and what test and predict
 do with it: the decisions per image and the metrics.json blocks of what they achieved.
 
-The rules themselves live in evaluation/referral_and_sets.py (referral, conformal sets) and
-evaluation/refusal.py (refusal, exchangeability tests); this file wires them to a run's outputs.
+The rules themselves live in decisions/referral_and_sets.py (referral, conformal sets) and
+decisions/refusal.py (refusal, exchangeability tests); this file wires them to a run's outputs.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class CalibrationSettings:
     alpha: float = 0.1
     """Conformal prediction sets: the miscoverage; sets hold the true class with probability >= 1 - alpha."""
     ood_score: str | None = None
-    """Out-of-distribution score (evaluation/ood_scores.py): null = the model's default, typicality for
+    """Out-of-distribution score (decisions/ood_scores.py): null = the model's default, typicality for
     diffusion classifiers (also excess_error, best_error), energy for the baselines (also msp, entropy)."""
     ood_alpha: float = 0.01
     """Refuse an image whose conformal p-value is below this: at most this fraction of images like the
@@ -68,8 +68,8 @@ class CalibrationSettings:
 def calibrate(outputs: dict, settings: CalibrationSettings, num_classes: int, ood_score: str) -> dict:
     """calibration.json from per-image validation outputs: the referral threshold and both kinds of
     conformal thresholds, with the calibration set's size and the finite-sample correction used, the
-    out-of-distribution refusal of `ood_score` (evaluation/refusal.py) and what the whole-set tests compare
-    with (evaluation/set_shift.py). A rule that cannot be calibrated is kept with `feasible: false` and
+    out-of-distribution refusal of `ood_score` (decisions/refusal.py) and what the whole-set tests compare
+    with (decisions/set_shift.py). A rule that cannot be calibrated is kept with `feasible: false` and
     the reason, so that every output of the runs that use it can say it was off."""
     if "label" not in outputs:
         raise ValueError("calibration needs labelled validation images")

@@ -25,8 +25,8 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from diffusion.explain import ExplainSettings
-from evaluation.figures import new_canvas
-from evaluation.results import concat_outputs, gather_unique
+from reports.figures import new_canvas
+from reports.results import concat_outputs, gather_unique
 
 EXPLAIN_FILE = "explain.json"
 EXPLANATIONS_DIR = "explanations"

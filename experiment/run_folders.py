@@ -14,7 +14,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 LOGGER_NAME = "tensorboard"
 CHECKPOINTS_DIR = "checkpoints"
-CALIBRATION_FILE = "calibration.json"  # validate's decision rules (evaluation/decisions.py)
+LAST_CHECKPOINT = "last.ckpt"
+CALIBRATION_FILE = "calibration.json"  # validate's decision rules (decisions/calibration.py)
 EXPORT_DIR = "export"  # tools/export.py's default folder inside a run
 # A checkpoint holds about 4 copies of the trained parameters (weights, EMA weights, Adam's two
 # moments) and one of the frozen ones (e.g. Stable Diffusion's VAE and text encoder), and
@@ -146,8 +147,23 @@ class RunFolder:
     def data(self) -> Path:
         return self.root / DATA_FILE
 
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
     def version(self, number: int | str) -> Path:
         return self.tensorboard / f"version_{number}"
+
+    def versions(self) -> list[Path]:
+        """The TensorBoard version folders, oldest first (by their number)."""
+        found = [(int(m.group(1)), d) for d in self.tensorboard.glob("version_*")
+                 if (m := re.fullmatch(r"version_(\d+)", d.name))]  # fmt: skip
+        return [folder for _, folder in sorted(found)]
+
+    @classmethod
+    def around(cls, checkpoint: str | Path) -> RunFolder:
+        """The run folder of a checkpoint file (<root>/checkpoints/<name>.ckpt), symlinks resolved."""
+        return cls(Path(checkpoint).resolve().parent.parent)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | Path) -> RunFolder | None:

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
-from .uncertainty import calibration_bins, confusion_groups, per_image, risk_coverage
+from decisions.uncertainty import calibration_bins, confusion_groups, per_image, risk_coverage
 
 
 # Figures are built on matplotlib.figure.Figure with an Agg canvas, never through pyplot:

@@ -3,7 +3,7 @@
 Calibration (on the validation split, by `validate`, beside the referral rule and the prediction sets):
 
 1. The validation images are split in two by a seeded random permutation of their ids, which
-   looks at nothing else: the reference half fits the score's `TimeProfile` (evaluation/ood_scores.py;
+   looks at nothing else: the reference half fits the score's `TimeProfile` (decisions/ood_scores.py;
    scores without one use every image for step 2), the calibration half gives n scores s_1..s_n.
 2. A new image with score s gets the conformal p-value p = (1 + #{i: s_i >= s}) / (n + 1) and is
    refused when p < alpha. For an image exchangeable with the calibration images (the same
@@ -17,7 +17,7 @@ Calibration (on the validation split, by `validate`, beside the referral rule an
    Mann-Whitney U test (normal approximation with the tie correction) compares the two samples; its
    rank statistic is the mean p-value in other words, and it accounts for the randomness of both
    samples, which a test of the p-values against the uniform distribution would not (they share one
-   calibration set). evaluation/set_shift.py runs it beside tests of the classifier's own outputs.
+   calibration set). decisions/set_shift.py runs it beside tests of the classifier's own outputs.
 
 Why our own code: the p-value is one count; the Mann-Whitney test is checked against its exact null
 distribution (tests/test_refusal.py) and against scipy's `mannwhitneyu` (tests/test_set_shift.py).

@@ -17,9 +17,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from diffusion.voting import entropy
-
-from .decisions import (
+from decisions.calibration import (
     DECISION_KEYS,
     OOD_BLOCK,
     RULES_BLOCK,
@@ -29,6 +27,11 @@ from .decisions import (
     off_lines,
     rule_status,
 )
+from decisions.refusal import conformity_message
+from decisions.set_shift import shift_message
+from decisions.uncertainty import uncertainty_report
+from diffusion.voting import entropy
+
 from .figures import (
     plot_confusion,
     plot_filtered_accuracy,
@@ -39,10 +42,7 @@ from .figures import (
 )
 from .gallery import Gallery
 from .records import ImageRecord, from_every_rank, image_records
-from .refusal import conformity_message
 from .report import write_report
-from .set_shift import shift_message
-from .uncertainty import uncertainty_report
 
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import WeightAveraging
 
-from evaluation.records import plain
+from decisions.binding import plain
 from networks.weights import load_weights_file
 
 # hyperparameter -> where it comes from in a config (for the message)

@@ -1,7 +1,7 @@
 """Out-of-distribution scores: how unlike its training images an image looks to the model that classifies it.
 
 Every score is computed from the per-image outputs classification produces anyway (no extra
-forwards), and higher always means more unusual. `evaluation/refusal.py` turns a score into a
+forwards), and higher always means more unusual. `decisions/refusal.py` turns a score into a
 conformal p-value and a refusal.
 
 Diffusion classifiers give, per image, `step_errors` (B, N): at each of the N shared (eps, t) steps
@@ -17,7 +17,7 @@ own times, the raw mean error mixes how unusual an image is with which times it 
   excess_error   mean of z_k: one-sided, only worse-than-usual reconstructions count.
   best_error     mean over the steps of the lowest class's error: no reference, t left in.
 
-Discriminative baselines give `probs` and `entropy` (evaluation/results.py) and `energy`:
+Discriminative baselines give `probs` and `entropy` (reports/results.py) and `energy`:
 
   energy         (their default) -logsumexp of the logits (Liu et al. 2020), averaged over MC-dropout
                  passes and test-time flips where configured.
@@ -97,7 +97,7 @@ class TimeProfile:
         return asdict(self)
 
 
-BANDS = 4  # t-bands of the error-profile offsets the whole-set check compares (evaluation/set_shift.py)
+BANDS = 4  # t-bands of the error-profile offsets the whole-set check compares (decisions/set_shift.py)
 
 
 def band_offsets(outputs: dict, profile: TimeProfile, bands: int = BANDS) -> Tensor:

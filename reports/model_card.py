@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from huggingface_hub import ModelCardData
 
-from .decisions import calibration_lines, rule_status
+from decisions.calibration import calibration_lines, rule_status
 
 CITATION = """@article{favero2025conditional,
   title   = {Conditional diffusion models are medical image classifiers that provide explainability and

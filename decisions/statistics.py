@@ -6,12 +6,12 @@ bootstrap, McNemar's exact test and DeLong's test (`paired_comparison`), none of
 training run, by a t-interval over seeds or folds (`t_interval`, `paired_differences`), which does not see the
 size of the test set. Report both, and say which an interval is.
 
-Inputs as in `evaluation/uncertainty.py`, numpy arrays or torch tensors: labels (N,), probs (N, C) (a 1-D probs
+Inputs as in `decisions/uncertainty.py`, numpy arrays or torch tensors: labels (N,), probs (N, C) (a 1-D probs
 is P(class 1) of a binary task), predictions (N,) the model's decisions, argmax(probs) if not given (pass a
 diffusion classifier's majority votes: they can differ from the argmax of its vote fractions). Metrics are
 fractions in [0, 1]; results are plain floats, ints, lists and dicts, ready for JSON.
 
-Libraries where they exist: the metrics come from `evaluation/uncertainty.py` and torchmetrics, intervals and
+Libraries where they exist: the metrics come from `decisions/uncertainty.py` and torchmetrics, intervals and
 tests from scipy.stats. Written here: the stratified bootstrap (scipy.stats.bootstrap does not stratify), all
 resamples at once as linear functions of a resample-count matrix, and the fast DeLong test (Sun and Xu 2014),
 which neither scipy nor statsmodels provides.
